@@ -1,0 +1,5 @@
+"""`python -m chatft` is the same as the `chatft` console script."""
+
+from chatft.cli import main
+
+main()

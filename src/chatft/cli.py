@@ -1,0 +1,157 @@
+"""The `chatft` command: parse arguments, call one function, turn `ChatftError` into the error block.
+
+Kept thin and cheap to import: `chatft --help` and `chatft steps ...` never load torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from chatft import __version__
+from chatft.errors import EXIT_USER_ERROR, ChatftError
+
+app = typer.Typer(
+    name="chatft",
+    help="Fine-tune a Hugging Face chat model: full SFT or LoRA, merge the adapter, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+steps_app = typer.Typer(help="The step registry: what each step consumes, produces and lets you tune.",
+                        no_args_is_help=True)
+app.add_typer(steps_app, name="steps")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"chatft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """chatft: the Hugging Face-native way to fine-tune a chat model."""
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@steps_app.command("list")
+def steps_list(
+    as_json: bool = typer.Option(False, "--json", help="A JSON array instead of a table."),
+    category: Optional[str] = typer.Option(None, "--category", help="Only steps of this category."),
+    consumes: Optional[str] = typer.Option(None, "--consumes", help="Only steps that accept this artifact type."),
+    produces: Optional[str] = typer.Option(None, "--produces", help="Only steps that produce this artifact type."),
+) -> None:
+    """List the registered steps."""
+    from chatft.steps import show
+
+    show.list_steps(as_json=as_json, category=category, consumes=consumes, produces=produces)
+
+
+@steps_app.command("show")
+def steps_show(
+    step_id: str = typer.Argument(..., metavar="ID", help="A step id, or its last part when unambiguous."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
+) -> None:
+    """Show one step: consumes, produces, parameters, strategies, errors."""
+    from chatft.steps import show
+
+    show.show_step(step_id, as_json=as_json)
+
+
+# --------------------------------------------------------------------------- run and its shorthands
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def run(
+    step_id: str = typer.Argument(..., metavar="ID", help="The step to run, e.g. peft/automodel."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY.PATH=VALUE]...",
+                                                    help="Config overrides, YAML-typed, applied last."),
+    config: Optional[str] = typer.Option(None, "-c", "--config",
+                                         help="A config name in the step's config dir (default: default) or a path."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the compiled config and write nothing."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+                                                 help="Processes (GPUs) per node for training steps."),
+) -> None:
+    """Compile a step's config and run it."""
+    from chatft import run as runner
+
+    overrides = list(overrides or [])
+    if nproc_per_node is not None:
+        overrides.append(f"run.env.nprocs_per_node={nproc_per_node}")
+    runner.run(step_id, config, overrides, dry_run=dry_run, argv=sys.argv[1:])
+
+
+@app.command()
+def prep(
+    input_path: str = typer.Argument(..., metavar="INPUT", help="JSONL/JSON/Parquet file or a Hub dataset id."),
+    output: str = typer.Option(..., "-o", "--output", help="The messages JSONL to write."),
+    data_format: str = typer.Option("auto", "--format",
+                                    help="auto | messages | sharegpt | alpaca | prompt_completion | hh"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the compiled config and write nothing."),
+) -> None:
+    """Convert chat data to `messages` JSONL (shorthand for `run data_prep/chat_jsonl`)."""
+    from chatft import run as runner
+
+    overrides = [f"input={json.dumps(input_path)}", f"output={json.dumps(output)}", f"format={data_format}"]
+    if val_fraction is not None:
+        overrides.append(f"val_fraction={val_fraction}")
+    runner.run("data_prep/chat_jsonl", None, overrides, dry_run=dry_run, argv=sys.argv[1:])
+
+
+@app.command()
+def preview(
+    config: str = typer.Option(..., "-c", "--config", help="A training config (path, or a name of sft/automodel's)."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY.PATH=VALUE]..."),
+    rows: int = typer.Option(3, "--rows", min=1, help="How many rows to show."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
+) -> None:
+    """Tokenize and mask a few rows, with length stats and a memory estimate; no training."""
+    from chatft.config.compile import compile_config
+    from chatft.steps.registry import resolve_step
+
+    compile_config(resolve_step("sft/automodel"), config, list(overrides or []))
+    raise ChatftError(
+        "not_available_yet",
+        f"`chatft preview` is not implemented in chatft {__version__} (the config compiled)",
+        "use `chatft run sft/automodel -c CONFIG --dry-run` to check the config meanwhile",
+    )
+
+
+@app.command()
+def plan(
+    gpus: int = typer.Option(..., "--gpus", min=0, help="GPUs per node."),
+    model: str = typer.Option(..., "--model", help="Hub id or local dir of the model."),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory per GPU."),
+    nodes: int = typer.Option(1, "--nodes", min=1),
+    want: Optional[str] = typer.Option(None, "--want", help="hf | adapter | megatron"),
+    data: Optional[str] = typer.Option(None, "--data", help="The training data to inspect."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write plan.md and ready configs here."),
+) -> None:
+    """Route a fine-tuning job to the right chain of steps and write ready configs."""
+    raise ChatftError(
+        "not_available_yet",
+        f"`chatft plan` is not implemented in chatft {__version__}",
+        "`chatft steps list` and `chatft steps show ID` describe each step's strategies meanwhile",
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except ChatftError as err:
+        print(err.render(), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""The typed schema of every step's config, in one place.
+
+In: the resolved config dict, after the AutoModel compatibility pass (`automodel.py`) has removed
+`_target_`s and settings that do not apply to chatft's engine. Out: a validated pydantic model, or one
+`config_invalid` error that lists every problem at once (see `validate_config`).
+
+Sections and keys follow NeMo AutoModel's LLM fine-tuning YAML so its configs run here; chatft's own keys
+sit beside them in the same sections (CONTRACT.md lists them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chatft.config.secrets import REDACTED, is_secret_key
+from chatft.errors import ChatftError, did_you_mean
+
+TorchDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+# Spellings found in the wild for the same dtype (AutoModel accepts torch-style names).
+_DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32", "torch.float32": "float32",
+    "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "fp16": "float16", "half": "float16", "torch.float16": "float16",
+}
+
+
+def normalise_dtype(value: Any) -> Any:
+    return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- training (sft / peft)
+
+
+class RunEnv(Section):
+    nodes: int = Field(1, ge=1, description="number of nodes")
+    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node")
+    nprocs_per_node: int | None = Field(None, ge=1, description="processes per node (one per GPU)")
+
+
+class RunSection(Section):
+    """Launcher settings of the step catalog; the ones that apply set the process layout."""
+
+    env: RunEnv = RunEnv()
+
+
+class ModelSection(Section):
+    pretrained_model_name_or_path: str = Field(description="Hub id or local dir of a causal LM")
+    revision: str | None = Field(None, description="Hub branch, tag or commit")
+    torch_dtype: TorchDtype = Field("bfloat16", description="weights and compute dtype")
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+
+    _dtype = field_validator("torch_dtype", mode="before")(normalise_dtype)
+
+
+class DatasetSection(Section):
+    path_or_dataset_id: str = Field(description="chat JSONL file/dir or a Hub dataset id")
+    split: str | None = Field(None, description="split, slices allowed: train[:64]")
+    name: str | None = Field(None, description="Hub dataset config name")
+    seq_length: int = Field(2048, ge=16, description="maximum tokens per row")
+    chat_template: str | None = Field(None, description="Jinja string, file path or bundled template name")
+    truncation: Literal["drop", "truncate", "error"] = "drop"
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    mask_generation_prompt: bool = True
+    num_samples_limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+
+class ValidationDatasetSection(DatasetSection):
+    pass
+
+
+class DataloaderSection(Section):
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    group_by_length: bool = False
+
+
+class StepSchedulerSection(Section):
+    global_batch_size: int = Field(32, ge=1, description="conversations per optimizer step")
+    local_batch_size: int = Field(4, ge=1, description="conversations per micro-batch per process")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    num_epochs: int = Field(1, ge=1, description="stop after this many passes over the data")
+    ckpt_every_steps: int | None = Field(None, ge=1, description="resumable checkpoint interval")
+    val_every_steps: int | None = Field(None, ge=1, description="validation interval")
+
+
+class OptimizerSection(Section):
+    lr: float = Field(1.0e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1.0e-8, gt=0)
+
+
+class LRSchedulerSection(Section):
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_decay_steps: int | None = Field(None, ge=1, description="None: decay until the last step")
+    min_lr: float = Field(0.0, ge=0)
+
+
+class ClipGradNormSection(Section):
+    max_norm: float | None = Field(1.0, gt=0, description="None: no clipping")
+
+
+class CheckpointSection(Section):
+    enabled: bool = True
+    checkpoint_dir: str = Field("runs/chatft", description="where the run writes everything")
+    resume: str = Field("auto", description="auto | PATH | false")
+    keep_last: int = Field(2, ge=1)
+    overwrite: bool = False
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_bool(cls, value: Any) -> Any:
+        # YAML reads `resume: false` as a bool; keep one type so errors name one expectation.
+        return {False: "false", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
+
+class DistEnvSection(Section):
+    backend: Literal["nccl", "gloo"] | None = Field(None, description="None: nccl on CUDA, gloo on CPU")
+    timeout_minutes: int = Field(10, ge=1)
+
+
+class DistributedSection(Section):
+    strategy: Literal["fsdp2", "ddp"] | None = Field(None, description="None: fsdp2 for full SFT, ddp for LoRA")
+    # AutoModel writes `dp_size: none` for "all remaining ranks"; None means the same here.
+    dp_size: int | None = Field(None, ge=1)
+    activation_checkpointing: bool = False
+
+    @field_validator("dp_size", mode="before")
+    @classmethod
+    def _none_string(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+class PackedSequenceSection(Section):
+    packed_sequence_size: int = Field(0, ge=0, description="0 = no packing")
+    split_across_pack: bool = False
+
+
+class LoraSection(Section):
+    dim: int = Field(16, ge=1, description="LoRA rank r")
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    match_all_linear: bool | None = Field(None, description="all linear layers except the output head")
+
+    @model_validator(mode="after")
+    def _one_way_to_pick_targets(self) -> LoraSection:
+        # Unset means: all linear layers, unless target_modules names them.
+        if self.match_all_linear is None:
+            self.match_all_linear = not self.target_modules
+        elif self.match_all_linear and self.target_modules:
+            raise ValueError("peft.match_all_linear=true and peft.target_modules are exclusive: set one")
+        return self
+
+
+class LoggingSection(Section):
+    tensorboard: bool = False
+
+
+class WandbSection(Section):
+    """Optional extra `chatft[wandb]`; off unless the section is present."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    save_dir: str | None = None
+
+
+class MlflowSection(Section):
+    """Optional extra; off unless the section is present."""
+
+    experiment_name: str | None = None
+    run_name: str | None = None
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    tags: dict[str, str] | None = None
+
+
+class TrainingConfig(Section):
+    """`sft/automodel` and `peft/automodel`."""
+
+    seed: int = 42
+    run: RunSection = RunSection()
+    dist_env: DistEnvSection = DistEnvSection()
+    model: ModelSection
+    dataset: DatasetSection
+    validation_dataset: ValidationDatasetSection | None = None
+    dataloader: DataloaderSection = DataloaderSection()
+    validation_dataloader: DataloaderSection = DataloaderSection(shuffle=False)
+    step_scheduler: StepSchedulerSection = StepSchedulerSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    lr_scheduler: LRSchedulerSection = LRSchedulerSection()
+    clip_grad_norm: ClipGradNormSection = ClipGradNormSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    distributed: DistributedSection = DistributedSection()
+    packed_sequence: PackedSequenceSection = PackedSequenceSection()
+    peft: LoraSection | None = None
+    logging: LoggingSection = LoggingSection()
+    wandb: WandbSection | None = None
+    mlflow: MlflowSection | None = None
+    force: bool = Field(False, description="run past a failed memory estimate")
+
+    @field_validator("peft", mode="before")
+    @classmethod
+    def _peft_shorthand(cls, value: Any) -> Any:
+        # `peft: lora` is the default LoRA block; `peft: null` / `none` is full SFT.
+        if isinstance(value, str):
+            lowered = value.lower()
+            if lowered == "lora":
+                return {}
+            if lowered in ("none", "null", "full"):
+                return None
+        return value
+
+    def data_parallel_size(self) -> int:
+        if self.distributed.dp_size is not None:
+            return self.distributed.dp_size
+        env = self.run.env
+        per_node = env.nprocs_per_node or env.gpus_per_node or 1
+        return env.nodes * per_node
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingConfig:
+        sched, dp = self.step_scheduler, self.data_parallel_size()
+        if sched.global_batch_size % (sched.local_batch_size * dp):
+            raise ValueError(
+                f"step_scheduler.global_batch_size ({sched.global_batch_size}) must be a multiple of "
+                f"local_batch_size ({sched.local_batch_size}) x data-parallel size ({dp})"
+            )
+        return self
+
+    def grad_accumulation_steps(self) -> int:
+        sched = self.step_scheduler
+        return sched.global_batch_size // (sched.local_batch_size * self.data_parallel_size())
+
+
+# --------------------------------------------------------------------------- data prep
+
+
+class DataPrepConfig(Section):
+    """`data_prep/chat_jsonl`."""
+
+    input: str = Field(description="JSONL/JSON/Parquet file (gzip allowed) or a Hub dataset id")
+    split: str | None = Field(None, description="Hub dataset split")
+    output: str = Field(description="messages JSONL to write")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh"] = "auto"
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 42
+    strict: bool = False
+    consecutive_user: Literal["merge", "drop"] = "merge"
+    text_field: str = Field("chosen", description="field holding hh-style text")
+
+
+# --------------------------------------------------------------------------- merge
+
+
+class MergeConfig(Section):
+    """`convert/merge_lora`: the upstream merge step's keys."""
+
+    backend: Literal["auto", "hf_peft", "megatron_bridge"] = "auto"
+    lora_checkpoint: str = Field(description="adapter dir, or a training run dir")
+    base_hf_path: str | None = Field(None, description="defaults to the base recorded by the adapter")
+    output_hf_path: str
+    torch_dtype: TorchDtype = "auto"
+    device_map: str | None = None
+    low_cpu_mem_usage: bool = True
+    safe_serialization: bool = True
+    save_tokenizer: bool = True
+    trust_remote_code: bool = False
+    show_progress: bool = True
+    strict: bool = True
+    overwrite: bool = False
+    require_validated: bool = False
+
+    _dtype = field_validator("torch_dtype", mode="before")(normalise_dtype)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+class EvalDatasetSection(Section):
+    path_or_dataset_id: str
+    split: str | None = None
+    seq_length: int = Field(2048, ge=16)
+    chat_template: str | None = None
+    num_samples_limit: int | None = Field(None, ge=1)
+
+
+class GenerationSection(Section):
+    num_prompts: int = Field(8, ge=0)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class EvalConfig(Section):
+    """`eval/model_eval`: base, adapter and merged model as separate validation points."""
+
+    targets: list[Literal["base", "adapter", "merged"]] = ["base", "adapter", "merged"]
+    base: str | None = None
+    adapter: str | None = None
+    merged: str | None = None
+    dataset: EvalDatasetSection
+    generation: GenerationSection = GenerationSection()
+    torch_dtype: TorchDtype = "auto"
+    local_batch_size: int = Field(4, ge=1)
+    output_dir: str = "runs/eval"
+    seed: int = 42
+
+    _dtype = field_validator("torch_dtype", mode="before")(normalise_dtype)
+
+    @model_validator(mode="after")
+    def _targets_have_paths(self) -> EvalConfig:
+        missing = [t for t in self.targets if t in ("adapter", "merged") and getattr(self, t) is None]
+        if "base" in self.targets or "adapter" in self.targets:
+            missing += ["base"] if self.base is None else []
+        if missing:
+            raise ValueError(f"targets {self.targets} need paths for: {', '.join(dict.fromkeys(missing))}")
+        return self
+
+
+SCHEMAS: dict[str, type[Section]] = {
+    "training": TrainingConfig,
+    "data_prep": DataPrepConfig,
+    "merge": MergeConfig,
+    "eval": EvalConfig,
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def known_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts, e.g. `step_scheduler.max_steps`."""
+    paths: list[str] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.append(path)
+        for sub in _section_types(field.annotation):
+            paths.extend(known_paths(sub, f"{path}."))
+    return paths
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _leaf_and_parent(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rpartition(".")
+    return leaf, parent
+
+
+def _unknown_key_message(path: str, all_paths: list[str]) -> str:
+    leaf, parent = _leaf_and_parent(path)
+    siblings = [p for p in all_paths if _leaf_and_parent(p)[1] == parent]
+    close = [p for p in siblings if _leaf_and_parent(p)[0] in did_you_mean(leaf, [_leaf_and_parent(s)[0] for s in siblings])]
+    if not close:  # the right key in the wrong section? (`step_scheduler.lr` -> `optimizer.lr`)
+        close = [p for p in all_paths if _leaf_and_parent(p)[0] == leaf][:3]
+    return f"unknown key `{path}`" + (f" (did you mean {', '.join(close)}?)" if close else "")
+
+
+def _describe(error: dict[str, Any], all_paths: list[str]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return _unknown_key_message(path, all_paths)
+    if error["type"] == "missing":
+        return f"`{path}` is required"
+    message = error["msg"].removeprefix("Value error, ")
+    if not path:  # a check across keys (batch sizes, eval targets): the message names them
+        return message
+    secret = any(is_secret_key(part) for part in error["loc"])
+    return f"`{path}`: {message} (got {REDACTED if secret else repr(error['input'])})"
+
+
+def validate_config(schema_name: str, config: dict[str, Any], source: str) -> Section:
+    """Validate `config`; every problem is listed in one `config_invalid` error."""
+    schema = SCHEMAS[schema_name]
+    try:
+        return schema.model_validate(config)
+    except ValidationError as exc:
+        all_paths = known_paths(schema)
+        problems = [_describe(err, all_paths) for err in exc.errors()]
+        listing = "\n  - ".join(dict.fromkeys(problems))
+        raise ChatftError(
+            "config_invalid",
+            f"{source} has {len(problems)} problem(s):\n  - {listing}",
+            "fix each key listed; `chatft steps show <step>` lists the parameters and their defaults",
+        ) from None

@@ -1,0 +1,127 @@
+"""`chatft run`: compile a step's config, record the job, hand it to the step's implementation.
+
+In: a step id, `-c`, overrides. Out: with `--dry-run`, the compiled config on stdout and nothing
+written; otherwise `job.yaml` in the run's output dir, written before the step starts, then the step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from chatft import __version__
+from chatft.config.compile import CompiledConfig, compile_config, get_path
+from chatft.config.secrets import redact, redact_overrides
+from chatft.errors import ChatftError
+from chatft.steps.registry import resolve_step
+
+JOB_FILE = "job.yaml"
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets", "tokenizers", "accelerate")
+
+# Step id → the function that runs it with a CompiledConfig. Steps land here as their issues do.
+IMPLEMENTATIONS: dict[str, Any] = {}
+
+
+def to_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"chatft": __version__, "python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def host_record() -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    import torch  # a real run loads torch anyway; the record says which device it will see
+
+    record["cuda_available"] = torch.cuda.is_available()
+    if record["cuda_available"]:
+        record["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        record["cuda_version"] = torch.version.cuda
+    return record
+
+
+def run_dir(compiled: CompiledConfig) -> Path:
+    """The folder a step writes into: its output key's value, or that file's folder."""
+    target = Path(str(get_path(compiled.effective(), compiled.step.output_key)))
+    return target.parent if target.suffix else target
+
+
+def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
+    return {
+        "step": compiled.step.id,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": redact_overrides(argv),
+        "config_files": [str(p) for p in compiled.files],
+        "overrides": redact_overrides(compiled.overrides),
+        "warnings": compiled.warnings,
+        "versions": package_versions(),
+        "host": host_record(),
+        "raw": redact(compiled.raw),
+        "resolved": redact(compiled.effective()),
+    }
+
+
+def write_job(compiled: CompiledConfig, argv: list[str]) -> Path:
+    directory = run_dir(compiled)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / JOB_FILE
+    path.write_text(to_yaml(job_record(compiled, argv)))
+    return path
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def dry_run_text(compiled: CompiledConfig) -> str:
+    header = [f"# step: {compiled.step.id}", f"# from: {', '.join(str(p) for p in compiled.files)}"]
+    if compiled.overrides:
+        header.append(f"# overrides: {' '.join(redact_overrides(compiled.overrides))}")
+    if compiled.step.config_schema == "training":
+        cfg = compiled.validated
+        header.append(
+            f"# gradient accumulation: {cfg.grad_accumulation_steps()} micro-batches of "
+            f"{cfg.step_scheduler.local_batch_size} x data-parallel {cfg.data_parallel_size()} "
+            f"= global batch {cfg.step_scheduler.global_batch_size}"
+        )
+        header.append(f"# mode: {'LoRA adapter' if cfg.peft is not None else 'full SFT'}")
+    return "\n".join(header) + "\n" + to_yaml(redact(compiled.effective()))
+
+
+def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool, argv: list[str]) -> None:
+    step = resolve_step(step_id)
+    compiled = compile_config(step, config, overrides)
+    print_warnings(compiled.warnings)
+    if dry_run:
+        print(dry_run_text(compiled), end="")
+        return
+    job_path = write_job(compiled, argv)
+    implementation = IMPLEMENTATIONS.get(step.id)
+    if implementation is None:
+        raise ChatftError(
+            "not_available_yet",
+            f"step {step.id} is registered but cannot run in chatft {__version__} (its config compiled and "
+            f"{job_path} was written; nothing else was done)",
+            "use --dry-run to check a config; this step's implementation lands in a later release",
+        )
+    implementation(compiled)

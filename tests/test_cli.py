@@ -1,0 +1,229 @@
+"""The `chatft` command line, run as a subprocess exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chatft import __version__
+
+CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
+FIXTURES = Path(__file__).parent / "fixtures" / "automodel"
+
+
+def chatft(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CHATFT, *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
+    assert result.returncode == 2, result.stderr
+    # Warning lines may come first; the error block is the last thing printed.
+    block = result.stderr[result.stderr.index(f"error[{error_id}]: "):]
+    assert result.stderr.count("error[") == 1, result.stderr
+    assert (result.stderr.startswith(block) or f"\nerror[{error_id}]: " in result.stderr)
+    assert "\n  hint: " in block
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_help_and_version():
+    result = chatft("--help")
+    assert result.returncode == 0
+    for command in ("run", "steps", "prep", "preview", "plan"):
+        assert command in result.stdout
+    version = chatft("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"chatft {__version__}"
+
+
+def test_help_and_steps_list_do_not_import_torch():
+    probe = (
+        "import sys\n"
+        "from chatft.cli import app\n"
+        "for argv in (['--help'], ['steps', 'list'], ['steps', 'show', 'peft/automodel', '--json']):\n"
+        "    try:\n"
+        "        app(argv, standalone_mode=True)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in result.stderr, result.stderr
+
+
+def test_steps_list_table_and_json_shape():
+    table = chatft("steps", "list")
+    assert table.returncode == 0
+    for step_id in ("data_prep/chat_jsonl", "sft/automodel", "peft/automodel", "convert/merge_lora", "eval/model_eval"):
+        assert step_id in table.stdout
+    steps = json.loads(chatft("steps", "list", "--json").stdout)
+    assert len(steps) == 5
+    for step in steps:
+        assert set(step) == {"id", "name", "category", "description", "tags", "consumes", "produces", "parameters"}
+        for port in step["consumes"] + step["produces"]:
+            assert set(port) == {"type", "required", "description"}
+        for parameter in step["parameters"]:
+            assert set(parameter) == {"name", "default", "description", "choices"}
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--category", "peft"], ["peft/automodel"]),
+        (["--consumes", "checkpoint_lora"], ["convert/merge_lora", "eval/model_eval"]),
+        (["--produces", "eval_results"], ["eval/model_eval"]),
+        (["--consumes", "training_jsonl", "--produces", "checkpoint_lora"], ["peft/automodel", "sft/automodel"]),
+    ],
+)
+def test_steps_list_filters(args, expected):
+    result = chatft("steps", "list", "--json", *args)
+    assert [s["id"] for s in json.loads(result.stdout)] == expected
+
+
+def test_steps_show_text_and_json():
+    text = chatft("steps", "show", "merge_lora")
+    assert text.returncode == 0
+    for section in ("consumes", "produces", "parameters", "strategies", "errors", "base_model_mismatch"):
+        assert section in text.stdout
+    details = json.loads(chatft("steps", "show", "peft/automodel", "--json").stdout)
+    assert details["id"] == "peft/automodel"
+    assert {"strategies", "errors", "configs"} <= set(details)
+    assert any(e["id"] == "oom" for e in details["errors"])
+    assert {"when", "then"} == set(details["strategies"][0])
+
+
+def test_unknown_step_is_an_error_block_with_suggestions():
+    stderr = assert_error_block(chatft("steps", "show", "peft/automdel"), "config_invalid")
+    assert "did you mean peft/automodel" in stderr
+    assert_error_block(chatft("run", "merge-lora", "--dry-run"), "config_invalid")
+
+
+def test_unknown_artifact_type_filter_is_an_error_block():
+    assert_error_block(chatft("steps", "list", "--consumes", "checkpoint_loar"), "config_invalid")
+
+
+def test_dry_run_prints_the_compiled_config_and_writes_nothing(tmp_path):
+    result = chatft("run", "peft/automodel", "-c", "tiny", "--dry-run", "peft.dim=8", "step_scheduler.max_steps=3",
+                    cwd=tmp_path, env={"CHATFT_RUNS_DIR": str(tmp_path / "runs")})
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert "# gradient accumulation: 4 micro-batches" in result.stdout
+    compiled = yaml.safe_load(result.stdout)
+    assert compiled["peft"]["dim"] == 8
+    assert compiled["step_scheduler"]["max_steps"] == 3
+    assert compiled["checkpoint"]["checkpoint_dir"] == str(tmp_path / "runs" / "tiny-peft")
+    assert compiled["model"]["torch_dtype"] == "float32"
+
+
+def test_secrets_never_reach_the_terminal_or_job_yaml(tmp_path):
+    default = Path(__file__).parents[1] / "src/chatft/steps/sft/automodel/config/default.yaml"
+    config = tmp_path / "secret.yaml"
+    config.write_text(
+        f"defaults: {default}\n"
+        "run:\n  env:\n    hf_token: ${oc.env:MY_HF_TOKEN}\n"
+        "mlflow:\n  experiment_name: exp\n  tags:\n    apiKey: ${oc.env:MY_HF_TOKEN}\n    team: chat\n"
+        f"checkpoint:\n  checkpoint_dir: {tmp_path / 'run'}\n"
+    )
+    env = {"MY_HF_TOKEN": "s3cr3t-value"}
+    args = ["run", "sft/automodel", "-c", str(config), "mlflow.tags.db_password=hunter2"]
+    dry = chatft(*args, "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "`run.env.hf_token: ******` does not apply" in dry.stderr
+    compiled = yaml.safe_load(dry.stdout)
+    assert compiled["mlflow"]["tags"] == {"apiKey": "******", "team": "chat", "db_password": "******"}
+    real = chatft(*args, env=env)
+    assert_error_block(real, "not_available_yet")
+    job_text = (tmp_path / "run" / "job.yaml").read_text()
+    for output in (dry.stdout, dry.stderr, real.stderr, job_text):
+        assert "s3cr3t-value" not in output and "hunter2" not in output
+    job = yaml.safe_load(job_text)
+    assert "mlflow.tags.db_password=******" in job["argv"]
+    assert job["raw"]["mlflow"]["tags"]["apiKey"] == "******"
+    bad = chatft("run", "sft/automodel", "-c", str(config), "--dry-run", "mlflow.tags.api_token=[1,2]", env=env)
+    assert "[1, 2]" not in assert_error_block(bad, "config_invalid")
+
+
+def test_peft_null_override_gives_full_sft(tmp_path):
+    result = chatft("run", "sft/automodel", "-c", str(FIXTURES / "llm_chat_peft.yaml"), "--dry-run", "peft=null")
+    assert result.returncode == 0, result.stderr
+    assert "# mode: full SFT" in result.stdout
+    assert yaml.safe_load(result.stdout)["peft"] is None
+
+
+def test_automodel_config_prints_one_warning_line_per_setting():
+    result = chatft("run", "sft/automodel", "-c", str(FIXTURES / "step_catalog_sft.yaml"), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 4
+    assert any("`model.backend.attn: te`" in w for w in warnings)
+
+
+def test_unknown_targets_are_refused_from_the_cli():
+    stderr = assert_error_block(chatft("run", "sft/automodel", "-c", str(FIXTURES / "foreign_targets.yaml"),
+                                       "--dry-run"), "unsupported_target")
+    assert "subprocess.run" in stderr
+
+
+def test_invalid_keys_are_listed_at_once():
+    stderr = assert_error_block(chatft("run", "peft/automodel", "--dry-run", "peft.rank=8", "optimizer.learning_rate=1",
+                                       "step_scheduler.global_batch_size=30"), "config_invalid")
+    assert "unknown key `peft.rank`" in stderr
+    assert "unknown key `optimizer.learning_rate`" in stderr
+
+
+def test_missing_config_name_lists_the_step_configs():
+    stderr = assert_error_block(chatft("run", "peft/automodel", "-c", "tinyy", "--dry-run"), "config_invalid")
+    assert "did you mean tiny" in stderr
+
+
+def test_real_run_writes_job_yaml_then_says_the_step_is_not_available(tmp_path):
+    runs = tmp_path / "runs"
+    result = chatft("run", "peft/automodel", "-c", "tiny", "optimizer.lr=3e-4", "wandb.project=p",
+                    cwd=tmp_path, env={"CHATFT_RUNS_DIR": str(runs)})
+    stderr = assert_error_block(result, "not_available_yet")
+    job_path = runs / "tiny-peft" / "job.yaml"
+    assert str(job_path) in stderr
+    job = yaml.safe_load(job_path.read_text())
+    assert job["step"] == "peft/automodel"
+    assert job["argv"][:4] == ["run", "peft/automodel", "-c", "tiny"]
+    assert job["raw"]["checkpoint"]["checkpoint_dir"] == "${oc.env:CHATFT_RUNS_DIR,runs}/tiny-peft"
+    assert job["resolved"]["checkpoint"]["checkpoint_dir"] == str(runs / "tiny-peft")
+    assert job["resolved"]["optimizer"]["lr"] == 3e-4
+    assert {"chatft", "python", "torch", "transformers", "peft"} <= set(job["versions"])
+    assert "cuda_available" in job["host"]
+    assert [p.name for p in (runs / "tiny-peft").iterdir()] == ["job.yaml"]
+
+
+def test_nproc_per_node_sets_the_data_parallel_size():
+    result = chatft("run", "sft/automodel", "--dry-run", "--nproc-per-node", "4")
+    assert result.returncode == 0, result.stderr
+    assert "x data-parallel 4 = global batch 32" in result.stdout
+    stderr = assert_error_block(chatft("run", "sft/automodel", "--dry-run", "--nproc-per-node", "3"), "config_invalid")
+    assert "data-parallel size (3)" in stderr
+
+
+def test_prep_shorthand_compiles_the_data_prep_step(tmp_path):
+    result = chatft("prep", "raw data.json", "-o", str(tmp_path / "out.jsonl"), "--format", "sharegpt",
+                    "--val-fraction", "0.1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    compiled = yaml.safe_load(result.stdout)
+    assert compiled["input"] == "raw data.json"
+    assert compiled["format"] == "sharegpt" and compiled["val_fraction"] == 0.1
+    assert_error_block(chatft("prep", "x.json", "-o", "o.jsonl", "--format", "csv", "--dry-run"), "config_invalid")
+
+
+def test_unimplemented_commands_say_so(tmp_path):
+    stderr = assert_error_block(chatft("plan", "--gpus", "2", "--model", "m"), "not_available_yet")
+    assert "plan" in stderr
+    assert_error_block(chatft("preview", "-c", "tiny"), "not_available_yet")
+    stderr = assert_error_block(chatft("run", "convert/merge_lora", "-c", "tiny", f"output_hf_path={tmp_path}/merged"),
+                                "not_available_yet")
+    assert "convert/merge_lora" in stderr

@@ -1,0 +1,109 @@
+"""The typed schema: shorthands, cross-key checks, and every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatft.config.schema import TrainingConfig, known_paths, validate_config
+from chatft.errors import ChatftError
+
+MINIMAL = {"model": {"pretrained_model_name_or_path": "m"}, "dataset": {"path_or_dataset_id": "d.jsonl"}}
+
+
+def training(**sections) -> TrainingConfig:
+    return validate_config("training", {**MINIMAL, **sections}, "test.yaml")
+
+
+def test_peft_lora_expands_to_the_default_block():
+    peft = training(peft="lora").peft
+    assert (peft.dim, peft.alpha, peft.dropout) == (16, 32, 0.05)
+    assert peft.match_all_linear is True
+    assert peft.target_modules is None
+
+
+@pytest.mark.parametrize("value", [None, "null", "none"])
+def test_peft_null_is_full_sft(value):
+    assert training(peft=value).peft is None
+
+
+def test_absent_peft_is_full_sft():
+    assert training().peft is None
+
+
+def test_target_modules_turn_off_match_all_linear_unless_both_are_set():
+    assert training(peft={"target_modules": ["q_proj"]}).peft.match_all_linear is False
+    with pytest.raises(ChatftError, match="exclusive"):
+        training(peft={"target_modules": ["q_proj"], "match_all_linear": True})
+
+
+@pytest.mark.parametrize(("alias", "dtype"), [("bf16", "bfloat16"), ("torch.float16", "float16"), ("fp32", "float32")])
+def test_dtype_aliases(alias, dtype):
+    assert training(model={"pretrained_model_name_or_path": "m", "torch_dtype": alias}).model.torch_dtype == dtype
+
+
+def test_dp_size_none_string_and_grad_accumulation():
+    cfg = training(distributed={"dp_size": "none"}, step_scheduler={"global_batch_size": 32, "local_batch_size": 4})
+    assert cfg.distributed.dp_size is None
+    assert cfg.grad_accumulation_steps() == 8
+
+
+def test_global_batch_must_divide_by_local_times_data_parallel():
+    with pytest.raises(ChatftError) as err:
+        training(step_scheduler={"global_batch_size": 32, "local_batch_size": 4}, distributed={"dp_size": 3})
+    assert "global_batch_size (32)" in err.value.message and "data-parallel size (3)" in err.value.message
+
+
+def test_data_parallel_size_follows_the_launcher_layout():
+    cfg = training(run={"env": {"nodes": 2, "nprocs_per_node": 4}},
+                   step_scheduler={"global_batch_size": 64, "local_batch_size": 2})
+    assert cfg.data_parallel_size() == 8
+    assert cfg.grad_accumulation_steps() == 4
+
+
+def test_every_problem_is_reported_at_once_with_did_you_mean():
+    with pytest.raises(ChatftError) as err:
+        validate_config(
+            "training",
+            {
+                "model": {"pretrained_model_name_or_path": "m", "torch_dtyp": "bf16"},
+                "dataset": {"path_or_dataset_id": "d", "seq_length": "long"},
+                "step_scheduler": {"lr": 1e-4},
+                "optimiser": {},
+            },
+            "cfg.yaml",
+        )
+    message = err.value.message
+    assert err.value.id == "config_invalid"
+    assert "4 problem(s)" in message
+    assert "unknown key `model.torch_dtyp` (did you mean model.torch_dtype?)" in message
+    assert "`dataset.seq_length`" in message and "'long'" in message
+    assert "unknown key `step_scheduler.lr` (did you mean optimizer.lr?)" in message
+    assert "unknown key `optimiser` (did you mean optimizer?)" in message
+
+
+def test_missing_required_keys_are_named():
+    with pytest.raises(ChatftError) as err:
+        validate_config("training", {"dataset": {"path_or_dataset_id": "d"}}, "cfg.yaml")
+    assert "`model` is required" in err.value.message
+
+
+def test_choices_are_enforced():
+    with pytest.raises(ChatftError, match="truncation"):
+        training(dataset={"path_or_dataset_id": "d", "truncation": "sometimes"})
+
+
+def test_resume_false_is_kept_as_the_string_false():
+    assert training(checkpoint={"resume": False}).checkpoint.resume == "false"
+
+
+def test_eval_targets_need_their_paths():
+    with pytest.raises(ChatftError, match="adapter"):
+        validate_config("eval", {"targets": ["base", "adapter"], "base": "b", "dataset": {"path_or_dataset_id": "d"}}, "e")
+    ok = validate_config("eval", {"targets": ["merged"], "merged": "m", "dataset": {"path_or_dataset_id": "d"}}, "e")
+    assert ok.targets == ["merged"]
+
+
+def test_known_paths_cover_nested_sections():
+    paths = known_paths(TrainingConfig)
+    for path in ("step_scheduler.global_batch_size", "peft.dim", "validation_dataset.seq_length", "run.env.nodes"):
+        assert path in paths
