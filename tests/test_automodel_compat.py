@@ -152,3 +152,13 @@ def test_merge_megatron_only_keys_warn_and_megatron_routes_are_refused():
             translate({"lora_checkpoint": "a", "output_hf_path": "o", **megatron}, "merge")
         assert err.value.id == "route_not_supported"
         assert "Megatron-Bridge" in err.value.message
+
+
+def test_explicit_trust_remote_code_is_honoured_with_a_warning():
+    cfg, warnings = translate({"model": {"trust_remote_code": True}}, "training")
+    assert cfg["model"]["trust_remote_code"] is True
+    assert len(warnings) == 1 and "own Python code will run" in warnings[0]
+    _, warnings = translate({"model": {"trust_remote_code": False}}, "training")
+    assert warnings == []
+    cfg, warnings = translate({"lora_checkpoint": "a", "output_hf_path": "o", "trust_remote_code": True}, "merge")
+    assert cfg["trust_remote_code"] is True and "`trust_remote_code: true` is honoured" in warnings[0]

@@ -356,14 +356,23 @@ def _translate_other(tr: Translation, schema: str) -> None:
             tr.warn(key, cfg.pop(key), "Megatron-Bridge only; the hf_peft merge does not read it")
 
 
+def _warn_remote_code(tr: Translation, path: str) -> None:
+    present, value = tr.get(path)
+    if present and value is True:
+        tr.warnings.append(f"`{path}: true` is honoured: the model repository's own Python code will run on this "
+                           "machine; chatft's configs never set it")
+
+
 def translate(config: dict[str, Any], schema: str) -> tuple[dict[str, Any], list[str]]:
     """AutoModel-style config → chatft config and warnings. Refuses unknown `_target_`s."""
     tr = Translation(config)
     _check_targets(tr)
     if schema == "training":
         _translate_training(tr)
+        _warn_remote_code(tr, "model.trust_remote_code")
     else:
         _translate_other(tr, schema)
+        _warn_remote_code(tr, "trust_remote_code")
     if tr.refused:
         listing = "\n  - ".join(tr.refused)
         raise ChatftError(
