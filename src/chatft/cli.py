@@ -97,15 +97,22 @@ def prep(
     data_format: str = typer.Option("auto", "--format",
                                     help="auto | messages | sharegpt | alpaca | prompt_completion | hh"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row (error[bad_row]) instead of dropping it."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of a Hub dataset id, e.g. train or train[:1000]."),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="More data_prep settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the compiled config and write nothing."),
 ) -> None:
     """Convert chat data to `messages` JSONL (shorthand for `run data_prep/chat_jsonl`)."""
     from chatft import run as runner
 
-    overrides = [f"input={json.dumps(input_path)}", f"output={json.dumps(output)}", f"format={data_format}"]
+    settings = [f"input={json.dumps(input_path)}", f"output={json.dumps(output)}", f"format={data_format}"]
     if val_fraction is not None:
-        overrides.append(f"val_fraction={val_fraction}")
-    runner.run("data_prep/chat_jsonl", None, overrides, dry_run=dry_run, argv=sys.argv[1:])
+        settings.append(f"val_fraction={val_fraction}")
+    if strict:
+        settings.append("strict=true")
+    if split is not None:
+        settings.append(f"split={json.dumps(split)}")
+    runner.run("data_prep/chat_jsonl", None, settings + list(overrides or []), dry_run=dry_run, argv=sys.argv[1:])
 
 
 @app.command()

@@ -7,6 +7,7 @@ written; otherwise `job.yaml` in the run's output dir, written before the step s
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -26,8 +27,9 @@ from chatft.steps.registry import resolve_step
 JOB_FILE = "job.yaml"
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets", "tokenizers", "accelerate")
 
-# Step id → the function that runs it with a CompiledConfig. Steps land here as their issues do.
-IMPLEMENTATIONS: dict[str, Any] = {}
+# Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
+# compiling a config never loads torch. Steps land here as their issues do.
+IMPLEMENTATIONS: dict[str, str] = {}
 
 
 def to_yaml(data: Any) -> str:
@@ -116,12 +118,13 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
         print(dry_run_text(compiled), end="")
         return
     job_path = write_job(compiled, argv)
-    implementation = IMPLEMENTATIONS.get(step.id)
-    if implementation is None:
+    entry_point = IMPLEMENTATIONS.get(step.id)
+    if entry_point is None:
         raise ChatftError(
             "not_available_yet",
             f"step {step.id} is registered but cannot run in chatft {__version__} (its config compiled and "
             f"{job_path} was written; nothing else was done)",
             "use --dry-run to check a config; this step's implementation lands in a later release",
         )
-    implementation(compiled)
+    module_name, _, function_name = entry_point.partition(":")
+    getattr(importlib.import_module(module_name), function_name)(compiled)

@@ -253,14 +253,17 @@ class DataPrepConfig(Section):
     """`data_prep/chat_jsonl`."""
 
     input: str = Field(description="JSONL/JSON/Parquet file (gzip allowed) or a Hub dataset id")
-    split: str | None = Field(None, description="Hub dataset split")
-    output: str = Field(description="messages JSONL to write")
+    split: str | None = Field(None, description="Hub dataset split (slices allowed: train[:1000])")
+    name: str | None = Field(None, description="Hub dataset config name")
+    output: str = Field(description="messages JSONL to write; prep_report.json goes beside it")
+    validation_output: str | None = Field(None, description="None: <output stem>.val.jsonl beside output")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh"] = "auto"
     val_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 42
-    strict: bool = False
+    strict: bool = Field(False, description="stop at the first bad row with error[bad_row] instead of dropping it")
     consecutive_user: Literal["merge", "drop"] = "merge"
     text_field: str = Field("chosen", description="field holding hh-style text")
+    limit: int | None = Field(None, ge=1, description="read only the first N rows")
 
 
 # --------------------------------------------------------------------------- merge
