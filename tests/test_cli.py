@@ -223,7 +223,6 @@ def test_prep_shorthand_compiles_the_data_prep_step(tmp_path):
 def test_unimplemented_commands_say_so(tmp_path):
     stderr = assert_error_block(chatft("plan", "--gpus", "2", "--model", "m"), "not_available_yet")
     assert "plan" in stderr
-    assert_error_block(chatft("preview", "-c", "tiny"), "not_available_yet")
     stderr = assert_error_block(chatft("run", "convert/merge_lora", "-c", "tiny", f"output_hf_path={tmp_path}/merged"),
                                 "not_available_yet")
     assert "convert/merge_lora" in stderr

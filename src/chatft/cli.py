@@ -123,15 +123,14 @@ def preview(
     as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
 ) -> None:
     """Tokenize and mask a few rows, with length stats and a memory estimate; no training."""
+    from chatft import preview as previewer
     from chatft.config.compile import compile_config
+    from chatft.run import print_warnings
     from chatft.steps.registry import resolve_step
 
-    compile_config(resolve_step("sft/automodel"), config, list(overrides or []))
-    raise ChatftError(
-        "not_available_yet",
-        f"`chatft preview` is not implemented in chatft {__version__} (the config compiled)",
-        "use `chatft run sft/automodel -c CONFIG --dry-run` to check the config meanwhile",
-    )
+    compiled = compile_config(resolve_step("sft/automodel"), config, list(overrides or []))
+    print_warnings(compiled.warnings)
+    previewer.preview(compiled.validated, rows=rows, as_json=as_json)
 
 
 @app.command()

@@ -29,7 +29,9 @@ RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets",
 
 # Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
 # compiling a config never loads torch. Steps land here as their issues do.
-IMPLEMENTATIONS: dict[str, str] = {}
+IMPLEMENTATIONS: dict[str, str] = {
+    "data_prep/chat_jsonl": "chatft.data.prep:run_step",
+}
 
 
 def to_yaml(data: Any) -> str:
@@ -46,13 +48,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def host_record() -> dict[str, Any]:
+def host_record(with_device: bool) -> dict[str, Any]:
     record: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
-    import torch  # a real run loads torch anyway; the record says which device it will see
+    if not with_device:  # data prep never touches an accelerator: spare it the torch import
+        return record
+    import torch  # model steps load torch anyway; the record says which device they will see
 
     record["cuda_available"] = torch.cuda.is_available()
     if record["cuda_available"]:
@@ -76,7 +80,7 @@ def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
         "overrides": redact_overrides(compiled.overrides),
         "warnings": compiled.warnings,
         "versions": package_versions(),
-        "host": host_record(),
+        "host": host_record(with_device=compiled.step.config_schema != "data_prep"),
         "raw": redact(compiled.raw),
         "resolved": redact(compiled.effective()),
     }

@@ -7,6 +7,7 @@ the loss is computed on it (the tokens the assistant emits, its end-of-turn toke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 class TokenizedRow:
     input_ids: list[int]
     loss_mask: list[bool]  # same length as input_ids; True = supervised (predicted) token
-    source_row: int  # 0-based row number in the source file, for messages that name a row
+    source_row: int  # 1-based row number in the source (the line number in JSONL), as prep reports it
 
     @property
     def num_supervised(self) -> int:
@@ -36,18 +37,14 @@ class DataReport:
     truncated: int = 0  # rows cut to seq_length (truncation: truncate); they are among rows_used
     supervised_tokens: int = 0
     total_tokens: int = 0
+    examples_by_reason: dict[str, list[int]] = field(default_factory=dict)  # first row numbers of each drop
+    token_length_quantiles: dict[str, int] = field(default_factory=dict)  # rendered rows, before the policy
+    over_length: int = 0  # rendered rows longer than seq_length (dropped, truncated or refused per policy)
+    template_source: str | None = None  # tokenizer | bundled:<name> | file:<path> | inline
+    mask_method: str | None = None  # generation_tags | prefix_rendering
 
     def to_json(self) -> dict:
-        return {
-            "path": self.path,
-            "sha256": self.sha256,
-            "rows_in": self.rows_in,
-            "rows_used": self.rows_used,
-            "dropped_by_reason": dict(self.dropped_by_reason),
-            "truncated": self.truncated,
-            "supervised_tokens": self.supervised_tokens,
-            "total_tokens": self.total_tokens,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass

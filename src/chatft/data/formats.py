@@ -1,0 +1,483 @@
+"""Source rows → checked OpenAI-style conversations.
+
+In: one decoded source row (a dict) and the shape it is in: `messages`, `sharegpt`, `alpaca`,
+`prompt_completion` or `hh` (`detect_format` names it from the first rows when the config says `auto`).
+Out: a `Conversation` (messages, the row's tools if any, and the changes made on the way), or
+`RowDropped(reason, detail)` when the row cannot become a training conversation. `DROP_REASONS` lists every
+reason; data prep counts each dropped row under exactly one of them.
+
+Every format first becomes a list of messages, each `{"role", "content": str}` plus `tool_calls` (assistant)
+or `tool_call_id`/`name` (tool); then the same guards run on all of them (`check_conversation`):
+  - a conversation needs an assistant message;
+  - turns after the last assistant message (an unanswered user turn, a trailing tool result) are cut, since
+    nothing after the last reply is trained on; the row is kept and the cut is counted as a change;
+  - system only first; then user and assistant alternate, starting with user; tool results only right after
+    an assistant tool call (or another tool result), and a tool call must be followed by its results;
+  - two user turns in a row are joined with a blank line (`consecutive_user: merge`) or drop the row (`drop`).
+Tool-call `arguments` are kept as given (a JSON string or an object); a string must decode to a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from chatft.errors import ChatftError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh")
+
+DROP_REASONS: dict[str, str] = {
+    "invalid_json": "the JSONL line is not valid JSON",
+    "not_an_object": "the row (or one of its messages/turns) is not a JSON object",
+    "missing_fields": "the row lacks the format's fields (or one has the wrong type)",
+    "missing_role": "a message has no role",
+    "unknown_role": "a role the format does not define",
+    "non_string_content": "content that is not text: a number, a list of non-parts, a dict",
+    "non_text_content": "a content part that is not text (image, audio, ...)",
+    "empty_content": "an empty or whitespace-only message (assistant tool calls may have empty content)",
+    "malformed_tool_call": "a tool call without a name or with non-JSON arguments, or a tool result without a call",
+    "malformed_tools": "the row's tools are not a list of objects (or a JSON string of one)",
+    "malformed_history": "alpaca history is not a list of [user, assistant] pairs",
+    "unparsable_text": "hh text that is not \\n\\nHuman: ... \\n\\nAssistant: ... turns",
+    "no_assistant": "no assistant message to learn from",
+    "roles_out_of_order": "system not first, user/assistant not alternating, or a tool call left unanswered",
+    "consecutive_user": "two user turns in a row with consecutive_user=drop",
+}
+
+# Rows that are kept but changed; counted in prep_report.json like drops.
+CHANGES: dict[str, str] = {
+    "trailing_turns_trimmed": "turns after the last assistant message were cut",
+    "consecutive_user_merged": "consecutive user turns were joined with a blank line",
+}
+
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "system": "system",
+    "function_call": "assistant",  # its value is the call as JSON: {name, arguments} or a list of them
+    "observation": "tool", "tool": "tool", "function": "tool",
+}
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+# A turn marker at the very start (leading whitespace allowed) or after a blank line.
+HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
+
+
+class RowDropped(Exception):
+    """A row that cannot be used: `reason` is a key of DROP_REASONS, `detail` says where and why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in DROP_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    changes: list[str] = field(default_factory=list)
+
+    def to_row(self) -> dict[str, Any]:
+        """The output JSONL row."""
+        row: dict[str, Any] = {"messages": self.messages}
+        if self.tools:
+            row["tools"] = self.tools
+        return row
+
+
+def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen",
+                consecutive_user: str = "merge") -> Conversation:
+    """One source row in format `fmt` → a checked Conversation, or RowDropped."""
+    messages, tools = BUILDERS[fmt](row, text_field)
+    messages, changes = check_conversation(messages, consecutive_user)
+    return Conversation(messages, tools, changes)
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def formats_of(row: dict[str, Any], text_field: str) -> set[str]:
+    """The formats whose fields `row` has."""
+    found = set()
+    if isinstance(row.get("messages"), list):
+        found.add("messages")
+    if isinstance(row.get("conversations"), list) or isinstance(row.get("conversation"), list):
+        found.add("sharegpt")
+    if "instruction" in row and "output" in row:
+        found.add("alpaca")
+    if "prompt" in row and "completion" in row:
+        found.add("prompt_completion")
+    text = row.get(text_field)
+    if isinstance(text, str) and "Human:" in text and "Assistant:" in text:
+        found.add("hh")
+    return found
+
+
+def detect_format(rows: list[dict[str, Any]], text_field: str, input: str,
+                  numbers: list[int] | None = None) -> str:
+    """The one format the first rows agree on; otherwise an error naming the keys seen and the choices.
+    `numbers` are the rows' numbers in the source, for the message (default: 1, 2, ...)."""
+    choices = "--format " + "|".join(FORMATS) + " (format=... in a config)"
+    if not rows:
+        raise ChatftError("messages_missing", f"{input}: found no JSON object rows to tell the format from",
+                          "check the file: rows are JSON objects, one per line (JSONL) or in a JSON array")
+    seen: dict[str, list[int]] = {}
+    for number, row in zip(numbers or range(1, len(rows) + 1), rows):
+        for name in formats_of(row, text_field):
+            seen.setdefault(name, []).append(number)
+    if len(seen) == 1:
+        return next(iter(seen))
+    keys = sorted({key for row in rows for key in row})
+    shown = ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "")
+    if not seen:
+        raise ChatftError(
+            "messages_missing",
+            f"cannot tell the format of {input}: its first {len(rows)} rows have keys {shown}, and none of "
+            f"messages, conversations, instruction+output, prompt+completion or hh text in `{text_field}`",
+            f"name it with {choices}; for hh text in another field add text_field=FIELD; "
+            'or reshape rows to {"messages": [{"role": ..., "content": ...}]}',
+        )
+    found = "; ".join(f"{name} (rows {', '.join(map(str, idx[:5]))})" for name, idx in seen.items())
+    raise ChatftError(
+        "config_invalid",
+        f"the format of {input} is ambiguous: its first {len(rows)} rows (keys {shown}) fit {found}",
+        f"name the one to use with {choices}",
+    )
+
+
+# --------------------------------------------------------------------------- pieces shared by the formats
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _required(row: dict[str, Any], key: str, kind: type | None = None) -> Any:
+    value = row.get(key)
+    if value is None:
+        raise RowDropped("missing_fields", f"no {key!r} field (keys: {', '.join(row) or 'none'})")
+    if kind is not None and not isinstance(value, kind):
+        raise RowDropped("missing_fields", f"{key!r} is a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    """A plain text field (alpaca, hh): None reads as empty, anything else but a string is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowDropped("non_string_content", f"{where} is a {type(value).__name__}: {_short(value)}")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """Message content → text. A list of parts is joined with newlines; only text parts are accepted."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise RowDropped("non_string_content", f"{where} content is a {type(content).__name__}: {_short(content)}")
+    texts = []
+    for number, part in enumerate(content, start=1):
+        if not (isinstance(part, dict) and isinstance(part.get("type"), str)):
+            raise RowDropped("non_string_content", f"{where} content part {number} is not a typed part: {_short(part)}")
+        if part["type"] != "text":
+            raise RowDropped("non_text_content", f"{where} content part {number} is {part['type']!r}")
+        if not isinstance(part.get("text"), str):
+            raise RowDropped("non_string_content", f"{where} text part {number} has no string text: {_short(part)}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _message(role: str, content: Any, where: str, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    text = _text(content, where)
+    if not text.strip() and not tool_calls:
+        raise RowDropped("empty_content", f"{where} ({role}) has empty content")
+    message: dict[str, Any] = {"role": role, "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def _role(value: Any, where: str, table: dict[str, str]) -> str:
+    if value is None or value == "":
+        raise RowDropped("missing_role", f"{where} has no role")
+    mapped = table.get(value.strip().lower()) if isinstance(value, str) else None
+    if mapped is None:
+        raise RowDropped("unknown_role", f"{where} has role {_short(value)}; known: {', '.join(table)}")
+    return mapped
+
+
+def _arguments(value: Any, where: str) -> Any:
+    """Kept as given: an object, or a string that decodes to one."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            raise RowDropped("malformed_tool_call", f"{where} arguments are not valid JSON: {_short(value)}") from None
+        if isinstance(decoded, dict):
+            return value
+    if value is None:
+        raise RowDropped("malformed_tool_call", f"{where} has no arguments")
+    raise RowDropped("malformed_tool_call", f"{where} arguments are not a JSON object: {_short(value)}")
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An OpenAI tool call `{id?, type: function, function: {name, arguments}}`; the flat `{name, arguments}`
+    form (ShareGPT function_call values, some exports) is accepted and written in the OpenAI form."""
+    if not isinstance(call, dict):
+        raise RowDropped("malformed_tool_call", f"{where} is not an object: {_short(call)}")
+    function = call.get("function")
+    if function is None and "name" in call:
+        function = call
+    if not isinstance(function, dict):
+        raise RowDropped("malformed_tool_call", f"{where} has no function: {_short(call)}")
+    if call.get("type") not in (None, "function"):
+        raise RowDropped("malformed_tool_call", f"{where} has type {call['type']!r}, not 'function'")
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RowDropped("malformed_tool_call", f"{where} has no function name: {_short(call)}")
+    normalised: dict[str, Any] = {}
+    if isinstance(call.get("id"), str):
+        normalised["id"] = call["id"]
+    normalised["type"] = "function"
+    normalised["function"] = {"name": name, "arguments": _arguments(function.get("arguments"), where)}
+    return normalised
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]] | None:
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise RowDropped("malformed_tool_call", f"{where} tool_calls is a {type(value).__name__}, not a list")
+    return [_tool_call(call, f"{where} tool call {n}") for n, call in enumerate(value, start=1)]
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """The row's tool definitions: a list of objects, or a JSON string holding one (→ the list)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowDropped("malformed_tools", f"tools is a string that is not JSON: {_short(value)}") from None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise RowDropped("malformed_tools", f"tools is not a list of objects: {_short(value)}")
+    return value or None
+
+
+def _openai_message(raw: Any, where: str) -> dict[str, Any]:
+    """An OpenAI-style message (messages rows, prompt/completion lists)."""
+    if not isinstance(raw, dict):
+        raise RowDropped("not_an_object", f"{where} is a {type(raw).__name__}, not an object: {_short(raw)}")
+    role = _role(raw.get("role"), where, MESSAGE_ROLES)
+    calls = _tool_calls(raw.get("tool_calls"), where)
+    if calls and role != "assistant":
+        raise RowDropped("malformed_tool_call", f"{where} ({role}) carries tool_calls; only assistant messages may")
+    message = _message(role, raw.get("content"), where, calls)
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(raw.get(key), str):
+                message[key] = raw[key]
+    if role == "assistant" and raw.get("train") is False:  # chatft's per-message opt-out of the loss
+        message["train"] = False
+    return message
+
+
+# --------------------------------------------------------------------------- the formats
+
+Built = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]
+
+
+def from_messages(row: dict[str, Any], text_field: str) -> Built:
+    """`{"messages": [...], "tools"?: [...] | "<json>"}`."""
+    messages = _required(row, "messages", list)
+    built = [_openai_message(raw, f"message {n}") for n, raw in enumerate(messages, start=1)]
+    return built, _tools(row.get("tools"))
+
+
+def from_sharegpt(row: dict[str, Any], text_field: str) -> Built:
+    """`{"conversations" | "conversation": [{"from", "value"}, ...], "system"?, "tools"?}`."""
+    key = "conversation" if "conversations" not in row and "conversation" in row else "conversations"
+    turns = _required(row, key, list)
+    messages = []
+    system = _string(row.get("system"), "system")
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    for number, turn in enumerate(turns, start=1):
+        where = f"turn {number}"
+        if not isinstance(turn, dict):
+            raise RowDropped("not_an_object", f"{where} is a {type(turn).__name__}, not an object: {_short(turn)}")
+        # Some exports write role/content inside `conversations`; read them the same way.
+        source_role = _either(turn, "from", "role")
+        role = _role(source_role, where, SHAREGPT_ROLES)
+        value = _either(turn, "value", "content")
+        if source_role.strip().lower() == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(value, where)})
+        else:
+            messages.append(_message(role, value, where))
+    return messages, _tools(row.get("tools"))
+
+
+def _either(turn: dict[str, Any], key: str, fallback: str) -> Any:
+    # A null is absent: Arrow-backed datasets fill the keys a row lacks with None.
+    return turn[key] if turn.get(key) is not None else turn.get(fallback)
+
+
+def _sharegpt_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowDropped("malformed_tool_call", f"{where} function_call is not JSON: {_short(value)}") from None
+    calls = value if isinstance(value, list) else [value]
+    if not calls:
+        raise RowDropped("malformed_tool_call", f"{where} function_call holds no call")
+    return [_tool_call(call, f"{where} call {n}") for n, call in enumerate(calls, start=1)]
+
+
+def from_alpaca(row: dict[str, Any], text_field: str) -> Built:
+    """`{"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}`.
+    The user turn is the instruction, then a blank line and the input when there is one."""
+    instruction = _string(_required(row, "instruction"), "instruction")
+    output = _string(_required(row, "output"), "output")
+    extra = _string(row.get("input"), "input")
+    messages = []
+    system = _string(row.get("system"), "system")
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    history = row.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise RowDropped("malformed_history", f"history is a {type(history).__name__}, not a list of pairs")
+        for number, pair in enumerate(history, start=1):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise RowDropped("malformed_history",
+                                 f"history item {number} is not a [user, assistant] pair: {_short(pair)}")
+            messages.append(_message("user", _string(pair[0], f"history {number} user"), f"history {number} user"))
+            messages.append(_message("assistant", _string(pair[1], f"history {number} assistant"),
+                                     f"history {number} assistant"))
+    if not instruction.strip():
+        raise RowDropped("empty_content", "instruction is empty")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages.append(_message("user", prompt, "instruction"))
+    messages.append(_message("assistant", output, "output"))
+    return messages, None
+
+
+def from_prompt_completion(row: dict[str, Any], text_field: str) -> Built:
+    """`{"prompt", "completion"}`: strings (one user and one assistant turn) or message lists (joined)."""
+    prompt = _required(row, "prompt")
+    completion = _required(row, "completion")
+    messages = _side(prompt, "user", "prompt") + _side(completion, "assistant", "completion")
+    return messages, _tools(row.get("tools"))
+
+
+def _side(value: Any, role: str, label: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [_message(role, value, label)]
+    if isinstance(value, list):
+        return [_openai_message(raw, f"{label} message {n}") for n, raw in enumerate(value, start=1)]
+    raise RowDropped("non_string_content", f"{label} is a {type(value).__name__}: {_short(value)}")
+
+
+def from_hh(row: dict[str, Any], text_field: str) -> Built:
+    """Anthropic hh-rlhf text `\\n\\nHuman: ...\\n\\nAssistant: ...` in `row[text_field]`; turns are stripped."""
+    text = _required(row, text_field)
+    if not isinstance(text, str):
+        raise RowDropped("non_string_content", f"{text_field!r} is a {type(text).__name__}: {_short(text)}")
+    pieces = HH_MARKER.split(text)
+    if len(pieces) == 1:
+        raise RowDropped("unparsable_text", f"{text_field!r} has no Human:/Assistant: turns: {_short(text)}")
+    if pieces[0].strip():
+        raise RowDropped("unparsable_text", f"{text_field!r} has text before its first turn: {_short(pieces[0])}")
+    messages = []
+    for number, (speaker, body) in enumerate(zip(pieces[1::2], pieces[2::2]), start=1):
+        messages.append(_message(HH_ROLES[speaker], body.strip(), f"turn {number}"))
+    return messages, None
+
+
+BUILDERS: dict[str, Callable[[dict[str, Any], str], Built]] = {
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+    "alpaca": from_alpaca,
+    "prompt_completion": from_prompt_completion,
+    "hh": from_hh,
+}
+
+
+# --------------------------------------------------------------------------- the guards
+
+
+def check_conversation(messages: list[dict[str, Any]], consecutive_user: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The guards every format shares (see the module docstring). Out: the messages to write and the changes."""
+    assistants = [n for n, message in enumerate(messages) if message["role"] == "assistant"]
+    if not assistants:
+        raise RowDropped("no_assistant", f"no assistant message (roles: {_roles(messages)})")
+    changes = []
+    if assistants[-1] < len(messages) - 1:
+        messages = messages[: assistants[-1] + 1]
+        changes.append("trailing_turns_trimmed")
+    for number, message in enumerate(messages[1:], start=2):
+        if message["role"] == "system":
+            raise RowDropped("roles_out_of_order", f"message {number} is a system message; only the first may be "
+                                                   f"(roles: {_roles(messages)})")
+    messages, merged = _merge_users(messages, consecutive_user)
+    if merged:
+        changes.append("consecutive_user_merged")
+    _check_order(messages)
+    return messages, changes
+
+
+def _roles(messages: list[dict[str, Any]]) -> str:
+    roles = [m["role"] + ("(call)" if m.get("tool_calls") else "") for m in messages]
+    return ", ".join(roles if len(roles) <= 12 else roles[:12] + ["..."])
+
+
+def _merge_users(messages: list[dict[str, Any]], policy: str) -> tuple[list[dict[str, Any]], bool]:
+    kept: list[dict[str, Any]] = []
+    merged = False
+    for number, message in enumerate(messages, start=1):
+        if message["role"] == "user" and kept and kept[-1]["role"] == "user":
+            if policy == "drop":
+                raise RowDropped("consecutive_user", f"messages {number - 1} and {number} are both user turns")
+            kept[-1] = {**kept[-1], "content": kept[-1]["content"] + "\n\n" + message["content"]}
+            merged = True
+        else:
+            kept.append(message)
+    return kept, merged
+
+
+# The turn each role may follow: start, user, assistant, call (an assistant tool call) or tool.
+MAY_FOLLOW = {"user": ("start", "assistant"), "assistant": ("user", "tool")}
+OUT_OF_ORDER = {
+    "start": "the conversation starts with {role}",
+    "call": "a tool call has no result",
+    "tool": "a tool result is not answered by the assistant",
+}
+
+
+def _check_order(messages: list[dict[str, Any]]) -> None:
+    """user → assistant → user ...; an assistant tool call → one or more tool results → assistant."""
+    previous = "start"
+    for number, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "system":  # only first, checked before
+            continue
+        if role == "tool":
+            if previous not in ("call", "tool"):
+                raise RowDropped("malformed_tool_call", f"message {number} is a tool result with no assistant tool "
+                                                        f"call before it (roles: {_roles(messages)})")
+        elif previous not in MAY_FOLLOW[role]:
+            problem = OUT_OF_ORDER.get(previous, "{role} follows {previous}").format(role=role, previous=previous)
+            raise RowDropped("roles_out_of_order", f"message {number}: {problem} (roles: {_roles(messages)})")
+        previous = "call" if role == "assistant" and message.get("tool_calls") else role

@@ -1,0 +1,242 @@
+"""A training dataset from its config section: rows → token ids + loss masks, with every drop counted.
+
+In: `dataset` (or `validation_dataset`) config section and the tokenizer. Out: `PreparedData`, and the
+tokenizer's `chat_template` set to the template trained with (it is saved with the model).
+
+Steps: refuse missing paths and packed Parquet; choose the chat template and the masking method; read
+and validate `messages` rows (the same row guards as `chatft prep`); render + mask each row (in several
+processes for large files); apply the over-length policy; refuse a dataset with nothing to learn. The
+result is cached on disk per (data, tokenizer, template, settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, Callable
+
+from chatft.data import cache
+from chatft.data.guards import check_dataset_path
+from chatft.data.masks import MaskOptions, RowMaskError, mask_conversation
+from chatft.data.types import DataReport, PreparedData, TokenizedRow
+from chatft.errors import ChatftError
+
+PARALLEL_MIN_ROWS = 4000  # below this, starting worker processes costs more than it saves
+MAX_EXAMPLE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    template: str  # what the tokenizer carries and the saved model is served with
+    source: str  # tokenizer | bundled:<name> | file:<path> | inline
+    sha256: str
+    tagged: str | None  # a generation-tagged twin that renders identically, used for masks
+    method: str  # generation_tags | prefix_rendering
+
+
+def choose_template(tokenizer: Any, chat_template: str | None) -> TemplateChoice:
+    """The config's template if it names one, else the tokenizer's; refuse when there is neither. A
+    template given in the config is set on the tokenizer without its generation tags (a transformers
+    extension other runtimes reject); the tags are still used for the masks."""
+    from chatft.data.chat_templates import BUNDLED, has_generation_tags, resolve_chat_template, \
+        strip_generation_tags, template_sha256, training_template_for
+
+    if chat_template:
+        template, source = resolve_chat_template(chat_template)
+        tokenizer.chat_template = strip_generation_tags(template) if has_generation_tags(template) else template
+    else:
+        template, source = tokenizer.chat_template, "tokenizer"
+        if isinstance(template, dict):  # tokenizers with named templates: the default one is for chat
+            template = template.get("default")
+        if not template:
+            raise ChatftError(
+                "chat_template_missing",
+                f"the tokenizer of {getattr(tokenizer, 'name_or_path', 'this model')} has no chat template "
+                "and dataset.chat_template is not set",
+                f"name one: dataset.chat_template=<{' | '.join(sorted(BUNDLED))}> (chatft's bundled templates), "
+                "a path to a .jinja file, or an inline Jinja string",
+            )
+    tagged = template if has_generation_tags(template) else training_template_for(template)
+    method = "generation_tags" if tagged else "prefix_rendering"
+    return TemplateChoice(tokenizer.chat_template, source, template_sha256(template), tagged, method)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides token ids: the tokenizer's full definition and its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((definition + special).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- per-row work
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_state.update(state)
+
+
+def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, Any]]:
+    """(row number, row) → (row number, (ids, mask) or the drop reason)."""
+    state = _worker_state
+    results = []
+    for row_number, row in chunk:
+        try:
+            ids_mask = mask_conversation(state["tokenizer"], state["template"], row["messages"], row.get("tools"),
+                                         state["options"], state["tagged"])
+        except RowMaskError as err:
+            results.append((row_number, err.reason))
+            continue
+        except ChatftError:
+            raise
+        except Exception:  # the template itself refused the row (e.g. raise_exception on role order)
+            results.append((row_number, "template_error"))
+            continue
+        results.append((row_number, ids_mask))
+    return results
+
+
+def _tokenize_all(rows: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> list[tuple[int, Any]]:
+    if len(rows) < PARALLEL_MIN_ROWS or (os.cpu_count() or 1) < 2:
+        _init_worker(state)
+        return _tokenize_chunk(rows)
+    workers = min(os.cpu_count() or 2, 8)
+    size = max(256, len(rows) // (workers * 4))
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    # fork: the tokenizer is inherited by the workers instead of being pickled per chunk.
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                             initargs=(state,)) as pool:
+        return [item for part in pool.map(_tokenize_chunk, chunks) for item in part]
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def _apply_length_policy(ids: list[int], mask: list[bool], seq_length: int, truncation: str, row_number: int,
+                         key: str) -> tuple[list[int], list[bool], str | None]:
+    """Returns the (possibly cut) row and a drop reason, or raises for truncation=error."""
+    if len(ids) <= seq_length:
+        return ids, mask, None
+    if truncation == "error":
+        raise ChatftError(
+            "sequence_too_long",
+            f"row {row_number} of {key} is {len(ids)} tokens, longer than dataset.seq_length={seq_length}",
+            f"raise dataset.seq_length, or set dataset.truncation=drop (skip and count such rows) or "
+            f"truncate (cut them); `chatft preview` shows how many rows are affected",
+        )
+    if truncation == "drop":
+        return ids, mask, "too_long"
+    ids, mask = ids[:seq_length], mask[:seq_length]
+    return ids, mask, None if any(mask) else "truncated_to_no_supervised"
+
+
+def length_quantiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
+
+
+def _end_of_turn_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return ids
+
+
+def prepare_training_data(
+    section: Any, tokenizer: Any, *, key: str = "dataset", use_cache: bool = True,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> PreparedData:
+    """Token ids and loss masks for every usable row of `section` (a DatasetSection)."""
+    from chatft.data.sources import read_message_rows
+
+    check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
+    choice = choose_template(tokenizer, section.chat_template)
+    source = read_message_rows(section, key=key)
+    options = MaskOptions(train_on=section.train_on, mask_generation_prompt=section.mask_generation_prompt)
+    settings = {
+        "data": source.sha256, "split": section.split, "limit": section.num_samples_limit,
+        "tokenizer": tokenizer_fingerprint(tokenizer), "template": choice.sha256, "template_source": choice.source,
+        "tagged": hashlib.sha256(choice.tagged.encode()).hexdigest() if choice.tagged else None,
+        "seq_length": section.seq_length, "truncation": section.truncation, "train_on": section.train_on,
+        "mask_generation_prompt": section.mask_generation_prompt,
+    }
+    entry = cache.cache_key(settings)
+    if use_cache and source.sha256 is not None and (cached := cache.load(entry)) is not None:
+        log(f"{key}: {cached.report.rows_used} rows from the tokenization cache ({entry[:12]})")
+        return cached
+
+    started = time.perf_counter()
+    state = {"tokenizer": tokenizer, "template": choice.template, "tagged": choice.tagged, "options": options}
+    dropped: Counter[str] = Counter(source.dropped)
+    examples: dict[str, list[int]] = {reason: rows[:MAX_EXAMPLE_ROWS] for reason, rows in source.examples.items()}
+    rows: list[TokenizedRow] = []
+    truncated = 0
+    results = _tokenize_all(source.rows, state)
+    lengths = [len(result[0]) for _, result in results if not isinstance(result, str)]
+    for row_number, result in results:
+        reason = result if isinstance(result, str) else None
+        if reason is None:
+            ids, mask = result
+            if not any(mask):
+                reason = "no_supervised_tokens"
+            else:
+                cut_ids, cut_mask, reason = _apply_length_policy(ids, mask, section.seq_length, section.truncation,
+                                                                 row_number, key)
+                if reason is None:
+                    truncated += len(cut_ids) < len(ids)
+                    rows.append(TokenizedRow(cut_ids, cut_mask, row_number))
+        if reason is not None:
+            dropped[reason] += 1
+            examples.setdefault(reason, [])
+            if len(examples[reason]) < MAX_EXAMPLE_ROWS:
+                examples[reason].append(row_number)
+
+    report = DataReport(
+        path=section.path_or_dataset_id, sha256=source.sha256, rows_in=source.rows_in, rows_used=len(rows),
+        dropped_by_reason=dict(sorted(dropped.items())), truncated=truncated,
+        supervised_tokens=sum(r.num_supervised for r in rows), total_tokens=sum(len(r) for r in rows),
+        examples_by_reason=examples, token_length_quantiles=length_quantiles(lengths),
+        over_length=sum(n > section.seq_length for n in lengths), template_source=choice.source, mask_method=choice.method,
+    )
+    assert report.rows_in == report.rows_used + sum(dropped.values()), "every row is used or counted as dropped"
+    if not rows:
+        reasons = ", ".join(f"{n} {r}" for r, n in report.dropped_by_reason.items()) or "the file has no rows"
+        raise ChatftError(
+            "no_supervised_tokens",
+            f"no row of {key} ({section.path_or_dataset_id}) is left to train on: {reasons}",
+            "check that rows have assistant messages and fit dataset.seq_length; `chatft preview -c CONFIG` "
+            "shows what is trained in each row",
+        )
+    elapsed = time.perf_counter() - started
+    log(f"{key}: tokenized {source.rows_in} rows in {elapsed:.1f}s ({source.rows_in / max(elapsed, 1e-9):.0f} rows/s), "
+        f"{report.rows_used} used, masks by {choice.method}")
+    _warn_about(report, rows, tokenizer, key, log)
+    data = PreparedData(rows, report)
+    if use_cache and source.sha256 is not None:
+        cache.save(entry, data)
+    return data
+
+
+def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, key: str,
+                log: Callable[[str], None]) -> None:
+    for reason, count in report.dropped_by_reason.items():
+        first = ", ".join(map(str, report.examples_by_reason.get(reason, [])))
+        log(f"{key}: dropped {count} rows: {reason} (first rows: {first})")
+    if report.truncated:
+        log(f"{key}: truncated {report.truncated} rows to dataset.seq_length")
+    end_ids = _end_of_turn_ids(tokenizer)
+    ends_trained = sum(1 for row in rows if any(row.input_ids[i] in end_ids for i, m in enumerate(row.loss_mask) if m))
+    if end_ids and ends_trained == 0:
+        log(f"WARNING {key}: the end-of-turn token ({tokenizer.eos_token}) is never supervised: the model will "
+            "not learn to stop. Give a template whose assistant turns end with it (dataset.chat_template=...).")

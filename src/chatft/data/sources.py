@@ -1,0 +1,93 @@
+"""Training rows from a dataset config section: read, check as `messages` rows, account for every row.
+
+In: `dataset` / `validation_dataset` (path or Hub id, split, name, num_samples_limit). Out: a
+`MessageSource` with the usable rows (1-based row number, `{messages, tools}`), the drop counts with the
+first row numbers of each reason, and the data's sha256. The row guards are data prep's own
+(`formats.convert_row` with format `messages`), so a file accepted by training and one written by
+`chatft prep` obey the same rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatft.data.formats import RowDropped, convert_row
+from chatft.data.readers import Source, open_source
+from chatft.errors import ChatftError
+
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class MessageSource:
+    rows: list[tuple[int, dict[str, Any]]]
+    rows_in: int
+    sha256: str | None
+    dropped: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+    changed: Counter[str] = field(default_factory=Counter)  # rows kept but altered (e.g. merged user turns)
+
+    def drop(self, reason: str, row_number: int) -> None:
+        self.dropped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append(row_number)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_sha256(path_or_id: str, source: Source) -> str | None:
+    """sha256 of a local file, or over the sorted files of a folder; None for a Hub dataset (the cache is
+    then keyed by nothing stable, so it is not used)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_file():
+        return _file_sha256(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}:{_file_sha256(file)}\n".encode())
+        return digest.hexdigest()
+    return None
+
+
+def read_message_rows(section: Any, *, key: str = "dataset") -> MessageSource:
+    path_or_id = section.path_or_dataset_id
+    source = open_source(path_or_id, split=section.split, name=getattr(section, "name", None),
+                         limit=section.num_samples_limit)
+    result = MessageSource(rows=[], rows_in=0, sha256=data_sha256(path_or_id, source))
+    for row in source.rows:
+        result.rows_in += 1
+        if row.problem is not None:
+            result.drop(row.problem, row.number)
+            continue
+        if not isinstance(row.value, dict):
+            result.drop("not_an_object", row.number)
+            continue
+        if not isinstance(row.value.get("messages"), list):
+            result.drop("messages_missing", row.number)
+            continue
+        try:
+            conversation = convert_row(row.value, "messages")
+        except RowDropped as dropped:
+            result.drop(dropped.reason, row.number)
+            continue
+        result.changed.update(conversation.changes)
+        result.rows.append((row.number, conversation.to_row()))
+    if result.rows_in and result.dropped.get("messages_missing") == result.rows_in:
+        raise ChatftError(
+            "messages_missing",
+            f"no row of {key}.path_or_dataset_id={path_or_id} has a `messages` list",
+            f"convert it first: chatft prep {path_or_id} -o {Path(path_or_id).stem}.messages.jsonl, then set "
+            f"{key}.path_or_dataset_id={Path(path_or_id).stem}.messages.jsonl",
+        )
+    return result

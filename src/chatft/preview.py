@@ -1,0 +1,141 @@
+"""`chatft preview`: what training would see, without training.
+
+In: a compiled training config. Out (stdout): N rows with the supervised tokens marked, per-row
+supervised/total token counts, the dataset's token-length quantiles, how many rows exceed
+`dataset.seq_length` and what the truncation policy does with them, and the memory estimate.
+`--json` prints `{rows: [{input_ids, labels_mask, text}], stats: {...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from chatft.config.schema import TrainingConfig
+from chatft.data.types import PreparedData, TokenizedRow
+
+POLICY_WORDS = {
+    "drop": "dropped (counted)",
+    "truncate": "cut to seq_length",
+    "error": "refused: training stops with error[sequence_too_long]",
+}
+
+
+def load_tokenizer(cfg: TrainingConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    from chatft.errors import ChatftError
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            cfg.model.pretrained_model_name_or_path, revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except OSError as exc:
+        raise ChatftError(
+            "config_invalid",
+            f"cannot load the tokenizer of model.pretrained_model_name_or_path="
+            f"{cfg.model.pretrained_model_name_or_path}: {str(exc).splitlines()[0]}",
+            "give a local model dir, or a Hub id that is in the local cache (no network here)",
+        ) from None
+
+
+def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
+    """The row's text in runs of (text, supervised)."""
+    segments: list[tuple[str, bool]] = []
+    run: list[int] = []
+    flag = None
+    for token, supervised in zip(row.input_ids, row.loss_mask):
+        if flag is not None and supervised != flag:
+            segments.append((tokenizer.decode(run), flag))
+            run = []
+        run.append(token)
+        flag = supervised
+    if run:
+        segments.append((tokenizer.decode(run), bool(flag)))
+    return segments
+
+
+def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any] | None) -> dict[str, Any]:
+    report = data.report
+    return {
+        "rows_in": report.rows_in,
+        "rows_used": report.rows_used,
+        "dropped_by_reason": report.dropped_by_reason,
+        "first_rows_by_reason": report.examples_by_reason,
+        "token_length_quantiles": report.token_length_quantiles,
+        "seq_length": cfg.dataset.seq_length,
+        "over_seq_length": report.over_length,
+        "truncation": cfg.dataset.truncation,
+        "truncated": report.truncated,
+        "supervised_tokens": report.supervised_tokens,
+        "total_tokens": report.total_tokens,
+        "template_source": report.template_source,
+        "mask_method": report.mask_method,
+        "memory_estimate": memory,
+    }
+
+
+def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any] | None:
+    """The training engine's estimate, when this release has one."""
+    try:
+        from chatft.train.memory import estimate_for_config
+    except ImportError:
+        return None
+    return estimate_for_config(cfg)
+
+
+def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
+    from chatft.data.pipeline import prepare_training_data
+
+    tokenizer = load_tokenizer(cfg)
+    section = cfg.dataset
+    if section.truncation == "error":  # preview reports over-length rows instead of stopping at the first
+        section = section.model_copy(update={"truncation": "drop"})
+    data = prepare_training_data(section, tokenizer)
+    stats = _stats(data, cfg, _memory_estimate(cfg))
+    shown = data.rows[:rows]
+    if as_json:
+        payload = {
+            "rows": [{"source_row": r.source_row, "input_ids": r.input_ids, "labels_mask": [int(m) for m in r.loss_mask],
+                      "text": tokenizer.decode(r.input_ids)} for r in shown],
+            "stats": stats,
+        }
+        print(json.dumps(payload))
+        return
+    _print_human(tokenizer, shown, stats)
+
+
+def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False, soft_wrap=True)  # the terminal wraps; inserted breaks would look like text
+    colour = console.is_terminal
+    for row in shown:
+        console.print(f"[bold]row {row.source_row}[/bold]: {row.num_supervised} supervised / {len(row)} tokens"
+                      if colour else f"row {row.source_row}: {row.num_supervised} supervised / {len(row)} tokens")
+        text = Text()
+        for segment, supervised in _segments(tokenizer, row):
+            if colour:
+                text.append(segment, style="bold green" if supervised else "dim")
+            else:
+                text.append(f"[[{segment}]]" if supervised else segment)
+        console.print(text)
+    legend = "green = trained" if colour else "[[...]] = trained"
+    quantiles = stats["token_length_quantiles"]
+    lines = [
+        f"supervised tokens: {legend}; masks by {stats['mask_method']}, template from {stats['template_source']}",
+        f"rows: {stats['rows_in']} in, {stats['rows_used']} used"
+        + "".join(f", {n} {reason}" for reason, n in stats["dropped_by_reason"].items()),
+        "token lengths: " + ", ".join(f"{k} {v}" for k, v in quantiles.items()),
+        f"over seq_length={stats['seq_length']}: {stats['over_seq_length']} rows, "
+        f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
+        f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
+    ]
+    memory = stats["memory_estimate"]
+    if memory:
+        lines.append(f"memory estimate: {memory.get('summary', memory)}")
+    for line in lines:
+        print(line, file=sys.stdout)

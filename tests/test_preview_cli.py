@@ -1,0 +1,73 @@
+"""`chatft preview`, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
+
+
+def preview(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CHATFT, "preview", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CHATFT_CACHE_DIR": str(cwd / "cache"), **(env or {})})
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+                      {"role": "assistant", "content": "hi there"}]},
+        {"messages": [{"role": "user", "content": "a very long question " * 80},
+                      {"role": "assistant", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_preview_marks_trained_tokens_and_reports_the_length_policy(data_dir, tiny_model_dir):
+    result = preview("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                     "dataset.path_or_dataset_id=train.jsonl", "dataset.seq_length=128", cwd=data_dir)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "row 1: " in out and "[[hi there<|im_end|>]]" in out
+    assert out.split("supervised tokens:")[0].count("[[") == 1  # nothing else is trained: not the system prompt, not the header
+    assert "rows: 3 in, 1 used, 1 no_assistant, 1 too_long" in out
+    assert "over seq_length=128: 1 rows, dropped (counted) (dataset.truncation=drop)" in out
+
+
+def test_preview_json(data_dir, tiny_model_dir):
+    result = preview("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                     "dataset.path_or_dataset_id=train.jsonl", "dataset.truncation=error", "--json", cwd=data_dir)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    row = payload["rows"][0]
+    assert set(row) == {"source_row", "input_ids", "labels_mask", "text"}
+    assert len(row["input_ids"]) == len(row["labels_mask"]) and 0 < sum(row["labels_mask"]) < len(row["input_ids"])
+    assert payload["stats"]["truncation"] == "error"
+    assert payload["stats"]["rows_in"] == 3 and payload["stats"]["over_seq_length"] == 0
+
+
+def test_preview_refuses_a_model_without_template(data_dir, tiny_model_no_template_dir):
+    result = preview("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_no_template_dir}",
+                     "dataset.path_or_dataset_id=train.jsonl", cwd=data_dir)
+    assert result.returncode == 2
+    assert "error[chat_template_missing]" in result.stderr and "Traceback" not in result.stderr
+    ok = preview("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_no_template_dir}",
+                 "dataset.path_or_dataset_id=train.jsonl", "dataset.chat_template=chatml", cwd=data_dir)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_uncached_hub_dataset_offline_is_not_found(data_dir, tiny_model_dir):
+    result = preview("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                     "dataset.path_or_dataset_id=someone/not-cached-anywhere", cwd=data_dir,
+                     env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(data_dir / "hf")})
+    assert result.returncode == 2
+    assert "error[dataset_not_found]" in result.stderr and "not cached" in result.stderr
