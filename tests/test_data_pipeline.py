@@ -184,3 +184,18 @@ def test_real_chat_data_on_smollm2_tags_agree_with_prefix_rendering(tmp_path, sm
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.pad_token_id == eos  # pad == eos, and yet every row's end-of-turn is supervised
     assert all(any(t == eos and m for t, m in zip(r.input_ids, r.loss_mask)) for r in data.rows)
+
+
+def test_worker_processes_give_the_same_rows(tmp_path, tokenizer, monkeypatch):
+    import chatft.data.pipeline as pipeline
+
+    rows = [chat(f"question {i}", f"answer number {i}") for i in range(40)] + ["{broken"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    serial = prepare(path, tokenizer)
+    monkeypatch.setattr(pipeline, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    parallel = prepare_training_data(DatasetSection(path_or_dataset_id=str(path)), tokenizer, use_cache=False,
+                                     log=lambda _: None)
+    assert [(r.source_row, r.input_ids, r.loss_mask) for r in parallel.rows] == \
+        [(r.source_row, r.input_ids, r.loss_mask) for r in serial.rows]
+    assert parallel.report.dropped_by_reason == {"invalid_json": 1}
