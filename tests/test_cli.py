@@ -184,22 +184,22 @@ def test_missing_config_name_lists_the_step_configs():
     assert "did you mean tiny" in stderr
 
 
-def test_real_run_writes_job_yaml_then_says_the_step_is_not_available(tmp_path):
-    runs = tmp_path / "runs"
-    result = chatft("run", "peft/automodel", "-c", "tiny", "optimizer.lr=3e-4", "wandb.project=p",
-                    cwd=tmp_path, env={"CHATFT_RUNS_DIR": str(runs)})
+def test_real_run_writes_job_yaml_before_the_step_starts(tmp_path):
+    # convert/merge_lora is registered but not implemented yet: the run records its job, then says so.
+    out = tmp_path / "runs" / "merged"
+    result = chatft("run", "merge_lora", "-c", "tiny", f"output_hf_path={out}", "torch_dtype=bf16",
+                    "show_progress=false", cwd=tmp_path)
     stderr = assert_error_block(result, "not_available_yet")
-    job_path = runs / "tiny-peft" / "job.yaml"
+    job_path = out / "job.yaml"
     assert str(job_path) in stderr
     job = yaml.safe_load(job_path.read_text())
-    assert job["step"] == "peft/automodel"
-    assert job["argv"][:4] == ["run", "peft/automodel", "-c", "tiny"]
-    assert job["raw"]["checkpoint"]["checkpoint_dir"] == "${oc.env:CHATFT_RUNS_DIR,runs}/tiny-peft"
-    assert job["resolved"]["checkpoint"]["checkpoint_dir"] == str(runs / "tiny-peft")
-    assert job["resolved"]["optimizer"]["lr"] == 3e-4
+    assert job["step"] == "convert/merge_lora"
+    assert job["argv"][:4] == ["run", "merge_lora", "-c", "tiny"]
+    assert job["raw"]["output_hf_path"] == str(out) and job["raw"]["torch_dtype"] == "bf16"
+    assert job["resolved"]["torch_dtype"] == "bfloat16" and job["resolved"]["show_progress"] is False
     assert {"chatft", "python", "torch", "transformers", "peft"} <= set(job["versions"])
     assert "cuda_available" in job["host"]
-    assert [p.name for p in (runs / "tiny-peft").iterdir()] == ["job.yaml"]
+    assert [p.name for p in out.iterdir()] == ["job.yaml"]
 
 
 def test_nproc_per_node_sets_the_data_parallel_size():

@@ -41,6 +41,7 @@ def test_preview_marks_trained_tokens_and_reports_the_length_policy(data_dir, ti
     assert out.split("supervised tokens:")[0].count("[[") == 1  # nothing else is trained: not the system prompt, not the header
     assert "rows: 3 in, 1 used, 1 no_assistant, 1 too_long" in out
     assert "over seq_length=128: 1 rows, dropped (counted) (dataset.truncation=drop)" in out
+    assert "memory estimate (full SFT, cpu): " in out and "optimizer" in out
 
 
 def test_preview_json(data_dir, tiny_model_dir):
@@ -53,6 +54,7 @@ def test_preview_json(data_dir, tiny_model_dir):
     assert len(row["input_ids"]) == len(row["labels_mask"]) and 0 < sum(row["labels_mask"]) < len(row["input_ids"])
     assert payload["stats"]["truncation"] == "error"
     assert payload["stats"]["rows_in"] == 3 and payload["stats"]["over_seq_length"] == 0
+    assert payload["stats"]["memory_estimate"]["training_mb"] > 0
 
 
 def test_preview_refuses_a_model_without_template(data_dir, tiny_model_no_template_dir):

@@ -57,7 +57,7 @@ def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
     return segments
 
 
-def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any] | None) -> dict[str, Any]:
+def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any]) -> dict[str, Any]:
     report = data.report
     return {
         "rows_in": report.rows_in,
@@ -77,13 +77,13 @@ def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any] | Non
     }
 
 
-def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any] | None:
-    """The training engine's estimate, when this release has one."""
-    try:
-        from chatft.train.memory import estimate_for_config
-    except ImportError:
-        return None
-    return estimate_for_config(cfg)
+def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any]:
+    """The training engine's estimate for this config on the device training would use."""
+    from chatft.train.memory import estimate_memory
+
+    estimate = estimate_memory(cfg)
+    return {"training_mb": round(estimate.training / 2**20), "total_mb": round(estimate.total / 2**20),
+            "device": estimate.device, "lora": estimate.lora, "summary": " ".join(estimate.lines())}
 
 
 def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
@@ -134,8 +134,6 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
         f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
     ]
-    memory = stats["memory_estimate"]
-    if memory:
-        lines.append(f"memory estimate: {memory.get('summary', memory)}")
+    lines.append(stats["memory_estimate"]["summary"])
     for line in lines:
         print(line, file=sys.stdout)

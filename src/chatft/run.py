@@ -31,6 +31,8 @@ RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets",
 # compiling a config never loads torch. Steps land here as their issues do.
 IMPLEMENTATIONS: dict[str, str] = {
     "data_prep/chat_jsonl": "chatft.data.prep:run_step",
+    "sft/automodel": "chatft.train.step:run_step",
+    "peft/automodel": "chatft.train.step:run_step",
 }
 
 

@@ -68,14 +68,6 @@ def choose_template(tokenizer: Any, chat_template: str | None) -> TemplateChoice
     return TemplateChoice(tokenizer.chat_template, source, template_sha256(template), tagged, method)
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of what decides token ids: the tokenizer's full definition and its special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((definition + special).encode()).hexdigest()
-
-
 # --------------------------------------------------------------------------- per-row work
 
 _worker_state: dict[str, Any] = {}
@@ -158,6 +150,7 @@ def prepare_training_data(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> PreparedData:
     """Token ids and loss masks for every usable row of `section` (a DatasetSection)."""
+    from chatft.artifacts import tokenizer_fingerprint
     from chatft.data.sources import read_message_rows
 
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")

@@ -1,0 +1,164 @@
+"""Manifests and fingerprints: what every chatft artifact says about itself.
+
+In: a model location (local dir or Hub id), a tokenizer, data reports, the resolved config, metrics.
+Out: `chatft_manifest.json` beside the weights of `final/` (and of merged outputs), and the fingerprints the
+merge step compares to make sure an adapter meets the base it was trained on.
+
+- weights fingerprint: sha256 over the weight files' own sha256 digests (hex, one per line, in file-name
+  order). Files in the Hugging Face cache are stored under their sha256 already; those are read from the
+  cache's blob name instead of being hashed again.
+- tokenizer fingerprint: sha256 of the tokenizer's vocabulary, merges and special tokens (the fast
+  tokenizer's JSON), without its chat template, which has its own `chat_template_sha256`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "chatft_manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+_digest_cache: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (cached per path, size and mtime within the process)."""
+    path = Path(path)
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs" and _SHA256_NAME.match(target.name):
+        return target.name  # Hugging Face cache: LFS blobs are named by their sha256
+    stat = target.stat()
+    key = (str(target), stat.st_size, stat.st_mtime_ns)
+    if key not in _digest_cache:
+        digest = hashlib.sha256()
+        with open(target, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _digest_cache[key] = digest.hexdigest()
+    return _digest_cache[key]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    root = Path(model_dir)
+    return sorted(p for p in root.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith("."))
+
+
+def local_model_dir(name_or_path: str, revision: str | None = None) -> Path | None:
+    """The local dir holding a model: the path itself, or the Hub cache snapshot (no download)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True,
+                                      allow_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES]))
+    except Exception:  # not cached, or not a repo id: the fingerprint is then unknown
+        return None
+
+
+def weights_fingerprint(name_or_path: str | Path, revision: str | None = None) -> str | None:
+    directory = local_model_dir(str(name_or_path), revision)
+    if directory is None:
+        return None
+    files = weight_files(directory)
+    if not files:
+        return None
+    return text_sha256("".join(file_sha256(f) + "\n" for f in files))
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:  # slow tokenizer: the vocabulary is what defines it
+        body = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    specials = json.dumps(
+        {"special": sorted(map(str, tokenizer.all_special_tokens)), "eos": tokenizer.eos_token,
+         "pad": tokenizer.pad_token, "bos": tokenizer.bos_token}, sort_keys=True)
+    return text_sha256(body + "\n" + specials)
+
+
+def chat_template_sha256(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return None
+    return text_sha256(template if isinstance(template, str) else json.dumps(template, sort_keys=True))
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant message (`<|im_end|>`, `<|eot_id|>`):
+    generation must stop there. Falls back to the tokenizer's EOS."""
+    marker = "chatft0turn0marker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:
+        return tokenizer.eos_token_id
+    after = text[text.rfind(marker) + len(marker):] if marker in text else ""
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return token_id
+        if tokenizer.decode([token_id]).strip():
+            break  # plain text follows the message: the template has no end-of-turn token
+    return tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def build_manifest(
+    *,
+    kind: str,
+    base_model: dict[str, Any],
+    tokenizer: Any,
+    data: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    versions: dict[str, str],
+    lora: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "format": 1,
+        "kind": kind,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": base_model,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer),
+                      "chat_template_sha256": chat_template_sha256(tokenizer)},
+    }
+    if lora is not None:
+        manifest["lora"] = lora
+    manifest.update({"data": data, "config": config, "metrics": metrics, "versions": versions, "validations": []})
+    return manifest
+
+
+def base_model_record(name_or_path: str, revision: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"name_or_path": name_or_path}
+    if revision is not None:
+        record["revision"] = revision
+    record["fingerprint"] = weights_fingerprint(name_or_path, revision)
+    return record
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -1,0 +1,192 @@
+"""Resumable checkpoints under `<run>/checkpoints/`.
+
+In: the model, the optimizer, the trainer's position (a small JSON-able dict). Out: `checkpoints/step_N/`
+
+    trainable.safetensors  the trainable parameters by name (all weights for full SFT, the LoRA weights for LoRA)
+    optimizer.pt           the optimizer's state_dict (tensors and numbers only; loaded with weights_only=True)
+    rng.pt                 torch CPU (and CUDA) generator states (tensors; loaded with weights_only=True)
+    trainer_state.json     step, data position (epoch, step in epoch), schedule, Python RNG, counters
+
+and `checkpoints/LATEST`, one line naming the newest complete step dir.
+
+Crash safety: a checkpoint is written into `.tmp-step_N` and renamed into place only once every file is
+flushed to disk; only then is LATEST replaced (write `LATEST.tmp`, `os.replace`). A kill at any moment
+leaves either the old LATEST or the new one, each naming a complete dir; leftovers of an interrupted
+save are removed by the next run. Loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from chatft.errors import ChatftError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+WEIGHTS = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+STATE = "trainer_state.json"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int
+) -> Path:
+    """Write `checkpoints/step_{step}` atomically, point LATEST at it, keep the newest `keep_last`."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    torch.save(rng_state(), tmp / RNG)
+    python_rng = random.getstate()
+    full_state = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}
+    (tmp / STATE).write_text(json.dumps(full_state, indent=2) + "\n", encoding="utf-8")
+    for name in (WEIGHTS, OPTIMIZER, RNG, STATE):
+        _fsync(tmp / name)
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _point_latest(root, final.name)
+    prune(root, keep_last)
+    return final
+
+
+def _point_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name + "\n", encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step dirs, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted((p for p in found if (p / STATE).is_file()), key=_step_of)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    latest = latest_checkpoint_in(root)
+    for path in complete_checkpoints(root)[:-keep_last]:
+        if latest is None or path.resolve() != latest.resolve():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_saves(run_dir: Path) -> list[Path]:
+    """Delete what an interrupted save left behind (`.tmp-step_N`, `LATEST.tmp`)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp-") or p.name == LATEST + ".tmp"]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return leftovers
+
+
+def latest_checkpoint_in(root: Path) -> Path | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    target = root / pointer.read_text(encoding="utf-8").strip()
+    return target if (target / STATE).is_file() else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return latest_checkpoint_in(checkpoints_dir(run_dir))
+
+
+def resolve_resume_path(value: str) -> Path:
+    """`checkpoint.resume=PATH`: a step dir, a `checkpoints/` dir or a run dir (their LATEST)."""
+    path = Path(value).expanduser()
+    for candidate in (path, path / LATEST, path / CHECKPOINTS / LATEST):
+        if candidate.is_dir() and (candidate / STATE).is_file():
+            return candidate
+        if candidate.is_file() and candidate.name == LATEST:
+            found = latest_checkpoint_in(candidate.parent)
+            if found is not None:
+                return found
+    raise ChatftError(
+        "config_invalid",
+        f"checkpoint.resume={value}: no complete checkpoint there (expected a checkpoints/step_N dir "
+        f"with {STATE}, or a run dir whose checkpoints/LATEST names one)",
+        "point checkpoint.resume at a checkpoints/step_N dir, or use checkpoint.resume=auto / false",
+    )
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from `path`; return the trainer state."""
+    weights = load_file(str(path / WEIGHTS), device=str(device))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ChatftError(
+            "config_invalid",
+            f"checkpoint {path} does not fit this model: {len(missing)} trainable tensors missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})",
+            "resume with the same model and peft settings it was written with, or checkpoint.resume=false",
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+    rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    version, internal, gauss = state.pop("python_rng")
+    random.setstate((version, tuple(internal), gauss))
+    return state

@@ -1,0 +1,577 @@
+"""The training loop: one `Trainer`, set up in parts, trained in one method.
+
+In: a validated `TrainingConfig`, the run dir, a tokenizer, the training (and validation) `PreparedData`.
+Out: `metrics.jsonl`, `validation.jsonl`, `loss.png`, resumable checkpoints and `final/` in the run dir,
+and a `TrainResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from chatft import artifacts
+from chatft.config.schema import TrainingConfig
+from chatft.config.secrets import redact
+from chatft.data.types import PreparedData
+from chatft.errors import ChatftError
+from chatft.train import batching, checkpoints, memory
+from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
+                                  TensorBoard, format_duration, plot_losses)
+from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, model_location,
+                                pick_device, quiet_hub_progress, resolve_dtype)
+from chatft.train.schedule import LRSchedule
+
+FINAL = "final"
+MB = 1024 * 1024
+# Exit status of a run stopped by a signal: 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell
+# reports a killed process, so wrappers never mistake a stopped run for a finished one.
+SIGNAL_EXIT_BASE = 128
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None  # None when the run was stopped by a signal
+    steps: int
+    train_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    tokens: int
+    elapsed_s: float
+    stopped_by: str | None = None  # "SIGTERM" / "SIGINT"
+    exit_code: int = 0
+    checkpoint: Path | None = None
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop finishes its step, saves a checkpoint and returns.
+    A second signal gets the default behaviour (the atomic save keeps LATEST sound even then)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self, note):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, _frame):
+            self.request(signum)
+            signal.signal(signum, previous[signum])
+            note(f"received {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint")
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
+
+
+def prepare_run_dir(cfg: TrainingConfig, run_dir: Path) -> Path | None:
+    """Decide how this run starts: returns the checkpoint to resume from, or None to start fresh.
+
+    A dir holding a finished run (`final/`) is refused unless `checkpoint.overwrite=true` (start over)
+    or `checkpoint.resume=PATH` (continue from that checkpoint, e.g. with a larger max_steps).
+    `resume=false` in a dir with checkpoints is refused too (unless overwrite): they would mix.
+    """
+    resume = cfg.checkpoint.resume
+    explicit = resume not in ("auto", "false")
+    if cfg.checkpoint.overwrite:
+        source = checkpoints.resolve_resume_path(resume) if explicit else None
+        if source is not None and checkpoints.checkpoints_dir(run_dir).resolve() in source.resolve().parents:
+            raise ChatftError(
+                "config_invalid",
+                f"checkpoint.overwrite=true would delete {source}, the checkpoint checkpoint.resume names",
+                "drop checkpoint.overwrite to continue from it, or resume from a checkpoint of another run dir",
+            )
+        for name in (FINAL, checkpoints.CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, "loss.png", TENSORBOARD_DIR):
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        return source
+    if (run_dir / FINAL).exists() and not explicit:
+        raise ChatftError(
+            "config_invalid",
+            f"{run_dir} holds a finished run ({run_dir / FINAL} exists); starting again would overwrite it",
+            "pick a new checkpoint.checkpoint_dir, or checkpoint.overwrite=true to start over there, or "
+            f"checkpoint.resume={run_dir / checkpoints.CHECKPOINTS / 'step_N'} to continue from a checkpoint",
+        )
+    checkpoints.remove_partial_saves(run_dir)
+    if explicit:
+        return checkpoints.resolve_resume_path(resume)
+    if resume == "auto":
+        return checkpoints.latest_checkpoint(run_dir)
+    earlier = checkpoints.complete_checkpoints(checkpoints.checkpoints_dir(run_dir))
+    if earlier:  # resume=false: a fresh start must not mix its checkpoints with an earlier attempt's
+        raise ChatftError(
+            "config_invalid",
+            f"checkpoint.resume=false but {run_dir} holds checkpoints of an earlier attempt (up to {earlier[-1].name})",
+            "checkpoint.resume=auto to continue from them, checkpoint.overwrite=true to delete them and start "
+            "over, or a new checkpoint.checkpoint_dir",
+        )
+    return None
+
+
+class Trainer:
+    """Fine-tunes a Hugging Face causal LM on chat rows: every weight (full SFT) or a LoRA adapter.
+
+    - model: `AutoModelForCausalLM.from_pretrained` in `model.torch_dtype` on CUDA if present else CPU;
+      LoRA through PEFT with float32 adapters; activation checkpointing when asked;
+    - batches: `global_batch_size` rows per optimizer step in micro-batches of `local_batch_size`, each
+      padded to its own longest row; optional length grouping; epochs reshuffled from the seed;
+    - loss: summed token cross-entropy over supervised tokens divided by the supervised tokens of the whole
+      optimizer step, so the result does not depend on how a step is split into micro-batches;
+    - AdamW (fused on CUDA) without weight decay on norms and biases; warm-up then cosine / linear /
+      constant decay to `min_lr`; gradient clipping;
+    - stops at `max_steps` or `num_epochs`, whichever comes first; validation loss and token accuracy
+      every `val_every_steps` and at the end;
+    - resumable checkpoints every `ckpt_every_steps` (atomic, LATEST, keep_last); SIGTERM/SIGINT finish the
+      step and save one; a resumed run repeats an uninterrupted one exactly (CPU, float32);
+    - a CUDA out-of-memory becomes `error[oom]` with the advice ladder and the step;
+    - `final/`: a `save_pretrained` dir or a PEFT adapter, tokenizer included, with `chatft_manifest.json`.
+
+    Written for one process; the places a multi-process run changes are marked "ranks": the supervised
+    token count of a step (all-reduced), the rows each rank takes, and the rank-0-only logging and saving.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        run_dir: Path,
+        tokenizer: Any,
+        train_data: PreparedData,
+        val_data: PreparedData | None = None,
+        *,
+        estimate: memory.MemoryEstimate | None = None,
+        resolved_config: dict[str, Any] | None = None,
+        resume_command: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.cfg, self.run_dir, self.tokenizer = cfg, Path(run_dir), tokenizer
+        self.train_data, self.val_data = train_data, val_data
+        self.estimate = estimate
+        self.resolved_config = resolved_config if resolved_config is not None else cfg.model_dump(mode="json")
+        self.resume_command = resume_command
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0  # ranks: only rank 0 logs and saves
+        self.lora = cfg.peft is not None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, resume_from: Path | None = None, notes: list[str] | None = None) -> None:
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+        self.device = pick_device()
+        self.dtype = resolve_dtype(self.cfg.model.torch_dtype, self.device)
+        self.notes: list[str] = list(notes or [])
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_data()
+        self._setup_logging()
+        self._resume(resume_from)
+        self._print_summary()
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        if self.estimate is None:
+            self.estimate = memory.estimate_memory(cfg, device=self.device)
+            self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
+        model = load_model(cfg.model, self.device, self.dtype)
+        if cfg.distributed.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora:
+            model = apply_lora(model, cfg.peft, cfg.seed)
+        self.model = model
+        self.params = count_parameters(model)
+        if self.dtype == torch.float16:
+            self.notes.append("warning: float16 trains without loss scaling here; bfloat16 is the safer choice")
+
+    def _setup_optimizer(self) -> None:
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+            (no_decay if skip else decay).append(param)
+        opt = self.cfg.optimizer
+        self.trainable = decay + no_decay
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True if self.device.type == "cuda" else None,
+        )
+
+    def _setup_data(self) -> None:
+        cfg, sched = self.cfg, self.cfg.step_scheduler
+        pad_id = self.tokenizer.pad_token_id
+        self.pad_id = pad_id if pad_id is not None else self.tokenizer.eos_token_id
+        self.lengths = [len(row) for row in self.train_data.rows]
+        self.steps_per_epoch = batching.steps_per_epoch(len(self.lengths), sched.global_batch_size)
+        self.total_steps = self.steps_per_epoch * sched.num_epochs
+        if sched.max_steps is not None:
+            self.total_steps = min(self.total_steps, sched.max_steps)
+        self.schedule = LRSchedule.from_config(cfg.lr_scheduler, cfg.optimizer.lr, self.total_steps)
+        self.val_batches = []
+        if self.val_data is not None:
+            rows = self.val_data.rows[self.rank::self.world_size]  # ranks: each validates its share
+            self.val_batches = batching.micro_batches(rows, sched.local_batch_size, self.pad_id)
+        # The data position: epoch, and optimizer steps taken within it.
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.tokens_seen, self.elapsed_before = 0, 0.0
+        self.last_train_loss: float | None = None
+        self.last_val: dict[str, Any] | None = None
+        self._order_epoch, self._order = -1, []
+
+    def _setup_logging(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = JsonlLog(self.run_dir / METRICS_FILE)
+        self.validation_log = JsonlLog(self.run_dir / VALIDATION_FILE)
+        wanted = self.cfg.logging.tensorboard and self.is_main
+        self.tensorboard = TensorBoard(self.run_dir / TENSORBOARD_DIR) if wanted else None
+
+    def _resume(self, path: Path | None) -> None:
+        self.resumed_from = path
+        if path is None:
+            if self.is_main:  # a fresh start: logs of an earlier attempt that never checkpointed are stale
+                self.metrics.truncate_after(0)
+                self.validation_log.truncate_after(0)
+            return
+        state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device)
+        expected = {"global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
+                    "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full"}
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            listing = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ChatftError(
+                "config_invalid",
+                f"cannot resume from {path}: the run changed ({listing}), so the data position would mean something else",
+                "resume with the settings the checkpoint was written with, or checkpoint.resume=false to start fresh",
+            )
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
+        self.last_train_loss = state.get("train_loss")
+        if self.is_main:  # rows logged after the checkpoint are repeated now
+            self.metrics.truncate_after(self.step)
+            self.validation_log.truncate_after(self.step)
+
+    def _print_summary(self) -> None:
+        if not self.is_main:
+            return
+        cfg, sched = self.cfg, self.cfg.step_scheduler
+        mode = f"LoRA r={cfg.peft.dim}" if self.lora else "full SFT"
+        validation = f", {len(self.val_data.rows)} validation rows" if self.val_data else ""
+        lines = [
+            f"model: {model_location(cfg.model)} on {self.device.type} ({mode})",
+            self.params.line(),
+            f"data: {len(self.lengths)} training rows{validation}",
+            f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch) of {sched.global_batch_size} rows = "
+            f"{cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}",
+            *self.estimate.lines(),
+            *[n for n in self.notes if n],
+        ]
+        if self.resumed_from is not None:
+            lines.append(f"resuming from {self.resumed_from} (step {self.step})")
+        print("\n".join(lines), flush=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        started = time.monotonic()
+        stop = _StopFlag()
+        display = ProgressDisplay(self.total_steps, self.step) if self.is_main else None
+        note = display.note if display else (lambda line: None)
+        self.model.train()
+        try:
+            with stop.installed(note):
+                while self.step < self.total_steps and stop.signum is None:
+                    micro_batches = self._next_micro_batches()
+                    step_began = time.perf_counter()
+                    loss, grad_norm, tokens = self._guard_oom(self._optimizer_step, micro_batches)
+                    seconds = time.perf_counter() - step_began
+                    self.step += 1
+                    self.tokens_seen += tokens
+                    self.last_train_loss = loss
+                    row = {
+                        "step": self.step,
+                        "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
+                        "loss": loss,
+                        "lr": self.schedule(self.step - 1),
+                        "grad_norm": grad_norm,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                        "peak_mem_mb": self._peak_memory() / MB,
+                        "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
+                    }
+                    if self.is_main:
+                        self.metrics.append(row)
+                        display.update(row)
+                        if self.tensorboard:
+                            self.tensorboard.log("train", row)
+                    if self._due(cfg.step_scheduler.val_every_steps) and self.val_batches:
+                        self._guard_oom(self._validate, note)
+                    if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
+                        self._save_checkpoint(started)
+        finally:
+            if display:
+                display.close()
+        elapsed = self.elapsed_before + time.monotonic() - started
+        if stop.signum is not None:
+            return self._stopped(stop, elapsed)
+        if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
+            self._guard_oom(self._validate, print)
+        final = self._save_final(elapsed) if self.is_main else None
+        result = TrainResult(self.run_dir, final, self.step, self.last_train_loss,
+                             self.last_val and self.last_val["loss"], self.last_val and self.last_val["token_accuracy"],
+                             self.tokens_seen, elapsed)
+        self._print_done(result)
+        return result
+
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
+        """One optimizer step over its micro-batches; returns (loss, grad norm before clipping, tokens)."""
+        num_supervised = self._step_supervised_tokens(micro_batches)
+        total_loss = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss_sum, _ = self._loss_sum(batch)
+            loss = loss_sum / num_supervised  # the mean over the whole step, whatever the split
+            loss.backward()
+            total_loss += loss.detach()
+        max_norm = self.cfg.clip_grad_norm.max_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(batching.input_tokens(b) for b in micro_batches)
+        return float(total_loss), float(grad_norm), tokens
+
+    def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
+        """The loss denominator of a step: supervised tokens in all its micro-batches.
+        ranks: this is the one number to all-reduce (sum) across processes."""
+        return max(1, sum(batching.supervised_tokens(b) for b in micro_batches))
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions.
+        Token i is predicted from the tokens before it: logits at i-1 against labels at i."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=batching.IGNORE_INDEX, reduction="sum")
+        with torch.no_grad():
+            correct = ((logits.argmax(-1) == labels) & (labels != batching.IGNORE_INDEX)).sum()
+        return loss_sum, correct
+
+    @torch.no_grad()
+    def _validate(self, note) -> dict[str, Any]:
+        self.model.eval()
+        loss_sum, correct, tokens = 0.0, 0, 0
+        for batch in self.val_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch_loss, batch_correct = self._loss_sum(batch)
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+            tokens += batching.supervised_tokens(batch)
+        self.model.train()
+        # ranks: loss_sum, correct and tokens are summed across processes here
+        row = {"step": self.step, "loss": loss_sum / max(1, tokens), "token_accuracy": correct / max(1, tokens),
+               "tokens": tokens}
+        self.last_val = row
+        if self.is_main:
+            self.validation_log.append(row)
+            if self.tensorboard:
+                self.tensorboard.log("validation", row)
+            note(f"validation at step {self.step}: loss {row['loss']:.4f}, token accuracy {row['token_accuracy']:.3f}")
+        return row
+
+    def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of the next optimizer step; advances the data position."""
+        sched, dl = self.cfg.step_scheduler, self.cfg.dataloader
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._order = batching.epoch_order(self.lengths, self.epoch, seed=self.cfg.seed, shuffle=dl.shuffle,
+                                               group_by_length=dl.group_by_length,
+                                               global_batch_size=sched.global_batch_size)
+            self._order_epoch = self.epoch
+        indices = batching.step_rows(self._order, self.step_in_epoch, sched.global_batch_size,
+                                     rank=self.rank, world_size=self.world_size)
+        self.step_in_epoch += 1
+        rows = [self.train_data.rows[i] for i in indices]
+        return batching.micro_batches(rows, sched.local_batch_size, self.pad_id)
+
+    def _due(self, every: int | None) -> bool:
+        return every is not None and self.step % every == 0
+
+    def _guard_oom(self, function, *args):
+        """Run `function`; an out-of-memory becomes `error[oom]` with the advice ladder and the step.
+        (CPU tests reach this path by making the model raise torch.OutOfMemoryError.)"""
+        try:
+            return function(*args)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            latest = checkpoints.latest_checkpoint(self.run_dir)
+            kept = f"; the last checkpoint, {latest}, is intact" if latest else "; no checkpoint was written yet"
+            raise memory.oom_error(
+                f"out of memory at step {self.step + 1} of {self.total_steps} ({self.device.type}){kept}",
+                self.lora, predicted=False,
+            ) from None
+
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return memory.peak_rss()
+
+    # ------------------------------------------------------------------ saving (rank 0)
+
+    def _save_checkpoint(self, started: float) -> Path | None:
+        if not self.cfg.checkpoint.enabled or not self.is_main:
+            return None
+        state = {
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + time.monotonic() - started, "train_loss": self.last_train_loss,
+            "global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
+            "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full",
+            "schedule": self.schedule.to_json(),
+        }
+        return checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                           self.cfg.checkpoint.keep_last)
+
+    def _stopped(self, stop: _StopFlag, elapsed: float) -> TrainResult:
+        latest = checkpoints.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.enabled else None
+        if self.is_main:
+            plot_losses(self.run_dir)
+            if self.tensorboard:
+                self.tensorboard.close()
+            again = f"`{self.resume_command}`" if self.resume_command else "the same command"
+            where = f"checkpoint {latest}" if latest else "nothing (checkpoint.enabled=false)"
+            print(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
+                  f"to resume, run {again} again: checkpoint.resume=auto continues from checkpoints/LATEST", flush=True)
+        return TrainResult(self.run_dir, None, self.step, self.last_train_loss, None, None, self.tokens_seen,
+                           elapsed, stopped_by=stop.name, exit_code=SIGNAL_EXIT_BASE + stop.signum, checkpoint=latest)
+
+    def _save_final(self, elapsed: float) -> Path:
+        final, tmp = self.run_dir / FINAL, self.run_dir / (FINAL + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if not self.lora:
+            model.config.use_cache = True  # off while training; on for whoever loads the artifact
+            self._set_generation_eos(model)
+        with quiet_hub_progress():
+            model.save_pretrained(tmp)  # full: weights + config + generation_config; LoRA: the adapter only
+        self.tokenizer.save_pretrained(tmp)
+        artifacts.write_manifest(tmp, self._manifest(elapsed))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        plot_losses(self.run_dir)
+        if self.tensorboard:
+            self.tensorboard.close()
+        return final
+
+    def _set_generation_eos(self, model) -> None:
+        """generation_config stops at the chat end-of-turn token as well as the model's own EOS ids."""
+        generation = model.generation_config
+        eos = generation.eos_token_id
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        for token_id in (artifacts.end_of_turn_token_id(self.tokenizer), self.tokenizer.eos_token_id):
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
+        if generation.pad_token_id is None:
+            generation.pad_token_id = self.pad_id
+
+    def _manifest(self, elapsed: float) -> dict[str, Any]:
+        cfg = self.cfg
+        from chatft.run import package_versions
+
+        lora = None
+        if self.lora:
+            peft_config = self.model.peft_config["default"]
+            targets = peft_config.target_modules
+            lora = {"r": cfg.peft.dim, "alpha": cfg.peft.alpha, "dropout": cfg.peft.dropout,
+                    "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+        metrics = {
+            "train_loss": self.last_train_loss,
+            "val_loss": self.last_val and self.last_val["loss"],
+            "val_token_accuracy": self.last_val and self.last_val["token_accuracy"],
+            "steps": self.step, "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
+            "peak_mem_mb": round(self._peak_memory() / MB, 1),
+            "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
+            "device": self.device.type,
+        }
+        data = {"train": self.train_data.report.to_json(),
+                "validation": self.val_data.report.to_json() if self.val_data else None}
+        return artifacts.build_manifest(
+            kind="lora" if self.lora else "full",
+            base_model=artifacts.base_model_record(model_location(cfg.model), cfg.model.revision),
+            tokenizer=self.tokenizer, data=data, config=redact(self.resolved_config), metrics=metrics,
+            versions=package_versions(), lora=lora,
+        )
+
+    def _print_done(self, result: TrainResult) -> None:
+        if not self.is_main:
+            return
+        rate = result.tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
+        peak = self._peak_memory() / MB
+        estimate = f" (estimate {self.estimate.total / MB:,.0f} MB)" if self.estimate else ""
+        losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
+        if result.val_loss is not None:
+            losses += f", validation loss {result.val_loss:.4f}"
+        kind = "checkpoint_lora (PEFT adapter)" if self.lora else "checkpoint_hf (save_pretrained dir)"
+        print(f"done: {result.steps} steps in {format_duration(result.elapsed_s)}, {result.tokens:,} tokens "
+              f"({rate:,.0f} tokens/s), {losses}, peak memory {peak:,.0f} MB{estimate}\n"
+              f"artifact: {result.final_dir} [{kind}]", flush=True)
+
+
+def train(
+    cfg: TrainingConfig,
+    run_dir: str | Path,
+    train_data: PreparedData,
+    val_data: PreparedData | None = None,
+    *,
+    tokenizer: Any = None,
+    estimate: memory.MemoryEstimate | None = None,
+    resolved_config: dict[str, Any] | None = None,
+    resume_command: str | None = None,
+) -> TrainResult:
+    """Train from already prepared data: decide resume, set up, run the loop."""
+    run_dir = Path(run_dir)
+    resume_from = prepare_run_dir(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, tokenizer if tokenizer is not None else load_tokenizer(cfg.model), train_data,
+                      val_data, estimate=estimate, resolved_config=resolved_config, resume_command=resume_command)
+    trainer.setup(resume_from)
+    return trainer.train()

@@ -1,0 +1,215 @@
+"""The memory estimate before training, and the `oom` error with its advice ladder.
+
+In: the training config (and the model, or just its `config.json`: the model is built on the `meta` device,
+so nothing is loaded). Out: a `MemoryEstimate` (weights, gradients, optimizer states, activations for
+`local_batch_size x seq_length`, logits) that the start-up summary prints and `chatft preview` can call;
+`check_fits` raises `error[oom]` when it exceeds the device's free memory, unless `force=true`.
+
+The activation term is a rule of thumb for decoder-only transformers (per token and layer about
+10*hidden + 4*intermediate values, plus the inputs LoRA dropout copies, plus S^2 attention scores for
+eager attention and CPU SDPA). Measured peaks are recorded next to it in every run (metrics.jsonl
+`peak_mem_mb`, the manifest's `metrics`), so the rule can be recalibrated from real runs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chatft.config.schema import TrainingConfig
+from chatft.errors import ChatftError
+
+MB = 1024 * 1024
+CUDA_SLACK = 1.10  # allocator fragmentation and the CUDA context
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    runtime: int  # what the process already holds (CPU: its RSS now), not counted against free memory
+    device: str
+    lora: bool
+
+    @property
+    def training(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def total(self) -> int:
+        return self.training + self.runtime
+
+    def lines(self) -> list[str]:
+        def mb(value: int) -> str:
+            return f"{value / MB:,.0f} MB"
+
+        kind = "LoRA" if self.lora else "full SFT"
+        return [
+            f"memory estimate ({kind}, {self.device}): {mb(self.total)} = weights {mb(self.weights)} + gradients "
+            f"{mb(self.gradients)} + optimizer {mb(self.optimizer)} + activations {mb(self.activations)} + "
+            f"logits {mb(self.logits)} + runtime {mb(self.runtime)}"
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weights_mb": self.weights / MB, "gradients_mb": self.gradients / MB,
+                "optimizer_mb": self.optimizer / MB, "activations_mb": self.activations / MB,
+                "logits_mb": self.logits / MB, "runtime_mb": self.runtime / MB, "total_mb": self.total / MB,
+                "device": self.device, "lora": self.lora}
+
+
+def _text_config(config: Any) -> Any:
+    return getattr(config, "text_config", None) or config
+
+
+def meta_model(cfg: TrainingConfig) -> nn.Module:
+    """The model's module tree on the `meta` device: shapes without weights, built in about a second."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chatft.train.model import model_location
+
+    config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def estimate_memory(
+    cfg: TrainingConfig, model: nn.Module | None = None, device: torch.device | None = None
+) -> MemoryEstimate:
+    """Bytes needed to train `cfg` (on `device`, default: the one training would use). `model`, if given,
+    is the plain model before LoRA wrapping (on any device, `meta` included)."""
+    from chatft.train.model import pick_device, resolve_dtype, resolve_lora_targets
+
+    device = device or pick_device()
+    model = model if model is not None else meta_model(cfg)
+    dtype_bytes = torch.finfo(resolve_dtype(cfg.model.torch_dtype, device)).bits // 8
+    base = model  # the plain model, before any LoRA wrapping
+    total_params = sum(p.numel() for p in base.parameters())
+    text = _text_config(base.config)
+    hidden = getattr(text, "hidden_size", None) or base.get_input_embeddings().embedding_dim
+    layers = getattr(text, "num_hidden_layers", None) or 1
+    ffn = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = getattr(text, "num_attention_heads", None) or 1
+    vocab = getattr(text, "vocab_size", None) or base.get_input_embeddings().num_embeddings
+
+    lora = cfg.peft is not None
+    per_token_layer = 10 * hidden + 4 * ffn
+    if lora:
+        targets = resolve_lora_targets(base, cfg.peft)
+        modules = dict(base.named_modules())
+        trainable = sum(cfg.peft.dim * (modules[t].in_features + modules[t].out_features) for t in targets)
+        trainable_bytes = 4  # adapters stay float32
+        weights = total_params * dtype_bytes + trainable * trainable_bytes
+        if cfg.peft.dropout > 0:  # each wrapped layer keeps its dropped-out input for backward
+            per_token_layer += sum(modules[t].in_features for t in targets) // max(1, layers)
+    else:
+        trainable, trainable_bytes = total_params, dtype_bytes
+        weights = total_params * dtype_bytes
+    tokens = cfg.step_scheduler.local_batch_size * cfg.dataset.seq_length
+    if cfg.distributed.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
+        activations = tokens * (layers * hidden + per_token_layer) * dtype_bytes
+    else:
+        activations = tokens * layers * per_token_layer * dtype_bytes
+    # Attention probabilities (S^2 per head) are kept by eager attention, and by SDPA on CPU (its math path);
+    # CUDA SDPA and flash-attention kernels do not keep them.
+    if cfg.model.attn_implementation == "eager" or (device.type == "cpu" and cfg.model.attn_implementation == "sdpa"):
+        activations += 2 * cfg.step_scheduler.local_batch_size * heads * cfg.dataset.seq_length ** 2 * dtype_bytes * (
+            1 if cfg.distributed.activation_checkpointing else layers)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=trainable * trainable_bytes,
+        optimizer=2 * trainable * trainable_bytes,  # AdamW: two moments in the parameters' dtype
+        activations=activations,
+        logits=tokens * vocab * (dtype_bytes + 4 + 4),  # logits, their float32 copy for the loss, its gradient
+        runtime=current_rss() if device.type == "cpu" else 0,
+        device=device.type,
+        lora=lora,
+    )
+
+
+def _cgroup_free() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the run can still take: CUDA `mem_get_info`, else MemAvailable (and the cgroup limit)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle if ":" in line}
+    except (OSError, ValueError, IndexError):
+        return None
+    available = info.get("MemAvailable")
+    cgroup = _cgroup_free()
+    candidates = [v for v in (available, cgroup) if v is not None]
+    return min(candidates) if candidates else None
+
+
+def advice_ladder(lora: bool) -> str:
+    first = ("lower peft.dim (e.g. peft.dim=8)" if lora else
+             "train a LoRA adapter instead of every weight: peft=lora (or run peft/automodel)")
+    steps = [
+        first,
+        "lower dataset.seq_length or step_scheduler.local_batch_size (keep step_scheduler.global_batch_size: "
+        "gradient accumulation rises to match)",
+        "use a smaller model (model.pretrained_model_name_or_path)",
+    ]
+    return "in order: " + "; then ".join(f"({i}) {s}" for i, s in enumerate(steps, 1))
+
+
+def oom_error(what: str, lora: bool, *, predicted: bool) -> ChatftError:
+    hint = advice_ladder(lora)
+    if predicted:
+        hint += ". force=true starts anyway if you think the estimate is wrong"
+    return ChatftError("oom", what, hint)
+
+
+def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool) -> str | None:
+    """Raise `error[oom]` when the estimate exceeds free memory (unless `force`); return a note line."""
+    free = free_memory(device)
+    if free is None:
+        return None
+    # `runtime` (what the process holds already) is resident, so only the training share must still fit.
+    needed = int(estimate.training * (CUDA_SLACK if device.type == "cuda" else 1.0))
+    note = f"free {device.type} memory {free / MB:,.0f} MB, needed {needed / MB:,.0f} MB"
+    if needed <= free:
+        return note
+    if force:
+        return note + " (force=true: starting anyway)"
+    raise oom_error(
+        f"predicted: training needs about {needed / MB:,.0f} MB but the {device.type} has {free / MB:,.0f} MB "
+        f"free ({estimate.lines()[0]})",
+        estimate.lora,
+        predicted=True,
+    )

@@ -1,0 +1,148 @@
+"""What a run records and shows while it trains.
+
+In: one dict per optimizer step and per validation. Out: `metrics.jsonl` and `validation.jsonl` (one JSON
+object per line), `loss.png` (training and validation loss), TensorBoard scalars when
+`logging.tensorboard: true` (under `<run>/tensorboard`), and the progress display: a rich progress bar on a
+terminal, plain lines otherwise. Only rank 0 does any of this (a later multi-process issue relies on it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chatft.errors import ChatftError
+
+METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class JsonlLog:
+    """An append-only JSON-lines file of rows keyed by `step`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a resumed run repeats them from its checkpoint)."""
+        if self.path.is_file():
+            kept = [row for row in self.rows() if row.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """`loss.png`: training loss per step and, when present, validation loss."""
+    train = JsonlLog(run_dir / METRICS_FILE).rows()
+    val = JsonlLog(run_dir / VALIDATION_FILE).rows()
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", linewidth=1)
+    if val:
+        axes.plot([r["step"] for r in val], [r["loss"] for r in val], label="validation", marker="o")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (mean per supervised token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = run_dir / PLOT_FILE
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def require_tensorboard() -> None:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise ChatftError(
+            "config_invalid",
+            "logging.tensorboard=true but TensorBoard is not installed",
+            "pip install 'chatft[tensorboard]', or set logging.tensorboard=false",
+        ) from None
+
+
+class TensorBoard:
+    """Scalars under `train/*` and `validation/*`; imported only when asked for."""
+
+    def __init__(self, log_dir: Path) -> None:
+        require_tensorboard()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, prefix: str, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    return str(dt.timedelta(seconds=int(seconds)))
+
+
+class ProgressDisplay:
+    """A rich progress bar (step, loss, lr, tokens/s, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self, total_steps: int, start_step: int, *, stream=None) -> None:
+        self.total, self.start = total_steps, start_step
+        self.stream = stream or sys.stdout
+        self.began = time.monotonic()
+        self.every = max(1, total_steps // 20)
+        self.bar = None
+        if self.stream.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                                TextColumn("eta"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar.start()
+
+    def eta(self, step: int) -> float:
+        done = step - self.start
+        return (time.monotonic() - self.began) / done * (self.total - step) if done > 0 else 0.0
+
+    def update(self, row: dict[str, Any]) -> None:
+        info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], info=info)
+            return
+        step = row["step"]
+        if step == self.start + 1 or step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  {info}  eta {format_duration(self.eta(step))}", file=self.stream, flush=True)
+
+    def note(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

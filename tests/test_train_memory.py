@@ -1,0 +1,136 @@
+"""The memory estimate, `error[oom]` (predicted and caught), and the optional TensorBoard logging."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_module_from_path
+
+from chatft.errors import ChatftError
+from chatft.train import checkpoints, memory
+from chatft.train.loop import Trainer, train
+from chatft.train.model import load_tokenizer
+from chatft.train.step import check_supported
+
+helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    return helpers.prepared(helpers.chat_rows(tokenizer, 8))
+
+
+def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_path):
+    full_cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__local_batch_size=2)
+    lora_cfg = helpers.training_config(tiny_model_dir, tmp_path, lora=True, step_scheduler__local_batch_size=2)
+    skeleton = memory.meta_model(full_cfg)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    cpu = torch.device("cpu")
+    full = memory.estimate_memory(full_cfg, skeleton, cpu)
+    lora = memory.estimate_memory(lora_cfg, skeleton, cpu)
+    params = sum(p.numel() for p in skeleton.parameters())
+    assert full.weights == params * 4 and full.gradients == params * 4 and full.optimizer == params * 8
+    assert lora.gradients == 8192 * 4 and lora.optimizer == 8192 * 8  # r=4 on 14 layers, float32 adapters
+    assert lora.weights == params * 4 + 8192 * 4
+    longer = helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=512, step_scheduler__local_batch_size=2)
+    cuda = torch.device("cuda")  # no attention scores kept there: activations are linear in the tokens
+    assert memory.estimate_memory(longer, skeleton, cuda).activations == 2 * memory.estimate_memory(
+        full_cfg, skeleton, cuda).activations
+    assert memory.estimate_memory(longer, skeleton, cpu).activations > 2 * full.activations  # CPU SDPA: S^2 too
+    assert "full SFT" in full.lines()[0] and "LoRA" in lora.lines()[0]
+    bf16 = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="bfloat16",
+                                   step_scheduler__local_batch_size=2)
+    assert memory.estimate_memory(bf16, skeleton, cpu).weights == params * 2
+
+
+def test_predicted_oom_stops_with_the_advice_ladder(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1024 * 1024)
+    with pytest.raises(ChatftError) as full:
+        train(helpers.training_config(tiny_model_dir, tmp_path), tmp_path, data, tokenizer=tokenizer)
+    assert full.value.id == "oom" and "predicted" in full.value.message
+    hint = full.value.hint
+    assert hint.index("peft=lora") < hint.index("dataset.seq_length") < hint.index("smaller model")
+    assert "step_scheduler.local_batch_size" in hint and "global_batch_size" in hint and "force=true" in hint
+    with pytest.raises(ChatftError) as lora:
+        train(helpers.training_config(tiny_model_dir, tmp_path, lora=True), tmp_path, data, tokenizer=tokenizer)
+    assert lora.value.hint.index("peft.dim") < lora.value.hint.index("dataset.seq_length")
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing trained
+
+    forced = helpers.training_config(tiny_model_dir, tmp_path, force=True, step_scheduler__max_steps=1)
+    assert train(forced, tmp_path, data, tokenizer=tokenizer).steps == 1
+
+
+def test_out_of_memory_during_training_is_caught_with_the_step(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
+    original = Trainer._loss_sum
+
+    def out_of_memory_at_step_3(self, batch):
+        if self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "_loss_sum", out_of_memory_at_step_3)
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__ckpt_every_steps=2)
+    with pytest.raises(ChatftError) as err:
+        train(cfg, tmp_path, data, tokenizer=tokenizer)
+    assert err.value.id == "oom" and "step 3 of 4" in err.value.message and "step_2" in err.value.message
+    assert err.value.hint.startswith("in order: (1) train a LoRA adapter")
+    latest = checkpoints.latest_checkpoint(tmp_path)
+    assert latest.name == "step_2" and json.loads((latest / "trainer_state.json").read_text())["step"] == 2
+    monkeypatch.setattr(Trainer, "_loss_sum", original)
+    assert train(cfg, tmp_path, data, tokenizer=tokenizer).steps == 4  # resumes from the intact checkpoint
+
+
+def test_estimate_and_measured_peak_are_recorded(tiny_model_dir, tokenizer, data, tmp_path, capsys):
+    result = train(helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=1), tmp_path, data,
+                   tokenizer=tokenizer)
+    out = capsys.readouterr().out
+    assert "memory estimate (full SFT, cpu)" in out and "peak memory" in out and "(estimate" in out
+    metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
+    assert metrics["memory_estimate_mb"] > 0 and metrics["peak_mem_mb"] > 0
+
+
+def test_free_memory_reads_the_machine():
+    free = memory.free_memory(torch.device("cpu"))
+    assert free is None or free > 0
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
+def test_tensorboard_without_the_extra_names_it(tiny_model_dir, tmp_path):
+    with pytest.raises(ChatftError) as err:
+        check_supported(helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True))
+    assert err.value.id == "config_invalid" and "chatft[tensorboard]" in err.value.hint
+
+
+def test_tensorboard_gets_train_and_validation_scalars(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
+    written: list[tuple[str, float, int]] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True, step_scheduler__max_steps=2)
+    train(cfg, tmp_path, data, helpers.prepared(helpers.chat_rows(tokenizer, 2, offset=50)), tokenizer=tokenizer)
+    tags = {(tag, step) for tag, _, step in written}
+    assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("validation/loss", 2),
+            ("validation/token_accuracy", 2)} <= tags
