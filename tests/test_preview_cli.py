@@ -73,3 +73,10 @@ def test_uncached_hub_dataset_offline_is_not_found(data_dir, tiny_model_dir):
                      env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(data_dir / "hf")})
     assert result.returncode == 2
     assert "error[dataset_not_found]" in result.stderr and "not cached" in result.stderr
+
+
+def test_a_model_that_cannot_be_found_is_refused(data_dir):
+    result = preview("-c", "tiny", "model.pretrained_model_name_or_path=org/not-cached-model",
+                     "dataset.path_or_dataset_id=train.jsonl", cwd=data_dir, env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error[config_invalid]: cannot load model.pretrained_model_name_or_path=org/not-cached-model" in result.stderr

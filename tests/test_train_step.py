@@ -87,10 +87,6 @@ def write_messages(path: Path, n: int) -> Path:
 @pytest.mark.skipif(importlib.util.find_spec("chatft.data.sources") is None,
                     reason="the data pipeline (chatft.data.sources) has not landed yet")
 def test_cli_runs_sft_end_to_end(tiny_model_dir, tmp_path):
-    from chatft.run import IMPLEMENTATIONS
-
-    if "sft/automodel" not in IMPLEMENTATIONS:
-        pytest.skip("sft/automodel is not registered in chatft.run.IMPLEMENTATIONS yet")
     data = write_messages(tmp_path / "train.jsonl", 12)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "chatft", "run", "sft/automodel", "-c", "tiny",

@@ -22,25 +22,6 @@ POLICY_WORDS = {
 }
 
 
-def load_tokenizer(cfg: TrainingConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    from chatft.errors import ChatftError
-
-    try:
-        return AutoTokenizer.from_pretrained(
-            cfg.model.pretrained_model_name_or_path, revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-    except OSError as exc:
-        raise ChatftError(
-            "config_invalid",
-            f"cannot load the tokenizer of model.pretrained_model_name_or_path="
-            f"{cfg.model.pretrained_model_name_or_path}: {str(exc).splitlines()[0]}",
-            "give a local model dir, or a Hub id that is in the local cache (no network here)",
-        ) from None
-
-
 def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
     """The row's text in runs of (text, supervised)."""
     segments: list[tuple[str, bool]] = []
@@ -88,8 +69,9 @@ def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any]:
 
 def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     from chatft.data.pipeline import prepare_training_data
+    from chatft.train.model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model)
     section = cfg.dataset
     if section.truncation == "error":  # preview reports over-length rows instead of stopping at the first
         section = section.model_copy(update={"truncation": "drop"})

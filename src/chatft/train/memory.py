@@ -75,10 +75,11 @@ def meta_model(cfg: TrainingConfig) -> nn.Module:
     """The model's module tree on the `meta` device: shapes without weights, built in about a second."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from chatft.train.model import model_location
+    from chatft.train.model import model_load_errors, model_location
 
-    config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    with model_load_errors(cfg.model):
+        config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
 

@@ -77,12 +77,28 @@ def quiet_hub_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def model_load_errors(section: ModelSection) -> Iterator[None]:
+    """A model that cannot be found or read is a refusal naming it, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise ChatftError(
+            "config_invalid",
+            f"cannot load model.pretrained_model_name_or_path={section.pretrained_model_name_or_path}"
+            f"{f' (revision {section.revision})' if section.revision else ''}: {str(exc).splitlines()[0]}",
+            "give a local save_pretrained dir, or a Hub id that is in the local cache when offline "
+            "(HF_HUB_OFFLINE=1); a model with custom code also needs model.trust_remote_code=true",
+        ) from None
+
+
 def load_tokenizer(section: ModelSection):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_location(section), revision=section.revision, trust_remote_code=section.trust_remote_code
-    )
+    with model_load_errors(section):
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_location(section), revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
     if tokenizer.pad_token_id is None:
         # Only the collator's filler id: padded positions never carry loss (labels come from the loss mask).
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +111,7 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype) 
     check_attn_implementation(section.attn_implementation)
     if section.trust_remote_code:
         print("warning: model.trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
-    with quiet_hub_progress():
+    with quiet_hub_progress(), model_load_errors(section):
         model = AutoModelForCausalLM.from_pretrained(
             model_location(section),
             revision=section.revision,
