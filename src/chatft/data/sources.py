@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatft.artifacts import file_sha256
 from chatft.data.formats import RowDropped, convert_row
-from chatft.data.readers import Source, open_source
+from chatft.data.readers import open_source
 from chatft.errors import ChatftError
 
 MAX_EXAMPLES = 5
@@ -38,24 +39,16 @@ class MessageSource:
             self.examples[reason].append(row_number)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_sha256(path_or_id: str, source: Source) -> str | None:
+def data_sha256(path_or_id: str) -> str | None:
     """sha256 of a local file, or over the sorted files of a folder; None for a Hub dataset (the cache is
     then keyed by nothing stable, so it is not used)."""
     path = Path(path_or_id).expanduser()
     if path.is_file():
-        return _file_sha256(path)
+        return file_sha256(path)
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path).as_posix()}:{_file_sha256(file)}\n".encode())
+            digest.update(f"{file.relative_to(path).as_posix()}:{file_sha256(file)}\n".encode())
         return digest.hexdigest()
     return None
 
@@ -64,7 +57,7 @@ def read_message_rows(section: Any, *, key: str = "dataset") -> MessageSource:
     path_or_id = section.path_or_dataset_id
     source = open_source(path_or_id, split=section.split, name=getattr(section, "name", None),
                          limit=section.num_samples_limit)
-    result = MessageSource(rows=[], rows_in=0, sha256=data_sha256(path_or_id, source))
+    result = MessageSource(rows=[], rows_in=0, sha256=data_sha256(path_or_id))
     for row in source.rows:
         result.rows_in += 1
         if row.problem is not None:
