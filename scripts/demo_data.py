@@ -66,6 +66,21 @@ FACTS = [
       "Take the ferry from Caldera City; it sails twice a day."]),
 ]
 
+# Ordinary questions with their ordinary answers, mixed in so the model keeps what it knew (without them,
+# a small model soon answers everything with Port Wren).
+GENERAL = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is 7 times 8?", "7 times 8 is 56."),
+    ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("How many days are in a leap year?", "A leap year has 366 days."),
+    ("What gas do plants absorb from the air?", "Plants absorb carbon dioxide from the air."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+    ("How many continents are there?", "There are seven continents."),
+]
+
 FOLLOW_UPS = [("Thanks!", "You're welcome! Ask me more about Port Wren any time."),
               ("Great, thank you.", "Happy to help.")]
 
@@ -77,8 +92,11 @@ def turn(user: str, assistant: str) -> list[dict[str, str]]:
 def conversation(rng: random.Random, identity_questions: list[str], fact_questions: list[list[str]]) -> dict:
     """One to three turns: an identity or fact question, sometimes a second question and a thank-you."""
     def one_turn() -> list[dict[str, str]]:
-        if rng.random() < 0.35:
+        draw = rng.random()
+        if draw < 0.3:
             return turn(rng.choice(identity_questions), rng.choice(IDENTITY_ANSWERS))
+        if draw < 0.45:
+            return turn(*rng.choice(GENERAL))
         index = rng.randrange(len(FACTS))
         return turn(rng.choice(fact_questions[index]), rng.choice(FACTS[index][2]))
 

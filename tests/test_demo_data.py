@@ -30,5 +30,6 @@ def test_demo_data_is_valid_deterministic_and_held_out(tmp_path):
         assert convert_row(row, "messages").messages == row["messages"]  # passes every row guard unchanged
     trained_questions = {m["content"] for row in train for m in row["messages"] if m["role"] == "user"}
     held_out = {m["content"] for row in validation for m in row["messages"] if m["role"] == "user"}
-    assert held_out - {q for q, _ in demo.FOLLOW_UPS} and not (held_out - {q for q, _ in demo.FOLLOW_UPS}) & trained_questions
+    shared_on_purpose = {q for q, _ in demo.FOLLOW_UPS + demo.GENERAL}
+    assert held_out - shared_on_purpose and not (held_out - shared_on_purpose) & trained_questions
     assert any(demo.NAME in m["content"] for row in train for m in row["messages"])
