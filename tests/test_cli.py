@@ -184,22 +184,30 @@ def test_missing_config_name_lists_the_step_configs():
     assert "did you mean tiny" in stderr
 
 
-def test_real_run_writes_job_yaml_before_the_step_starts(tmp_path):
-    # convert/merge_lora is registered but not implemented yet: the run records its job, then says so.
-    out = tmp_path / "runs" / "merged"
-    result = chatft("run", "merge_lora", "-c", "tiny", f"output_hf_path={out}", "torch_dtype=bf16",
-                    "show_progress=false", cwd=tmp_path)
-    stderr = assert_error_block(result, "not_available_yet")
-    job_path = out / "job.yaml"
-    assert str(job_path) in stderr
-    job = yaml.safe_load(job_path.read_text())
-    assert job["step"] == "convert/merge_lora"
-    assert job["argv"][:4] == ["run", "merge_lora", "-c", "tiny"]
-    assert job["raw"]["output_hf_path"] == str(out) and job["raw"]["torch_dtype"] == "bf16"
-    assert job["resolved"]["torch_dtype"] == "bfloat16" and job["resolved"]["show_progress"] is False
+def test_real_run_writes_job_yaml_before_the_step_starts(tmp_path, tiny_model_dir):
+    # The data path is wrong: the step refuses, but only after the run recorded its job.
+    runs = tmp_path / "runs"
+    result = chatft("run", "peft/automodel", "-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                    "optimizer.lr=3e-4", "dataset.path_or_dataset_id=missing.jsonl", cwd=tmp_path,
+                    env={"CHATFT_RUNS_DIR": str(runs)})
+    assert_error_block(result, "dataset_not_found")
+    job = yaml.safe_load((runs / "tiny-peft" / "job.yaml").read_text())
+    assert job["step"] == "peft/automodel"
+    assert job["argv"][:4] == ["run", "peft/automodel", "-c", "tiny"]
+    assert job["raw"]["checkpoint"]["checkpoint_dir"] == "${oc.env:CHATFT_RUNS_DIR,runs}/tiny-peft"
+    assert job["resolved"]["checkpoint"]["checkpoint_dir"] == str(runs / "tiny-peft")
+    assert job["resolved"]["optimizer"]["lr"] == 3e-4
     assert {"chatft", "python", "torch", "transformers", "peft"} <= set(job["versions"])
     assert "cuda_available" in job["host"]
-    assert [p.name for p in out.iterdir()] == ["job.yaml"]
+
+
+def test_merge_refusals_come_before_anything_is_written(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    result = chatft("run", "merge_lora", f"lora_checkpoint={adapter}", f"output_hf_path={adapter / 'merged'}",
+                    cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert list(adapter.iterdir()) == []
 
 
 def test_nproc_per_node_sets_the_data_parallel_size():
@@ -218,11 +226,3 @@ def test_prep_shorthand_compiles_the_data_prep_step(tmp_path):
     assert compiled["input"] == "raw data.json"
     assert compiled["format"] == "sharegpt" and compiled["val_fraction"] == 0.1
     assert_error_block(chatft("prep", "x.json", "-o", "o.jsonl", "--format", "csv", "--dry-run"), "config_invalid")
-
-
-def test_unimplemented_commands_say_so(tmp_path):
-    stderr = assert_error_block(chatft("plan", "--gpus", "2", "--model", "m"), "not_available_yet")
-    assert "plan" in stderr
-    stderr = assert_error_block(chatft("run", "convert/merge_lora", "-c", "tiny", f"output_hf_path={tmp_path}/merged"),
-                                "not_available_yet")
-    assert "convert/merge_lora" in stderr

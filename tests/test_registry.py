@@ -126,3 +126,10 @@ def test_filters():
     assert [s.id for s in filter_steps(category="eval")] == ["eval/model_eval"]
     with pytest.raises(ChatftError, match="unknown artifact type"):
         filter_steps(consumes="checkpoint_loar")
+
+
+def test_every_registered_step_has_an_implementation():
+    from chatft.run import IMPLEMENTATIONS, PREFLIGHTS
+
+    assert set(IMPLEMENTATIONS) == set(all_steps())
+    assert set(PREFLIGHTS) <= set(IMPLEMENTATIONS)

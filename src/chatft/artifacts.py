@@ -162,3 +162,97 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- adapters and checkpoints
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_MEGATRON_ITER = re.compile(r"^iter_\d+$")
+
+
+def looks_like_megatron_checkpoint(directory: Path) -> bool:
+    """A Megatron(-Bridge) checkpoint: `latest_checkpointed_iteration.txt`, `iter_N/` dirs or torch-dist shards."""
+    if (directory / "latest_checkpointed_iteration.txt").is_file():
+        return True
+    return any((p.is_dir() and _MEGATRON_ITER.match(p.name)) or p.name.endswith(".distcp") for p in directory.iterdir())
+
+
+def find_adapter_dir(path: str | Path, key: str = "lora_checkpoint") -> Path:
+    """The PEFT adapter dir `path` names: the dir itself when it holds `adapter_config.json`, else a training
+    run dir's `final/`. chatft's `checkpoints/step_N/` hold resume state (trainable weights, optimizer), not a
+    loadable adapter, so they never count. Refuses with `adapter_not_found` (or `route_not_supported` for a
+    Megatron checkpoint) naming what was found instead."""
+    from chatft.errors import ChatftError
+
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise ChatftError("adapter_not_found", f"{key}={path} does not exist",
+                          f"point {key} at a PEFT adapter dir (holding {ADAPTER_CONFIG}) or a peft/automodel "
+                          "run dir (its final/ is used), e.g. runs/peft")
+    if given.is_file():
+        given = given.parent if given.name == ADAPTER_CONFIG else given
+        if given.is_file():
+            raise ChatftError("adapter_not_found", f"{key}={path} is a file, not an adapter dir",
+                              f"give the dir that holds {ADAPTER_CONFIG}, or the training run dir")
+    for candidate in (given, given / "final"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate.resolve()
+    if looks_like_megatron_checkpoint(given):
+        raise ChatftError("route_not_supported",
+                          f"{key}={path} is a Megatron checkpoint, not a PEFT adapter",
+                          "merge Megatron LoRA checkpoints with Megatron-Bridge's merge_lora; chatft merges "
+                          "PEFT adapters (peft/automodel runs) into HF checkpoints")
+    final = given / "final"
+    if (given / "config.json").is_file() or (final / "config.json").is_file():
+        where = given if (given / "config.json").is_file() else final
+        raise ChatftError("adapter_not_found",
+                          f"no {ADAPTER_CONFIG} in {where}: it is a full model (checkpoint_hf), not a LoRA adapter",
+                          f"a full-SFT or merged model needs no merge, use it as is; for a LoRA run point {key} at "
+                          "its run dir or its final/")
+    if (given / "trainer_state.json").is_file() or (given / "checkpoints").is_dir():
+        what = ("a resumable training checkpoint" if (given / "trainer_state.json").is_file()
+                else "a training run dir without final/ (unfinished or stopped)")
+        raise ChatftError("adapter_not_found",
+                          f"no {ADAPTER_CONFIG} in {given}: it is {what}; checkpoints/step_N hold resume state "
+                          "(trainable weights and optimizer), not a PEFT adapter, so only a run's final/ can be merged",
+                          "finish the run first (run the same peft/automodel command again: checkpoint.resume=auto "
+                          f"continues it and writes final/), then set {key} to the run dir")
+    raise ChatftError("adapter_not_found",
+                      f"no {ADAPTER_CONFIG} in {given} nor in {final}",
+                      f"point {key} at a PEFT adapter dir (holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}) or a "
+                      "peft/automodel run dir, e.g. runs/peft")
+
+
+def adapter_record(adapter_dir: str | Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What a merged model records about the adapter folded into it."""
+    record: dict[str, Any] = {"path": str(adapter_dir), "fingerprint": weights_fingerprint(adapter_dir)}
+    if manifest is not None:
+        record["created"] = manifest.get("created")
+        record["validations"] = len(manifest.get("validations") or [])
+    return record
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a checkpoint's weights are stored in: `config.json`'s `dtype` (`torch_dtype` before
+    transformers 5), else the first floating tensor of its first safetensors file."""
+    directory = Path(model_dir)
+    config_path = directory / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        named = config.get("dtype") or config.get("torch_dtype")
+        if isinstance(named, str) and named in _SAFETENSORS_DTYPES.values():
+            return named
+    for path in weight_files(directory):
+        if path.suffix != ".safetensors":
+            continue
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None

@@ -135,20 +135,23 @@ def preview(
 
 @app.command()
 def plan(
-    gpus: int = typer.Option(..., "--gpus", min=0, help="GPUs per node."),
+    gpus: int = typer.Option(..., "--gpus", min=0, help="GPUs per node (0: plan for CPU)."),
     model: str = typer.Option(..., "--model", help="Hub id or local dir of the model."),
-    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory per GPU."),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="Memory per GPU (default: 80)."),
     nodes: int = typer.Option(1, "--nodes", min=1),
-    want: Optional[str] = typer.Option(None, "--want", help="hf | adapter | megatron"),
+    want: Optional[str] = typer.Option(None, "--want", help="hf | adapter | megatron (default: hf)"),
     data: Optional[str] = typer.Option(None, "--data", help="The training data to inspect."),
-    out: Optional[str] = typer.Option(None, "--out", help="Write plan.md and ready configs here."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write plan.md and ready configs here (default: chatft-plan)."),
+    seq_length: Optional[int] = typer.Option(None, "--seq-length", min=16,
+                                             help="dataset.seq_length (default: from --data lengths, else 2048)."),
+    local_batch_size: Optional[int] = typer.Option(None, "--local-batch-size", min=1,
+                                                   help="Fix step_scheduler.local_batch_size (default: 4, lowered to fit)."),
 ) -> None:
     """Route a fine-tuning job to the right chain of steps and write ready configs."""
-    raise ChatftError(
-        "not_available_yet",
-        f"`chatft plan` is not implemented in chatft {__version__}",
-        "`chatft steps list` and `chatft steps show ID` describe each step's strategies meanwhile",
-    )
+    from chatft.plan import PlanRequest, run_plan
+
+    run_plan(PlanRequest(gpus=gpus, model=model, gpu_memory_gb=gpu_memory_gb, nodes=nodes, want=want, data=data,
+                         out=out, seq_length=seq_length, local_batch_size=local_batch_size))
 
 
 def main() -> None:

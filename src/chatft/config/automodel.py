@@ -351,7 +351,7 @@ def _translate_other(tr: Translation, schema: str) -> None:
             "merge Megatron checkpoints with Megatron-Bridge's merge_lora; chatft merges PEFT adapters into "
             "HF checkpoints: set backend=hf_peft, lora_checkpoint and base_hf_path",
         )
-    for key in MEGATRON_MERGE_KEYS:
+    for key in (*MEGATRON_ROUTE_KEYS, *MEGATRON_MERGE_KEYS):  # route keys left null, and the rest
         if key in cfg:
             tr.warn(key, cfg.pop(key), "Megatron-Bridge only; the hf_peft merge does not read it")
 

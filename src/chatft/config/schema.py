@@ -293,29 +293,29 @@ class MergeConfig(Section):
 # --------------------------------------------------------------------------- eval
 
 
-class EvalDatasetSection(Section):
-    path_or_dataset_id: str
-    split: str | None = None
-    seq_length: int = Field(2048, ge=16)
-    chat_template: str | None = None
-    num_samples_limit: int | None = Field(None, ge=1)
+class EvalDatasetSection(DatasetSection):
+    """The eval rows, with training's `dataset` keys (seq_length, truncation, train_on, mask_generation_prompt,
+    chat_template, ...), so a row is rendered and masked exactly as in training."""
 
 
 class GenerationSection(Section):
-    num_prompts: int = Field(8, ge=0)
-    max_new_tokens: int = Field(128, ge=1)
+    num_prompts: int = Field(8, ge=0, description="conversations every target answers (0: none)")
+    max_new_tokens: int = Field(128, ge=1, description="length cap of each greedy answer")
+    scoring: Literal["none", "exact_match", "contains"] = Field(
+        "none", description="compare each answer with the reference: equal, or containing it")
 
 
 class EvalConfig(Section):
     """`eval/model_eval`: base, adapter and merged model as separate validation points."""
 
-    targets: list[Literal["base", "adapter", "merged"]] = ["base", "adapter", "merged"]
-    base: str | None = None
-    adapter: str | None = None
-    merged: str | None = None
+    targets: list[Literal["base", "adapter", "merged"]] = Field(["base", "adapter", "merged"], min_length=1)
+    base: str | None = Field(None, description="None for the adapter target: the base its manifest records")
+    adapter: str | None = Field(None, description="adapter dir, or a training run dir (its final/)")
+    merged: str | None = Field(None, description="merged or fully fine-tuned model: any save_pretrained dir")
     dataset: EvalDatasetSection
     generation: GenerationSection = GenerationSection()
     torch_dtype: TorchDtype = "auto"
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code")
     local_batch_size: int = Field(4, ge=1)
     output_dir: str = "runs/eval"
     seed: int = 42
@@ -324,11 +324,13 @@ class EvalConfig(Section):
 
     @model_validator(mode="after")
     def _targets_have_paths(self) -> EvalConfig:
-        missing = [t for t in self.targets if t in ("adapter", "merged") and getattr(self, t) is None]
-        if "base" in self.targets or "adapter" in self.targets:
-            missing += ["base"] if self.base is None else []
+        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if repeated:
+            raise ValueError(f"targets {self.targets} name {', '.join(repeated)} more than once")
+        # The adapter target finds its base in the adapter's manifest when `base` is unset.
+        missing = [t for t in self.targets if getattr(self, t) is None]
         if missing:
-            raise ValueError(f"targets {self.targets} need paths for: {', '.join(dict.fromkeys(missing))}")
+            raise ValueError(f"targets {self.targets} need paths for: {', '.join(missing)}")
         return self
 
 

@@ -12,7 +12,6 @@ result is cached on disk per (data, tokenizer, template, settings).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
@@ -123,8 +122,8 @@ def _apply_length_policy(ids: list[int], mask: list[bool], seq_length: int, trun
         raise ChatftError(
             "sequence_too_long",
             f"row {row_number} of {key} is {len(ids)} tokens, longer than dataset.seq_length={seq_length}",
-            f"raise dataset.seq_length, or set dataset.truncation=drop (skip and count such rows) or "
-            f"truncate (cut them); `chatft preview` shows how many rows are affected",
+            "raise dataset.seq_length, or set dataset.truncation=drop (skip and count such rows) or "
+            "truncate (cut them); `chatft preview` shows how many rows are affected",
         )
     if truncation == "drop":
         return ids, mask, "too_long"

@@ -72,7 +72,8 @@ class Step:
     strategies: list[Strategy]
     errors: list[ErrorCase]
     config_schema: str  # which schema in chatft.config.schema validates this step's configs
-    output_key: str  # the config key naming the run's output dir (job.yaml goes there)
+    output_key: str  # the config key naming the run's output (job.yaml goes there, or beside it)
+    output_is_file: bool  # the output key names a file: the run's folder is the file's folder
     dir: Path = field(compare=False)
 
     @property
@@ -157,6 +158,7 @@ def load_step(manifest_path: Path) -> Step:
         errors=[ErrorCase(**e) for e in raw.get("errors", [])],
         config_schema=_require(raw, "config_schema", manifest_path),
         output_key=_require(raw, "output_key", manifest_path),
+        output_is_file=raw.get("output_is_file", False),
         dir=step_dir,
     )
 

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from chatft import artifacts
 from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import batching, checkpoints, memory
+from chatft.train import batching, checkpoints, losses, memory
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
 from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, model_location,
@@ -381,31 +380,17 @@ class Trainer:
         return max(1, sum(batching.supervised_tokens(b) for b in micro_batches))
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions.
-        Token i is predicted from the tokens before it: logits at i-1 against labels at i."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                   ignore_index=batching.IGNORE_INDEX, reduction="sum")
-        with torch.no_grad():
-            correct = ((logits.argmax(-1) == labels) & (labels != batching.IGNORE_INDEX)).sum()
-        return loss_sum, correct
+        """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
+        (shared with eval/model_eval: `losses.loss_sum`)."""
+        return losses.loss_sum(self.model, batch)
 
     @torch.no_grad()
     def _validate(self, note) -> dict[str, Any]:
         self.model.eval()
-        loss_sum, correct, tokens = 0.0, 0, 0
-        for batch in self.val_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            batch_loss, batch_correct = self._loss_sum(batch)
-            loss_sum += float(batch_loss)
-            correct += int(batch_correct)
-            tokens += batching.supervised_tokens(batch)
+        score = losses.score_batches(self.model, self.val_batches, self.device)
         self.model.train()
-        # ranks: loss_sum, correct and tokens are summed across processes here
-        row = {"step": self.step, "loss": loss_sum / max(1, tokens), "token_accuracy": correct / max(1, tokens),
-               "tokens": tokens}
+        # ranks: score.loss_sum, score.correct and score.tokens are summed across processes here
+        row = {"step": self.step, "loss": score.loss, "token_accuracy": score.token_accuracy, "tokens": score.tokens}
         self.last_val = row
         if self.is_main:
             self.validation_log.append(row)

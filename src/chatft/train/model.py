@@ -78,24 +78,36 @@ def quiet_hub_progress() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_load_errors(section: ModelSection) -> Iterator[None]:
-    """A model that cannot be found or read is a refusal naming it, not a traceback."""
+def load_errors(key: str, value: str, revision: str | None = None) -> Iterator[None]:
+    """A model, tokenizer or adapter that cannot be found or read is a refusal naming the config key, not a
+    traceback."""
     try:
         yield
     except (OSError, ValueError) as exc:
+        # transformers reads a missing local path as a malformed Hub id: say what the user meant.
+        local = Path(value).expanduser()
+        missing = f" ({local.resolve()} does not exist locally either)" if not local.exists() else ""
         raise ChatftError(
             "config_invalid",
-            f"cannot load model.pretrained_model_name_or_path={section.pretrained_model_name_or_path}"
-            f"{f' (revision {section.revision})' if section.revision else ''}: {str(exc).splitlines()[0]}",
+            f"cannot load {key}={value}{f' (revision {revision})' if revision else ''}: {str(exc).splitlines()[0]}"
+            f"{missing}",
             "give a local save_pretrained dir, or a Hub id that is in the local cache when offline "
-            "(HF_HUB_OFFLINE=1); a model with custom code also needs model.trust_remote_code=true",
+            "(HF_HUB_OFFLINE=1); a model with custom code also needs trust_remote_code=true",
         ) from None
 
 
-def load_tokenizer(section: ModelSection):
+MODEL_KEY = "model.pretrained_model_name_or_path"
+
+
+def model_load_errors(section: ModelSection, key: str = MODEL_KEY) -> contextlib.AbstractContextManager[None]:
+    return load_errors(key, section.pretrained_model_name_or_path, section.revision)
+
+
+def load_tokenizer(section: ModelSection, key: str = MODEL_KEY):
+    """`key`: the config key that named the model, for refusals (eval loads `base=`, `merged=`, ...)."""
     from transformers import AutoTokenizer
 
-    with model_load_errors(section):
+    with model_load_errors(section, key):
         tokenizer = AutoTokenizer.from_pretrained(
             model_location(section), revision=section.revision, trust_remote_code=section.trust_remote_code
         )
@@ -105,13 +117,13 @@ def load_tokenizer(section: ModelSection):
     return tokenizer
 
 
-def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, key: str = MODEL_KEY) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_attn_implementation(section.attn_implementation)
     if section.trust_remote_code:
         print("warning: model.trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
-    with quiet_hub_progress(), model_load_errors(section):
+    with quiet_hub_progress(), model_load_errors(section, key):
         model = AutoModelForCausalLM.from_pretrained(
             model_location(section),
             revision=section.revision,

@@ -1,0 +1,562 @@
+"""`chatft run convert/merge_lora`: fold a LoRA adapter into its base model.
+
+In: a `MergeConfig`: the adapter (`lora_checkpoint`: an adapter dir or a peft/automodel run dir, whose
+`final/` is used), the base (`base_hf_path`, by default the one the adapter's `chatft_manifest.json` records)
+and `output_hf_path`. Out: `output_hf_path` as a plain `save_pretrained` dir (safetensors weights in the base's
+dtype or `torch_dtype`, config and generation config, the base's tokenizer and chat template) with a
+`chatft_manifest.json` of kind `merged`; transformers alone loads it.
+
+1. Checks that load nothing (`plan_merge`): the adapter is found; it is validated (`adapter_not_validated`:
+   a warning, or an error with `require_validated=true`); the base is the one the adapter was trained on
+   (weights fingerprint against the adapter's manifest; without a manifest, the base named in
+   `adapter_config.json`); the output overlaps neither input and is empty, or `overwrite=true`.
+2. The base is loaded in float32 and checked against the adapter's weight shapes, the adapter is applied
+   with PEFT, and a few probe rows give the reference logits of base+adapter (and of the base alone, to show
+   how much the adapter moves them). `merge_and_unload` folds the adapter in, in float32, then the weights are
+   cast to the output dtype once and saved into a temporary dir next to the output.
+3. The saved model is loaded back (upcast to float32) and its logits on the same rows are compared with the
+   reference: the largest absolute difference must stay within a tolerance set by the output dtype's
+   rounding. Only then does the temporary dir become `output_hf_path`.
+
+Tokens: the tokenizer is the base's own, eos and pad untouched; config.json and generation_config.json keep
+the base's eos/pad ids, and the chat template's end-of-turn token is added to the generation eos ids only if
+missing (as training does for full fine-tunes), so servers stop at the end of a turn. The chat template is the
+base's, unless the adapter's manifest shows training used another one: then that one, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import shutil
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatft import artifacts
+from chatft.config.compile import CompiledConfig
+from chatft.config.schema import MergeConfig
+from chatft.errors import ChatftError
+
+# Max |logit difference| allowed between the reloaded merged model and base+adapter, per output dtype, as a
+# fraction of the largest |logit| (at least 1). Rounding the merged weights to the output dtype is the only
+# expected difference: measured on SmolLM2-135M (30 layers, logits up to ~38) it is 2.4e-6 (float32; the
+# merged matmul only reorders sums), 1.3e-3 (float16) and 9.6e-3 (bfloat16) of the largest logit.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+PROBE_MAX_TOKENS = 64
+PROBE_CONVERSATIONS = (
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "You are a helpful assistant. Answer the question briefly and politely."},
+     {"role": "user", "content": "Please write a short poem about the sea and the sky."},
+     {"role": "assistant", "content": "The sea is blue, the sky is wide; the light goes down with the tide."}],
+    [{"role": "user", "content": "Translate the following sentence into French: the cat sleeps on the mat."}],
+)
+TMP_SUFFIX = ".merging"
+
+
+# --------------------------------------------------------------------------- plan: checks that load nothing
+
+
+@dataclass
+class MergePlan:
+    """What `plan_merge` found: the inputs, resolved, and the warnings to print before merging."""
+
+    adapter_dir: Path
+    adapter_config: dict[str, Any]
+    adapter_manifest: dict[str, Any] | None
+    base: str  # absolute local dir, or a Hub id
+    base_revision: str | None
+    output: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_merge(cfg: MergeConfig) -> MergePlan:
+    """Every check that needs no model in memory, in the order a user would fix them."""
+    if cfg.backend == "megatron_bridge":  # compile refuses it already; a direct caller gets the same answer
+        raise ChatftError("route_not_supported", "backend=megatron_bridge asks for Megatron-Bridge",
+                          "merge Megatron checkpoints with Megatron-Bridge's merge_lora; backend=auto or hf_peft "
+                          "merges PEFT adapters into HF checkpoints")
+    if not cfg.safe_serialization:
+        raise ChatftError("config_invalid", "safe_serialization=false: chatft writes safetensors only",
+                          "drop safe_serialization (or set it to true); pickled weights are never written")
+    adapter_dir = artifacts.find_adapter_dir(cfg.lora_checkpoint)
+    adapter_config = _read_adapter_config(adapter_dir)
+    manifest = artifacts.read_manifest(adapter_dir)
+    warnings = [_validation_warning(cfg, adapter_dir, manifest)]
+    base, revision, base_warnings = _resolve_base(cfg, adapter_dir, adapter_config, manifest)
+    output = Path(cfg.output_hf_path).expanduser().resolve()
+    _check_output(cfg, output, adapter_dir, base)
+    return MergePlan(adapter_dir, adapter_config, manifest, base, revision, output,
+                     [w for w in (*warnings, *base_warnings) if w])
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / artifacts.ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ChatftError("adapter_not_found", f"{path} cannot be read as JSON: {str(exc).splitlines()[0]}",
+                          "the adapter dir is damaged; save the adapter again or point lora_checkpoint elsewhere")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ChatftError("config_invalid", f"{path} is a {config.get('peft_type')} adapter, not LoRA",
+                          "convert/merge_lora merges LoRA adapters only")
+    if not (adapter_dir / artifacts.ADAPTER_WEIGHTS).is_file():
+        pickled = (adapter_dir / "adapter_model.bin").is_file()
+        raise ChatftError(
+            "adapter_not_found",
+            f"no {artifacts.ADAPTER_WEIGHTS} in {adapter_dir}"
+            + (" (it holds adapter_model.bin, a pickle, which chatft never loads)" if pickled else ""),
+            "save the adapter with safetensors (PEFT's default: save_pretrained(dir)), or point lora_checkpoint "
+            "at a complete adapter dir",
+        )
+    return config
+
+
+def _validation_warning(cfg: MergeConfig, adapter_dir: Path, manifest: dict[str, Any] | None) -> str | None:
+    if manifest is not None and manifest.get("validations"):
+        return None
+    why = "its chatft_manifest.json has no eval record" if manifest is not None else "it has no chatft_manifest.json"
+    message = f"the adapter {adapter_dir} is not validated: {why}"
+    hint = f"run `chatft run eval/model_eval adapter={adapter_dir}` first"
+    if cfg.require_validated:
+        raise ChatftError("adapter_not_validated", message, f"{hint}, or drop require_validated to merge anyway")
+    return f"[adapter_not_validated] {message}; merging anyway ({hint}; require_validated=true refuses this)"
+
+
+def _location(name_or_path: str) -> str:
+    """A local dir as an absolute path; a Hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def _short(fingerprint: str | None) -> str:
+    return fingerprint[:12] if fingerprint else "unknown"
+
+
+def _resolve_base(cfg: MergeConfig, adapter_dir: Path, adapter_config: dict[str, Any],
+                  manifest: dict[str, Any] | None) -> tuple[str, str | None, list[str]]:
+    """The base to merge into, checked against the one the adapter was trained on."""
+    recorded = (manifest or {}).get("base_model") or {}
+    recorded_name = recorded.get("name_or_path") or adapter_config.get("base_model_name_or_path")
+    recorded_fp = recorded.get("fingerprint")
+    revision = recorded.get("revision") if cfg.base_hf_path is None else None
+    source = "chatft_manifest.json" if recorded.get("name_or_path") else "adapter_config.json"
+    if cfg.base_hf_path is None:
+        if not recorded_name:
+            raise ChatftError("config_invalid",
+                              f"base_hf_path is unset and the adapter {adapter_dir} names no base model",
+                              "set base_hf_path to the model the adapter was trained on")
+        base = _location(recorded_name)
+        if recorded_fp:
+            found = artifacts.weights_fingerprint(base, revision)
+            if found is None:
+                raise ChatftError(
+                    "config_invalid",
+                    f"the adapter's base {recorded_name} (from its {source}) is not here: not a local dir, nor "
+                    "in the Hugging Face cache",
+                    "set base_hf_path to where that model is now (a local copy is checked by its fingerprint), "
+                    "or download it into the cache first",
+                )
+            if found != recorded_fp:
+                raise ChatftError(
+                    "base_model_mismatch",
+                    f"the base at {base} has changed since the adapter {adapter_dir} was trained on it: weights "
+                    f"fingerprint {_short(found)} now, {_short(recorded_fp)} recorded",
+                    "restore that model, or set base_hf_path to an unchanged copy of it",
+                )
+        return base, revision, []
+
+    base = _location(cfg.base_hf_path)
+    found = artifacts.weights_fingerprint(base)
+    if found is None and Path(cfg.base_hf_path).expanduser().exists():
+        raise ChatftError("config_invalid", f"base_hf_path={cfg.base_hf_path} holds no weight files",
+                          "give a save_pretrained dir (config.json and *.safetensors) or a cached Hub id")
+    if recorded_fp:
+        if found is None:
+            raise ChatftError(
+                "config_invalid",
+                f"base_hf_path={cfg.base_hf_path} is not a local dir nor in the Hugging Face cache, so it cannot "
+                f"be checked against the base the adapter records ({recorded_name})",
+                "give a local dir, or download the model into the cache first",
+            )
+        if found != recorded_fp:
+            raise ChatftError(
+                "base_model_mismatch",
+                f"base_hf_path={cfg.base_hf_path} (weights fingerprint {_short(found)}) is not the model the "
+                f"adapter {adapter_dir} was trained on: {recorded_name} (fingerprint {_short(recorded_fp)}, "
+                f"from its {source})",
+                "omit base_hf_path to use the recorded base, or give that exact model (a local copy of it "
+                "has the same fingerprint)",
+            )
+        return base, None, []
+    # No fingerprint recorded (an adapter from another tool): compare with the base adapter_config.json names.
+    if not recorded_name or _location(recorded_name) == base:
+        return base, None, []
+    recorded_found = artifacts.weights_fingerprint(_location(recorded_name))
+    if recorded_found is not None and found is not None and recorded_found != found:
+        raise ChatftError(
+            "base_model_mismatch",
+            f"base_hf_path={cfg.base_hf_path} (weights fingerprint {_short(found)}) is not the model the adapter "
+            f"{adapter_dir} was trained on: {recorded_name} (fingerprint {_short(recorded_found)}, named by its "
+            "adapter_config.json)",
+            "omit base_hf_path to use the base adapter_config.json names, or give that exact model",
+        )
+    if recorded_found is None:
+        return base, None, [f"the adapter names its base {recorded_name}, which is not here to compare with "
+                            f"base_hf_path={cfg.base_hf_path}; merging after checking every adapter weight's shape"]
+    return base, None, []
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _entries(directory: Path) -> list[str]:
+    """What a dir holds, apart from the job.yaml `chatft run` writes there before the step starts."""
+    from chatft.run import JOB_FILE
+
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name != JOB_FILE)
+
+
+def _check_output(cfg: MergeConfig, output: Path, adapter_dir: Path, base: str) -> None:
+    inputs = {f"lora_checkpoint={cfg.lora_checkpoint}": Path(cfg.lora_checkpoint).expanduser().resolve(),
+              f"the adapter dir {adapter_dir}": adapter_dir}
+    base_dir = artifacts.local_model_dir(base)
+    if base_dir is not None:
+        inputs[f"the base {base}"] = base_dir.resolve()
+    for name, path in inputs.items():
+        if _overlaps(output, path):
+            relation = "is" if output == path else "contains" if path.is_relative_to(output) else "sits inside"
+            raise ChatftError("output_path_overlaps_inputs",
+                              f"output_hf_path={cfg.output_hf_path} {relation} {name}",
+                              "write the merged model to a separate dir, e.g. output_hf_path=runs/merged")
+    if output.exists() and not output.is_dir():
+        raise ChatftError("config_invalid", f"output_hf_path={cfg.output_hf_path} is a file",
+                          "give a dir path for the merged model")
+    held = _entries(output)
+    if held and not cfg.overwrite:
+        raise ChatftError("config_invalid",
+                          f"output_hf_path={cfg.output_hf_path} is not empty ({', '.join(held[:5])}"
+                          f"{', ...' if len(held) > 5 else ''})",
+                          "pick a new output_hf_path, or overwrite=true to replace what is there")
+    if held and not ({"config.json", artifacts.MANIFEST_FILE} & set(held)):
+        raise ChatftError("config_invalid",
+                          f"overwrite=true would delete {output}, which does not hold a model ({', '.join(held[:5])})",
+                          "overwrite only replaces an earlier model or merge output; pick a new output_hf_path")
+
+
+# --------------------------------------------------------------------------- merge
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    output: Path
+    dtype: str
+    max_abs_diff: float
+    tolerance: float
+    adapter_effect: float  # max |logit change| the adapter makes on the probe rows
+    probe_rows: int
+    probe_tokens: int
+
+
+@contextlib.contextmanager
+def _progress(show: bool) -> Iterator[None]:
+    from chatft.train.model import quiet_hub_progress
+
+    with contextlib.nullcontext() if show else quiet_hub_progress():
+        yield
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def output_dtype(cfg: MergeConfig, base: str, revision: str | None) -> str:
+    """`torch_dtype`, or with `auto` the dtype the base checkpoint is stored in (float32 if it says none)."""
+    if cfg.torch_dtype != "auto":
+        return cfg.torch_dtype
+    directory = artifacts.local_model_dir(base, revision)
+    stored = artifacts.checkpoint_dtype(directory) if directory is not None else None
+    return stored if stored in TOLERANCE else "float32"
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / artifacts.ADAPTER_WEIGHTS), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+# Where a saved adapter key names its module, and which LoRA factor it is (None: only the module is checked,
+# e.g. DoRA's magnitude vector or trainable-token deltas).
+_LORA_PARTS = {".lora_A.": "A", ".lora_B.": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+               ".lora_magnitude_vector": None, ".token_adapter.": None}
+
+
+def check_adapter_fits(model, adapter_dir: Path, strict: bool) -> list[str]:
+    """Every LoRA weight of the adapter must sit on a module of the base with matching sizes.
+
+    A size mismatch means another model (`base_model_mismatch`); a weight with no module to land on is an
+    error with `strict` (the default), else a warning (returned)."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    mismatched, homeless = [], []
+    for key, shape in _adapter_tensors(adapter_dir).items():
+        name = key.removeprefix("base_model.model.")
+        part = next(((marker, side) for marker, side in _LORA_PARTS.items() if marker in name), None)
+        if part is None:  # a fully saved module (modules_to_save): same shape as the base's parameter
+            target = params.get(name)
+            if target is None:
+                homeless.append(key)
+            elif tuple(target.shape) != shape:
+                mismatched.append(f"{name} {list(shape)} vs base {list(target.shape)}")
+            continue
+        module_name = name[:name.index(part[0])]
+        module = modules.get(module_name)
+        if module is None:
+            homeless.append(key)
+            continue
+        if part[1] is None:
+            continue
+        if isinstance(module, nn.Embedding):
+            sizes = {"A": module.num_embeddings, "B": module.embedding_dim}
+            got = {"A": shape[1], "B": shape[0]}
+        else:
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.dim() != 2:
+                homeless.append(key)
+                continue
+            if isinstance(module, nn.Linear):
+                in_features, out_features = module.in_features, module.out_features
+            elif hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): weight is [in, out]
+                in_features, out_features = weight.shape
+            else:
+                out_features, in_features = weight.shape
+            sizes = {"A": in_features, "B": out_features}
+            got = {"A": shape[-1], "B": shape[0]}
+        if got[part[1]] != sizes[part[1]]:
+            mismatched.append(f"{module_name} lora_{part[1]} {list(shape)} vs base size {sizes[part[1]]}")
+    if mismatched:
+        raise ChatftError(
+            "base_model_mismatch",
+            f"the adapter {adapter_dir} does not fit this base: {len(mismatched)} weight(s) differ in size, "
+            f"e.g. {'; '.join(mismatched[:3])}",
+            "give the base model the adapter was trained on (base_model_name_or_path in its adapter_config.json)",
+        )
+    if homeless and strict:
+        raise ChatftError(
+            "base_model_mismatch",
+            f"{len(homeless)} adapter weight(s) of {adapter_dir} match no module of this base, e.g. "
+            f"{', '.join(homeless[:3])}",
+            "give the base model the adapter was trained on, or strict=false to merge the weights that do match",
+        )
+    if homeless:
+        return [f"strict=false: {len(homeless)} adapter weight(s) match no module of the base and are left out, "
+                f"e.g. {', '.join(homeless[:3])}"]
+    return []
+
+
+def probe_rows(tokenizer) -> list[list[int]]:
+    """A few short rows to compare logits on: chat conversations when the tokenizer has a template."""
+    rows = []
+    for messages in PROBE_CONVERSATIONS:
+        text = "\n".join(m["content"] for m in messages)
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=messages[-1]["role"] == "user")
+            except Exception:  # a template that refuses these roles (no system turn, say): plain text will do
+                pass
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:PROBE_MAX_TOKENS]
+        rows.append(ids or [tokenizer.eos_token_id or 0])
+    return rows
+
+
+def _logits(model, rows: list[list[int]]) -> list:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in rows]
+
+
+def _max_abs_diff(a: list, b: list) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _template_warning(tokenizer, adapter_dir: Path, manifest: dict[str, Any] | None) -> str | None:
+    """Use the chat template training used when the manifest shows it was not the base's."""
+    trained = ((manifest or {}).get("tokenizer") or {}).get("chat_template_sha256")
+    if not trained or trained == artifacts.chat_template_sha256(tokenizer):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        adapter_tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    except (OSError, ValueError):
+        adapter_tokenizer = None
+    if adapter_tokenizer is None or artifacts.chat_template_sha256(adapter_tokenizer) != trained:
+        return ("the adapter was trained with a chat template other than the base's, and its dir does not hold "
+                "that template: the merged model gets the base's, check it before serving")
+    tokenizer.chat_template = adapter_tokenizer.chat_template
+    return ("the adapter was trained with a chat template other than the base's (dataset.chat_template): the "
+            "merged model gets the one it was trained with, from the adapter dir")
+
+
+def _stop_at_end_of_turn(model, tokenizer) -> None:
+    """Keep the base's eos/pad ids; add the chat end-of-turn token to the generation eos ids if missing."""
+    generation = model.generation_config
+    eos = generation.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    end_of_turn = artifacts.end_of_turn_token_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    if end_of_turn is not None and end_of_turn not in ids:
+        ids.append(end_of_turn)
+        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
+
+
+def _lora_record(adapter_config: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    if manifest and manifest.get("lora"):
+        return manifest["lora"]
+    targets = adapter_config.get("target_modules")
+    return {"r": adapter_config.get("r"), "alpha": adapter_config.get("lora_alpha"),
+            "dropout": adapter_config.get("lora_dropout"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets}
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> MergeResult:
+    """Merge, save, reload and verify; see the module docstring. Raises `ChatftError` on any refusal."""
+    plan = plan_merge(cfg)  # refusals come before torch is even imported
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatft.config.secrets import redact
+    from chatft.run import package_versions
+    from chatft.train.model import load_errors
+
+    for line in plan.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if cfg.trust_remote_code:
+        print("warning: trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
+    dtype = output_dtype(cfg, plan.base, plan.base_revision)
+    load_args = {"revision": plan.base_revision, "trust_remote_code": cfg.trust_remote_code}
+    model_args = {"dtype": torch.float32, **({"device_map": cfg.device_map} if cfg.device_map else {})}
+
+    _say(f"merging {plan.adapter_dir}\n   into {plan.base}\n   -> {plan.output} ({dtype}, safetensors)")
+    with _progress(cfg.show_progress), load_errors("base_hf_path", plan.base):
+        tokenizer = AutoTokenizer.from_pretrained(plan.base, **load_args)
+        base_model = AutoModelForCausalLM.from_pretrained(plan.base, **load_args, **model_args)
+    base_model.eval()
+    for line in check_adapter_fits(base_model, plan.adapter_dir, cfg.strict):
+        print(f"warning: {line}", file=sys.stderr)
+    template_note = _template_warning(tokenizer, plan.adapter_dir, plan.adapter_manifest)
+    if template_note:
+        print(f"warning: {template_note}", file=sys.stderr)
+
+    with load_errors("lora_checkpoint", str(plan.adapter_dir)), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(base_model, plan.adapter_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage)
+    model.eval()
+    rows = probe_rows(tokenizer)
+    reference = _logits(model, rows)
+    with model.disable_adapter():
+        base_logits = _logits(model, rows)
+    adapter_effect = _max_abs_diff(reference, base_logits)
+    merged = model.merge_and_unload(safe_merge=True, progressbar=False)
+    merged.to(_torch_dtype(dtype))
+    _stop_at_end_of_turn(merged, tokenizer)
+
+    tmp = plan.output.with_name(f".{plan.output.name}{TMP_SUFFIX}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _progress(cfg.show_progress):
+            merged.save_pretrained(tmp)
+        if cfg.save_tokenizer:
+            tokenizer.save_pretrained(tmp)
+        del model, merged, base_model
+        gc.collect()
+
+        with _progress(cfg.show_progress), load_errors("output_hf_path", str(tmp)):
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=cfg.trust_remote_code,
+                                                            **model_args).eval()
+        diff = _max_abs_diff(_logits(reloaded, rows), reference)
+        del reloaded
+        gc.collect()
+        scale = max(1.0, max(float(r.abs().max()) for r in reference))
+        tolerance = TOLERANCE[dtype] * scale
+        if not diff <= tolerance:  # also catches NaN
+            raise ChatftError(
+                "merge_not_equivalent",
+                f"the merged model's logits differ from base+adapter by up to {diff:.3g} on {len(rows)} probe "
+                f"rows, above the {dtype} tolerance {tolerance:.3g}; nothing was written to {plan.output}",
+                "merge in a wider dtype (torch_dtype=float32, or bfloat16 instead of float16), and check that the "
+                "adapter and base load correctly with PEFT",
+            )
+        result = MergeResult(plan.output, dtype, diff, tolerance, adapter_effect, len(rows), sum(map(len, rows)))
+        if adapter_effect <= tolerance:
+            print(f"warning: the adapter moves the probe logits by at most {adapter_effect:.3g}, within the {dtype} "
+                  f"tolerance {tolerance:.3g}: at this dtype the check cannot tell the merge from the base "
+                  "(an untrained adapter, or torch_dtype=float32 to keep a small change)", file=sys.stderr)
+
+        adapter_metrics = (plan.adapter_manifest or {}).get("metrics") or {}
+        manifest = artifacts.build_manifest(
+            kind="merged",
+            base_model=artifacts.base_model_record(plan.base, plan.base_revision),
+            tokenizer=tokenizer,
+            data=(plan.adapter_manifest or {}).get("data") or {},
+            config=redact(resolved_config if resolved_config is not None else cfg.model_dump(mode="json")),
+            metrics={"train_loss": adapter_metrics.get("train_loss"), "val_loss": adapter_metrics.get("val_loss"),
+                     "merge_check": {"max_abs_logit_diff": diff, "tolerance": tolerance, "dtype": dtype,
+                                     "adapter_max_abs_logit_change": adapter_effect, "probe_rows": len(rows),
+                                     "probe_tokens": result.probe_tokens}},
+            versions=package_versions(),
+            lora=_lora_record(plan.adapter_config, plan.adapter_manifest),
+        )
+        manifest["adapter"] = artifacts.adapter_record(plan.adapter_dir, plan.adapter_manifest)
+        artifacts.write_manifest(tmp, manifest)
+        _move_into_place(tmp, plan.output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    _say(f"done: merged model in {plan.output} [checkpoint_hf, {dtype}]\n"
+         f"check: max |logit diff| vs base+adapter {diff:.3g} (tolerance {tolerance:.3g}) over {len(rows)} probe "
+         f"rows, {result.probe_tokens} tokens; the adapter moves logits by up to {adapter_effect:.3g}")
+    return result
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Replace `output` by `tmp`, keeping the job.yaml `chatft run` wrote for this merge."""
+    from chatft.run import JOB_FILE
+
+    if output.is_dir():
+        if (output / JOB_FILE).is_file():
+            shutil.move(str(output / JOB_FILE), str(tmp / JOB_FILE))
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(output)
+
+
+def run_step(compiled: CompiledConfig) -> None:
+    merge(compiled.validated, resolved_config=compiled.effective())
+
+
+def preflight(compiled: CompiledConfig) -> None:
+    """The refusals that need no model, for `chatft run` to call before it writes job.yaml into the output
+    (which would otherwise land in an overlapping input before `output_path_overlaps_inputs` is raised)."""
+    plan_merge(compiled.validated)

@@ -1,0 +1,141 @@
+"""Memory per GPU for full SFT and LoRA, and the first settings on the `oom` advice ladder that fit.
+
+In: `ModelFacts`, the layout (GPUs per node x nodes), the memory per GPU, `seq_length` and the starting
+`local_batch_size`. Out: `GpuEstimate`s.
+
+The numbers come from the training engine's own formula, `chatft.train.memory.estimate_memory`, run on the
+model's `meta` skeleton with `torch.device("cuda")` and `torch_dtype: bfloat16` (neither touches CUDA, so this
+works on a machine without a GPU). What the planner adds is the layout: full SFT runs FSDP2, which shards
+weights, gradients and optimizer states over the data-parallel ranks; LoRA runs DDP (everything replicated)
+or, when the frozen base does not fit on one GPU, FSDP2. The allocator slack of `check_fits` (x1.10) is added.
+With `--gpus 0` the plan is for CPU training in float32.
+
+The ladder follows the `oom` hint's order: full SFT -> LoRA, then a smaller `local_batch_size` (grad
+accumulation keeps the global batch), then activation checkpointing; a smaller model is the user's call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from chatft.plan.models import ModelFacts
+
+GB = 2**30
+DEFAULT_GPU_GB = 80.0
+DEFAULT_LOCAL_BATCH = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int  # per node; 0 = CPU
+    nodes: int
+    memory: int  # bytes per GPU (or of host RAM for CPU plans)
+
+    @property
+    def world(self) -> int:
+        return max(self.gpus, 1) * self.nodes
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        return "bfloat16" if self.gpus > 0 else "float32"
+
+    @property
+    def slack(self) -> float:
+        from chatft.train.memory import CUDA_SLACK
+
+        return CUDA_SLACK if self.gpus > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    lora: bool
+    strategy: str  # fsdp2 | ddp | single
+    seq_length: int
+    local_batch_size: int
+    activation_checkpointing: bool
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    slack: float
+    budget: int
+
+    @property
+    def total(self) -> int:
+        return int((self.weights + self.gradients + self.optimizer + self.activations + self.logits) * self.slack)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    @property
+    def mode(self) -> str:
+        return "LoRA" if self.lora else "full SFT"
+
+    def settings(self) -> str:
+        return (f"local_batch_size {self.local_batch_size}"
+                + (", activation checkpointing" if self.activation_checkpointing else ""))
+
+    def line(self) -> str:
+        def gb(value: float) -> str:
+            return f"{value / GB:,.1f}"
+
+        strategy = {"fsdp2": "FSDP2-sharded", "ddp": "DDP, replicated", "single": "one process"}[self.strategy]
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (f"{self.mode} ({strategy}, {self.settings()}): {gb(self.total)} GB per GPU, {verdict} in "
+                f"{gb(self.budget)} GB = (weights {gb(self.weights)} + gradients {gb(self.gradients)} + optimizer "
+                f"{gb(self.optimizer)} + activations {gb(self.activations)} + logits {gb(self.logits)})"
+                + (f" x {self.slack:.2f} allocator slack" if self.slack != 1 else ""))
+
+
+def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
+             activation_checkpointing: bool = False, strategy: str | None = None) -> GpuEstimate:
+    """One configuration's memory per GPU, from `estimate_memory` plus the sharding of its strategy."""
+    import torch
+
+    from chatft.config.schema import TrainingConfig
+    from chatft.train.memory import estimate_memory
+
+    strategy = strategy or ("single" if layout.world == 1 else "ddp" if lora else "fsdp2")
+    cfg = TrainingConfig.model_validate({
+        "model": {"pretrained_model_name_or_path": model.location, "torch_dtype": layout.dtype},
+        "dataset": {"path_or_dataset_id": "planned", "seq_length": seq_length},
+        "step_scheduler": {"global_batch_size": local_batch_size, "local_batch_size": local_batch_size},
+        "distributed": {"activation_checkpointing": activation_checkpointing},
+        "peft": "lora" if lora else None,  # the default LoRA block: what both training steps use
+    })
+    skeleton, scale = model.skeleton()
+    raw: Any = estimate_memory(cfg, skeleton, torch.device(layout.device))
+    if lora:  # gradients == the float32 adapters; the rest of `weights` is the frozen base
+        weights = (raw.weights - raw.gradients) * scale + raw.gradients
+        gradients, optimizer = raw.gradients, raw.optimizer
+    else:
+        weights, gradients, optimizer = raw.weights * scale, raw.gradients * scale, raw.optimizer * scale
+    shards = layout.world if strategy == "fsdp2" else 1
+    return GpuEstimate(lora, strategy, seq_length, local_batch_size, activation_checkpointing,
+                       int(weights / shards), int(gradients / shards), int(optimizer / shards),
+                       raw.activations, raw.logits, layout.slack, layout.memory)
+
+
+def ladder(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
+           batch_fixed: bool) -> GpuEstimate | None:
+    """The first rung that fits: lower local_batch_size (unless the user fixed it), then activation
+    checkpointing; for LoRA on several GPUs, DDP before FSDP2 at each rung."""
+    sizes = [local_batch_size]
+    while not batch_fixed and sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2)
+    strategies = ["ddp", "fsdp2"] if lora and layout.world > 1 else [None]
+    for checkpointing in (False, True):
+        for size in sizes:
+            for strategy in strategies:
+                result = estimate(model, layout, lora=lora, seq_length=seq_length, local_batch_size=size,
+                                  activation_checkpointing=checkpointing, strategy=strategy)
+                if result.fits:
+                    return result
+    return None
