@@ -6,7 +6,7 @@
    (scripts/demo_data.py), written under runs/demo/data;
 3. a baseline evaluation of the base model;
 4. a LoRA fine-tune (the shipped `tiny` config with a few overrides; on CPU a few minutes);
-5. the merge of the adapter into its base;
+5. an evaluation of the adapter, then the merge of the adapter into its base;
 6. base, adapter and merged model evaluated side by side, with their answers to the same questions.
 
 Every step is a `chatft` command, printed before it runs, so the demo doubles as a recipe. A GPU is used
@@ -59,12 +59,15 @@ def main() -> int:
            f"output_dir={evals / 'baseline'}")
     chatft("run", "peft/automodel", "-c", "tiny", f"model.pretrained_model_name_or_path={model_dir}",
            f"dataset.path_or_dataset_id={train}", f"validation_dataset.path_or_dataset_id={validation}",
-           f"checkpoint.checkpoint_dir={adapter_run}", "checkpoint.overwrite=true",
+           f"checkpoint.checkpoint_dir={adapter_run}", "checkpoint.overwrite=true", "dataset.seq_length=256",
            f"step_scheduler.max_steps={TRAIN_STEPS}", "step_scheduler.global_batch_size=8",
            "step_scheduler.local_batch_size=8", "step_scheduler.val_every_steps=20",
            "step_scheduler.ckpt_every_steps=20", "optimizer.lr=5e-4", "lr_scheduler.lr_warmup_steps=4")
+    # Evaluating the adapter records a validation in its manifest, which the merge checks for.
+    chatft("run", "eval/model_eval", "-c", "tiny", "targets=[adapter]", *common_eval,
+           f"adapter={adapter_run / 'final'}", f"output_dir={evals / 'adapter'}")
     chatft("run", "convert/merge_lora", "-c", "tiny", f"lora_checkpoint={adapter_run}", f"base_hf_path={model_dir}",
-           f"output_hf_path={merged}", "overwrite=true")
+           f"output_hf_path={merged}", "overwrite=true", "show_progress=false")
     chatft("run", "eval/model_eval", "-c", "tiny", "targets=[base,adapter,merged]", *common_eval,
            f"adapter={adapter_run / 'final'}", f"merged={merged}", f"output_dir={evals / 'after'}")
 

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from clirun import assert_error_block
+from clirun import run_chatft as chatft
 
 from chatft import __version__
 
-CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
 FIXTURES = Path(__file__).parent / "fixtures" / "automodel"
-
-
-def chatft(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CHATFT, *args], cwd=cwd, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
-    assert result.returncode == 2, result.stderr
-    # Warning lines may come first; the error block is the last thing printed.
-    block = result.stderr[result.stderr.index(f"error[{error_id}]: "):]
-    assert result.stderr.count("error[") == 1, result.stderr
-    assert (result.stderr.startswith(block) or f"\nerror[{error_id}]: " in result.stderr)
-    assert "\n  hint: " in block
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_help_and_version():

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from chatft.config.loader import deep_merge, load_with_defaults, parse_overrides, resolve_interpolations
+from chatft.config.loader import (
+    deep_merge,
+    load_with_defaults,
+    parse_overrides,
+    resolve_interpolations,
+)
 from chatft.errors import ChatftError
 
 

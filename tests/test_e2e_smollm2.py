@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_chatft as chatft
 
-CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def chatft(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([CHATFT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow

@@ -4,25 +4,28 @@ settings, adapter/merged agreement, manifest records, a full-SFT checkpoint as a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import assert_error_block
+from clirun import run_chatft as chatft
 from conftest import load_module_from_path
 
 from chatft.artifacts import file_sha256, read_manifest, weights_fingerprint
 from chatft.config.schema import validate_config
 from chatft.errors import ChatftError
-from chatft.evaluate import RESULTS_JSON, RESULTS_MD, resolve_targets, run_eval, score_answer
+from chatft.evaluate import (
+    RESULTS_JSON,
+    RESULTS_MD,
+    resolve_targets,
+    run_eval,
+    score_answer,
+)
 from chatft.train.loop import train
 from chatft.train.model import load_tokenizer, quiet_hub_progress
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
-CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -285,18 +288,6 @@ def test_config_keys():
 
 
 # --------------------------------------------------------------------------- the CLI, as a user runs it
-
-
-def chatft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CHATFT_CACHE_DIR": str(cwd / "cache"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([CHATFT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
-
-
-def assert_error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
-    assert result.returncode == 2, result.stderr
-    assert f"error[{error_id}]: " in result.stderr and "\n  hint: " in result.stderr
-    assert result.stderr.count("error[") == 1 and "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_cli_merges_then_scores_three_targets(tiny_model_dir, lora_run, eval_data, tmp_path):

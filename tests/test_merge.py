@@ -4,14 +4,13 @@ refusal (other base, overlapping output, no adapter, Megatron) is one error bloc
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from clirun import assert_error_block
+from clirun import run_chatft as chatft
 from conftest import load_module_from_path
 
 from chatft import artifacts
@@ -24,7 +23,6 @@ from chatft.train.loop import train
 from chatft.train.model import load_tokenizer
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
-CHATFT = str(Path(sys.executable).parent / "chatft")
 FIXTURES = Path(__file__).parent / "fixtures" / "automodel"
 
 
@@ -292,19 +290,6 @@ def test_upstream_merge_config_compiles_with_one_warning_per_megatron_key(monkey
         compile_config(resolve_step("convert/merge_lora"), str(FIXTURES / "upstream_merge_lora.yaml"),
                        ["backend=megatron_bridge"])
     assert err.value.id == "route_not_supported" and "Megatron-Bridge" in err.value.message
-
-
-def chatft(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([CHATFT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def assert_error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.count("error[") == 1 and f"error[{error_id}]: " in result.stderr, result.stderr
-    assert "\n  hint: " in result.stderr[result.stderr.index("error["):]
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_cli_merges_and_refuses(lora_run, tiny_model_dir, tiny_model_other_weights_dir, tmp_path):

@@ -4,16 +4,15 @@ that type-check, model sources and refusals, and the CLI's exit codes and error 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from clirun import assert_error_block as error_block
+from clirun import run_chatft as chatft
 
 from chatft.errors import ChatftError
 from chatft.plan import RULES, PlanRequest, make_plan, run_plan
@@ -22,7 +21,6 @@ from chatft.plan.models import resolve_model
 from chatft.plan.output import config_path, differing, step_settings
 from chatft.steps.registry import all_steps, is_a
 
-CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED_DATA / "alpaca_en_demo.json"
 SHAREGPT = SHARED_DATA / "dummy_conversation.json"
@@ -54,18 +52,6 @@ def packed_parquet(path: Path) -> Path:
 
     pq.write_table(pa.table({"input_ids": [[1, 2, 3]], "loss_mask": [[0, 1, 1]]}), path)
     return path
-
-
-def chatft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CHATFT, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert f"error[{error_id}]: " in result.stderr and "\n  hint: " in result.stderr
-    assert result.stderr.count("error[") == 1 and "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_every_rule_is_a_table_row_with_a_test():

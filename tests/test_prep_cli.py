@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clirun import assert_error_block as error_block
+from clirun import run_chatft as chatft
 
-CHATFT = str(Path(sys.executable).parent / "chatft")
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def chatft(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    # HF_HUB_OFFLINE: no test may wait on the network; a Hub id must fail fast as "not cached".
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "hf-cache"), **(env or {})}
-    return subprocess.run([CHATFT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=120)
-
-
-def error_block(result: subprocess.CompletedProcess, error_id: str) -> str:
-    """Exit status 2, one `error[id]:` block with a hint line, and no traceback."""
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.count("error[") == 1 and f"error[{error_id}]: " in result.stderr, result.stderr
-    assert "\n  hint: " in result.stderr[result.stderr.index("error["):]
-    assert "Traceback" not in result.stderr
-    return result.stderr
 
 
 def test_prep_converts_splits_and_reports(tmp_path):

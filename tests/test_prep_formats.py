@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from chatft.data.formats import RowDropped, check_conversation, convert_row, detect_format
+from chatft.data.formats import (
+    RowDropped,
+    check_conversation,
+    convert_row,
+    detect_format,
+)
 from chatft.errors import ChatftError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

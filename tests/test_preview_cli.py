@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-CHATFT = shutil.which("chatft", path=str(Path(sys.executable).parent)) or "chatft"
+from clirun import run_chatft
 
 
 def preview(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CHATFT, "preview", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CHATFT_CACHE_DIR": str(cwd / "cache"), **(env or {})})
+    return run_chatft("preview", *args, cwd=cwd, env=env)
 
 
 @pytest.fixture

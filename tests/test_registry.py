@@ -7,7 +7,13 @@ import pytest
 from chatft.config.compile import compile_config, get_path
 from chatft.config.schema import SCHEMAS, known_paths
 from chatft.errors import ERROR_IDS, ChatftError
-from chatft.steps.registry import all_steps, artifact_types, filter_steps, is_a, resolve_step
+from chatft.steps.registry import (
+    all_steps,
+    artifact_types,
+    filter_steps,
+    is_a,
+    resolve_step,
+)
 
 STEP_IDS = ["convert/merge_lora", "data_prep/chat_jsonl", "eval/model_eval", "peft/automodel", "sft/automodel"]
 STEPS = list(all_steps().values())

@@ -13,8 +13,14 @@ from safetensors.torch import load_file
 from chatft.errors import ChatftError
 from chatft.train import batching
 from chatft.train.loop import Trainer, train
-from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, peft_target_modules,
-                                resolve_lora_targets)
+from chatft.train.model import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    peft_target_modules,
+    resolve_lora_targets,
+)
 from chatft.train.step import check_supported
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
