@@ -1,5 +1,6 @@
 """The user's path on the real SmolLM2-135M-Instruct and real chat data, through the CLI only:
-prep ShareGPT data → LoRA fine-tune → load the adapter with plain peft and generate."""
+prep ShareGPT data → LoRA fine-tune → load the adapter with plain peft and generate → evaluate the
+adapter → merge → evaluate the merged model, whose loss must agree with the adapter's."""
 
 from __future__ import annotations
 
@@ -45,3 +46,19 @@ def test_prep_then_lora_on_smollm2_then_generate(smollm2_dir, tmp_path):
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+    evaluate = ["run", "eval/model_eval", "-c", "tiny", f"base={smollm2_dir}", "dataset.path_or_dataset_id=data/train.val.jsonl",
+                "generation.num_prompts=1", "generation.max_new_tokens=16"]
+    adapter_eval = chatft(*evaluate, "targets=[adapter]", f"adapter={run}", "output_dir=eval-adapter", cwd=tmp_path, env=env)
+    assert adapter_eval.returncode == 0, adapter_eval.stderr
+    assert len(json.loads((run / "final" / "chatft_manifest.json").read_text())["validations"]) == 1
+    merge = chatft("run", "convert/merge_lora", f"lora_checkpoint={run}", "output_hf_path=merged", "require_validated=true",
+                   cwd=tmp_path, env=env)
+    assert merge.returncode == 0, merge.stderr
+    merged_eval = chatft(*evaluate, "targets=[adapter,merged]", f"adapter={run}", "merged=merged", "output_dir=eval-merged",
+                         cwd=tmp_path, env=env)
+    assert merged_eval.returncode == 0, merged_eval.stderr
+    results = json.loads((tmp_path / "eval-merged" / "eval_results.json").read_text())
+    first = json.loads((tmp_path / "eval-adapter" / "eval_results.json").read_text())
+    assert results["adapter_vs_merged"]["passed"] and results["adapter_vs_merged"]["relative_difference"] < 1e-4
+    assert results["targets"]["adapter"]["metrics"]["loss"] == first["targets"]["adapter"]["metrics"]["loss"]
