@@ -71,7 +71,7 @@ def run_step(compiled: CompiledConfig) -> None:
     estimate = memory.estimate_memory(cfg, device=device)
     fit_note = memory.check_fits(estimate, device, cfg.force)
 
-    from chatft.data.pipeline import prepare_training_data  # the lead's data pipeline
+    from chatft.data.pipeline import prepare_training_data
 
     tokenizer = load_tokenizer(cfg.model)
     train_data = prepare_training_data(cfg.dataset, tokenizer)  # also sets the chat template trained with
