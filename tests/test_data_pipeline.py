@@ -199,3 +199,11 @@ def test_worker_processes_give_the_same_rows(tmp_path, tokenizer, monkeypatch):
     assert [(r.source_row, r.input_ids, r.loss_mask) for r in parallel.rows] == \
         [(r.source_row, r.input_ids, r.loss_mask) for r in serial.rows]
     assert parallel.report.dropped_by_reason == {"invalid_json": 1}
+
+
+def test_an_end_of_turn_token_other_than_eos_counts_as_supervised(tmp_path, tokenizer):
+    """Like Llama 3 (<|eot_id|> ends a turn, EOS is <|end_of_text|>): no false alarm about learning to stop."""
+    tokenizer.eos_token = "<|endoftext|>"
+    logs: list[str] = []
+    prepare(write_jsonl(tmp_path / "d.jsonl", [chat("hello", "hi")]), tokenizer, logs)
+    assert not any(line.startswith("WARNING") for line in logs)

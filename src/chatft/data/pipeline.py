@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any, Callable
 
+from chatft import artifacts
 from chatft.data import cache
 from chatft.data.guards import check_dataset_path
 from chatft.data.masks import MaskOptions, RowMaskError, mask_conversation
@@ -139,17 +140,11 @@ def length_quantiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
-def _end_of_turn_ids(tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    return ids
-
-
 def prepare_training_data(
     section: Any, tokenizer: Any, *, key: str = "dataset", use_cache: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> PreparedData:
     """Token ids and loss masks for every usable row of `section` (a DatasetSection)."""
-    from chatft.artifacts import tokenizer_fingerprint
     from chatft.data.sources import read_message_rows
 
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
@@ -158,7 +153,7 @@ def prepare_training_data(
     options = MaskOptions(train_on=section.train_on, mask_generation_prompt=section.mask_generation_prompt)
     settings = {
         "data": source.sha256, "split": section.split, "limit": section.num_samples_limit,
-        "tokenizer": tokenizer_fingerprint(tokenizer), "template": choice.sha256, "template_source": choice.source,
+        "tokenizer": artifacts.tokenizer_fingerprint(tokenizer), "template": choice.sha256, "template_source": choice.source,
         "tagged": hashlib.sha256(choice.tagged.encode()).hexdigest() if choice.tagged else None,
         "seq_length": section.seq_length, "truncation": section.truncation, "train_on": section.train_on,
         "mask_generation_prompt": section.mask_generation_prompt,
@@ -227,8 +222,10 @@ def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, ke
         log(f"{key}: dropped {count} rows: {reason} (first rows: {first})")
     if report.truncated:
         log(f"{key}: truncated {report.truncated} rows to dataset.seq_length")
-    end_ids = _end_of_turn_ids(tokenizer)
+    # The template's own end-of-turn token (Llama 3's <|eot_id|> is not its EOS), or the EOS.
+    end_ids = {artifacts.end_of_turn_token_id(tokenizer), tokenizer.eos_token_id} - {None}
     ends_trained = sum(1 for row in rows if any(row.input_ids[i] in end_ids for i, m in enumerate(row.loss_mask) if m))
     if end_ids and ends_trained == 0:
-        log(f"WARNING {key}: the end-of-turn token ({tokenizer.eos_token}) is never supervised: the model will "
+        names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(end_ids)))
+        log(f"WARNING {key}: the end-of-turn token ({names}) is never supervised: the model will "
             "not learn to stop. Give a template whose assistant turns end with it (dataset.chat_template=...).")
