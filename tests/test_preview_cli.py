@@ -75,3 +75,36 @@ def test_a_model_that_cannot_be_found_is_refused(data_dir):
                      "dataset.path_or_dataset_id=train.jsonl", cwd=data_dir, env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error[config_invalid]: cannot load model.pretrained_model_name_or_path=org/not-cached-model" in result.stderr
+
+
+def test_preview_reports_padding_and_pack_fill_on_real_data(tmp_path, tiny_model_dir):
+    prep = run_chatft("prep", str(Path(__file__).parents[2] / "shared" / "data" / "alpaca_en_demo.json"),
+                      "-o", str(tmp_path / "train.jsonl"), cwd=tmp_path)
+    assert prep.returncode == 0, prep.stderr
+    common = ("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+              "dataset.path_or_dataset_id=train.jsonl", "dataset.num_samples_limit=80", "dataset.seq_length=512",
+              "dataloader.shuffle=false", "step_scheduler.global_batch_size=8", "step_scheduler.local_batch_size=4")
+    result = preview(*common, "packed_sequence.packed_sequence_size=1024", "--json", "--rows", "1000", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    lengths = [len(row["input_ids"]) for row in payload["rows"]]
+    assert len(lengths) == payload["stats"]["rows_used"] > 30
+    padded = sum(len(chunk) * max(chunk) for chunk in (lengths[i:i + 4] for i in range(0, len(lengths), 4)))
+    packs = 0
+    for step in (lengths[i:i + 8] for i in range(0, len(lengths), 8)):  # greedy packs inside each step
+        used = None
+        for n in step:
+            if used is None or used + n > 1024:
+                packs, used = packs + 1, n
+            else:
+                used += n
+    batching = payload["stats"]["batching"]
+    assert batching["layout"] == "packed" and batching["tokens"] == sum(lengths)
+    assert batching["padding_fraction"] == pytest.approx(1 - sum(lengths) / padded)
+    assert batching["packs"] == packs and batching["pack_fill"] == pytest.approx(sum(lengths) / (packs * 1024))
+    assert 0.1 < batching["padding_fraction"] < 0.9  # Alpaca rows differ in length
+
+    human = preview(*common, cwd=tmp_path)
+    assert human.returncode == 0, human.stderr
+    assert (f"batching: padding-free rows, no padding computed (padded micro-batches of 4 would be "
+            f"{batching['padding_fraction']:.1%} padding)") in human.stdout

@@ -165,7 +165,9 @@ def test_loss_is_normalised_over_the_whole_step_not_per_micro_batch(tiny_model_d
     for losses, weights in outcomes[1:]:
         assert losses == pytest.approx(reference_losses, abs=1e-6)
         for name, tensor in reference_weights.items():
-            torch.testing.assert_close(weights[name], tensor, atol=1e-5, rtol=1e-4)
+            # Adam divides by the root of the squared gradient, so rounding in near-zero gradients (the
+            # packed rows differ in shape per split) shows up a little larger in the weights than in the loss.
+            torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=1e-4)
 
 
 def test_stops_at_num_epochs_or_max_steps_whichever_first(tiny_model_dir, tokenizer, tmp_path):
@@ -233,7 +235,7 @@ def test_weight_decay_skips_norms_and_biases(tiny_model_dir, tokenizer, tmp_path
     ({"distributed__dp_size": 2, "step_scheduler__global_batch_size": 4}, "data-parallel"),
     ({"wandb": {"project": "x"}}, "wandb"),
     ({"mlflow": {"experiment_name": "x"}}, "mlflow"),
-    ({"packed_sequence__packed_sequence_size": 512}, "packing"),
+    ({"packed_sequence__split_across_pack": True}, "splitting a conversation"),
 ])
 def test_refuses_what_is_not_available_yet(tiny_model_dir, tmp_path, override, words):
     with pytest.raises(ChatftError) as err:
@@ -250,3 +252,20 @@ def test_seed_makes_cpu_runs_identical(tiny_model_dir, tokenizer, tmp_path):
         train(cfg, tmp_path / name, data, tokenizer=tokenizer)
         losses.append([json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
     assert losses[0] == losses[1]
+
+
+def test_bfloat16_lora_follows_the_float32_loss_curve(tiny_model_dir, tokenizer, tmp_path):
+    # bfloat16 LoRA: frozen base stored in bfloat16, float32 adapters computed under autocast.
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 16))
+    curves, adapters = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / dtype, lora=True, model__torch_dtype=dtype,
+                                      step_scheduler__max_steps=6, dataloader__shuffle=False,
+                                      validation_dataset={"path_or_dataset_id": "val.jsonl"})
+        result = train(cfg, tmp_path / dtype, data, data, tokenizer=tokenizer)
+        curves[dtype] = [json.loads(line)["loss"] for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+        adapters[dtype] = load_file(str(result.final_dir / "adapter_model.safetensors"))
+        assert result.val_loss is not None
+    assert curves["float32"][-1] < curves["float32"][0] and curves["bfloat16"][-1] < curves["bfloat16"][0]
+    assert curves["bfloat16"] == pytest.approx(curves["float32"], rel=3e-2)
+    assert all(t.dtype == torch.float32 for t in adapters["bfloat16"].values())  # adapters stay float32

@@ -2,7 +2,9 @@
 
 In: a compiled training config. Out (stdout): N rows with the supervised tokens marked, per-row
 supervised/total token counts, the dataset's token-length quantiles, how many rows exceed
-`dataset.seq_length` and what the truncation policy does with them, and the memory estimate.
+`dataset.seq_length` and what the truncation policy does with them, how the first epoch fills micro-batches
+(the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), and the
+memory estimate.
 `--json` prints `{rows: [{input_ids, labels_mask, text}], stats: {...}}`.
 """
 
@@ -54,8 +56,24 @@ def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any]) -> d
         "total_tokens": report.total_tokens,
         "template_source": report.template_source,
         "mask_method": report.mask_method,
+        "batching": _batching(data, cfg),
         "memory_estimate": memory,
     }
+
+
+def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
+    """Micro-batch fill over the first epoch, in the order training visits the rows."""
+    from chatft.train import batching
+
+    sched, packing = cfg.step_scheduler, cfg.packed_sequence
+    lengths = [len(row) for row in data.rows]
+    order = batching.epoch_order(lengths, 0, seed=cfg.seed, shuffle=cfg.dataloader.shuffle,
+                                 group_by_length=cfg.dataloader.group_by_length,
+                                 global_batch_size=sched.global_batch_size)
+    stats = batching.layout_stats(lengths, order, sched.global_batch_size, sched.local_batch_size,
+                                  packing.packed_sequence_size)
+    layout = "packed" if packing.packed_sequence_size > 0 else "padding_free" if packing.padding_free else "padded"
+    return {"layout": layout, "local_batch_size": sched.local_batch_size, **stats}
 
 
 def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any]:
@@ -89,6 +107,17 @@ def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     _print_human(tokenizer, shown, stats)
 
 
+def _batching_line(batching: dict[str, Any]) -> str:
+    padded = (f"padded micro-batches of {batching['local_batch_size']} would be "
+              f"{batching['padding_fraction']:.1%} padding")
+    if batching["layout"] == "packed":
+        return (f"batching: {batching['packs']} packs, {batching['pack_fill']:.1%} full on average, no padding "
+                f"computed ({padded})")
+    if batching["layout"] == "padding_free":
+        return f"batching: padding-free rows, no padding computed ({padded})"
+    return f"batching: {padded} (packed_sequence.padding_free=true computes none)"
+
+
 def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -115,6 +144,7 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         f"over seq_length={stats['seq_length']}: {stats['over_seq_length']} rows, "
         f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
         f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
+        _batching_line(stats["batching"]),
     ]
     lines.append(stats["memory_estimate"]["summary"])
     for line in lines:

@@ -143,8 +143,13 @@ class DistributedSection(Section):
 
 
 class PackedSequenceSection(Section):
-    packed_sequence_size: int = Field(0, ge=0, description="0 = no packing")
+    packed_sequence_size: int = Field(
+        0, ge=0, description="0: micro-batches of local_batch_size conversations; N: as many consecutive "
+        "conversations of the step as fit in N tokens")
     split_across_pack: bool = False
+    padding_free: bool = Field(
+        True, description="concatenate each micro-batch's conversations into one row: no padding, attention "
+        "kept inside each conversation")
 
 
 class LoraSection(Section):
@@ -238,6 +243,16 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"step_scheduler.global_batch_size ({sched.global_batch_size}) must be a multiple of "
                 f"local_batch_size ({sched.local_batch_size}) x data-parallel size ({dp})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pack_holds_a_row(self) -> TrainingConfig:
+        size, seq_length = self.packed_sequence.packed_sequence_size, self.dataset.seq_length
+        if 0 < size < seq_length:
+            raise ValueError(
+                f"packed_sequence.packed_sequence_size ({size}) must be at least dataset.seq_length ({seq_length}) "
+                "so that every row fits in a pack"
             )
         return self
 

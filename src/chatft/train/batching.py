@@ -1,7 +1,14 @@
 """From tokenized rows to the micro-batches of each optimizer step.
 
 In: `TokenizedRow`s (ids + loss mask), the batch sizes, a seed. Out: for each optimizer step, a list of
-micro-batches, each a dict of `input_ids`, `attention_mask`, `labels` padded to its own longest row.
+micro-batches in one of two layouts:
+- padding-free (the default): the micro-batch's conversations concatenated into ONE row, `input_ids`,
+  `position_ids` (restarting at 0 for every conversation) and `labels`, no attention mask. transformers reads
+  the restarting position ids as packed sequences: sdpa/eager get a block-diagonal causal mask, flash
+  attention its varlen kernel, so no conversation attends to another and nothing is computed on padding;
+- padded: `input_ids`, `attention_mask`, `labels`, one row per conversation, padded to the longest.
+A micro-batch holds `local_batch_size` conversations, or, with a token budget (`packed_sequence_size`), as
+many consecutive conversations of the step as fit in the budget.
 
 - The order of an epoch is a pure function of (seed, epoch): resuming recomputes it and skips the steps
   already taken, so the data position is just (epoch, steps done in that epoch).
@@ -12,19 +19,22 @@ micro-batches, each a dict of `input_ids`, `attention_mask`, `labels` padded to 
   shuffled, so a micro-batch pads little while the steps stay in random order.
 - Labels: `labels[i] = input_ids[i]` where `loss_mask[i]`, else -100; the model's shift (token i predicted
   from tokens < i) happens in the loss. Padding never becomes a label, whatever the pad id (SmolLM2 pads
-  with its EOS token, whose real occurrences stay supervised).
+  with its EOS token, whose real occurrences stay supervised). In a packed row the first token of every
+  conversation is -100 as well, so no conversation is ever the target of the one before it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 from chatft.data.types import TokenizedRow
 
 IGNORE_INDEX = -100
+T = TypeVar("T")
 LENGTH_GROUP_WINDOW = 8  # global batches per window that are sorted by length together
 
 
@@ -70,15 +80,71 @@ def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(rows):
         ids = torch.tensor(row.input_ids, dtype=torch.long)
-        mask = torch.tensor(row.loss_mask, dtype=torch.bool)
         input_ids[i, :len(row)] = ids
         attention_mask[i, :len(row)] = 1
-        labels[i, :len(row)] = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
+        labels[i, :len(row)] = _labels(ids, row.loss_mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def micro_batches(rows: Sequence[TokenizedRow], local_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(rows[i:i + local_batch_size], pad_id) for i in range(0, len(rows), local_batch_size)]
+def collate_packed(rows: Sequence[TokenizedRow]) -> dict[str, torch.Tensor]:
+    """Concatenate the rows into one padding-free row; position ids restart at 0 for every row."""
+    ids = torch.tensor([token for row in rows for token in row.input_ids], dtype=torch.long)
+    positions = torch.cat([torch.arange(len(row), dtype=torch.long) for row in rows])
+    labels = torch.cat([_labels(torch.tensor(row.input_ids, dtype=torch.long), row.loss_mask) for row in rows])
+    labels[positions == 0] = IGNORE_INDEX  # never predict a conversation from the end of the previous one
+    return {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None]}
+
+
+def _labels(ids: torch.Tensor, loss_mask: Sequence[bool]) -> torch.Tensor:
+    return torch.where(torch.tensor(loss_mask, dtype=torch.bool), ids, torch.full_like(ids, IGNORE_INDEX))
+
+
+def group_rows(rows: Sequence[T], local_batch_size: int, token_budget: int = 0,
+               length: Callable[[T], int] = len) -> list[list[T]]:
+    """Consecutive rows per micro-batch: `local_batch_size` at a time, or, with a token budget, as many as fit
+    in `token_budget` tokens (a row longer than the budget goes alone)."""
+    if token_budget <= 0:
+        return [list(rows[i:i + local_batch_size]) for i in range(0, len(rows), local_batch_size)]
+    groups: list[list[T]] = []
+    used = 0
+    for row in rows:
+        if groups and used + length(row) <= token_budget:
+            groups[-1].append(row)
+            used += length(row)
+        else:
+            groups.append([row])
+            used = length(row)
+    return groups
+
+
+def micro_batches(
+    rows: Sequence[TokenizedRow], local_batch_size: int, pad_id: int, *, padding_free: bool = False,
+    token_budget: int = 0,
+) -> list[dict[str, torch.Tensor]]:
+    groups = group_rows(rows, local_batch_size, token_budget)
+    if padding_free or token_budget > 0:
+        return [collate_packed(group) for group in groups]
+    return [collate(group, pad_id) for group in groups]
+
+
+def layout_stats(lengths: Sequence[int], order: Sequence[int], global_batch_size: int, local_batch_size: int,
+                 token_budget: int = 0) -> dict[str, float | int]:
+    """How the rows of one epoch (visited in `order`) fill micro-batches: the share of positions a padded
+    layout would spend on padding, and, with a token budget, how full the packs are."""
+    real = padded = packs = 0
+    for start in range(0, len(order), global_batch_size):
+        step = [lengths[i] for i in order[start:start + global_batch_size]]
+        real += sum(step)
+        for i in range(0, len(step), local_batch_size):
+            chunk = step[i:i + local_batch_size]
+            padded += len(chunk) * max(chunk)
+        if token_budget > 0:
+            packs += len(group_rows(step, local_batch_size, token_budget, length=lambda n: n))
+    stats: dict[str, float | int] = {"tokens": real, "padded_positions": padded,
+                                     "padding_fraction": 1 - real / padded if padded else 0.0}
+    if token_budget > 0:
+        stats.update(packs=packs, pack_fill=real / (packs * token_budget) if packs else 0.0)
+    return stats
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -87,4 +153,6 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["attention_mask"].sum())
+    """Real (non-padding) tokens of a micro-batch."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from chatft import artifacts
 from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import batching, checkpoints, losses, memory
+from chatft.train import attention, batching, checkpoints, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
 from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, model_location,
@@ -144,8 +145,11 @@ class Trainer:
 
     - model: `AutoModelForCausalLM.from_pretrained` in `model.torch_dtype` on CUDA if present else CPU;
       LoRA through PEFT with float32 adapters; activation checkpointing when asked;
-    - batches: `global_batch_size` rows per optimizer step in micro-batches of `local_batch_size`, each
-      padded to its own longest row; optional length grouping; epochs reshuffled from the seed;
+    - batches: `global_batch_size` rows per optimizer step in micro-batches of `local_batch_size` rows (or
+      of up to `packed_sequence_size` tokens), each one padding-free row (the default, after a check that the
+      model keeps packed rows apart) or padded to its longest row; optional length grouping; epochs
+      reshuffled from the seed;
+    - loss head: logits only at positions followed by a supervised token (`losses.loss_sum`);
     - loss: summed token cross-entropy over supervised tokens divided by the supervised tokens of the whole
       optimizer step, so the result does not depend on how a step is split into micro-batches;
     - AdamW (fused on CUDA) without weight decay on norms and biases; warm-up then cosine / linear /
@@ -209,10 +213,70 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora:
             model = apply_lora(model, cfg.peft, cfg.seed)
+            if self._adapters_autocast():
+                for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
+                    if isinstance(module, BaseTunerLayer):
+                        module.cast_input_dtype_enabled = False
         self.model = model
         self.params = count_parameters(model)
+        self.padding_free = self._check_padding_free()
         if self.dtype == torch.float16:
             self.notes.append("warning: float16 trains without loss scaling here; bfloat16 is the safer choice")
+
+    def _check_padding_free(self) -> bool:
+        """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
+        apart (`padding_free.boundary_leak`); otherwise padded ones, with a note saying why. With sdpa, the
+        attention then runs per conversation (`attention.SEGMENT_SDPA`)."""
+        packing = self.cfg.packed_sequence
+        if not (packing.padding_free or packing.packed_sequence_size > 0):
+            return False
+        sdpa = self.cfg.model.attn_implementation == "sdpa"
+        if sdpa:
+            attention.use_segment_sdpa(self.model)
+        with self._compute_precision():
+            leak = padding_free.boundary_leak(self.model, self._probe_vocab_size(), self.device)
+        if leak <= padding_free.tolerance(self.dtype):
+            return True
+        if sdpa:
+            self.model.set_attn_implementation("sdpa")
+        if packing.packed_sequence_size > 0:
+            raise ChatftError(
+                "config_invalid",
+                f"packed_sequence.packed_sequence_size={packing.packed_sequence_size}, but this model lets packed "
+                f"conversations see each other (logits of a packed row differ by {leak:.2e} of their scale from the "
+                f"row alone, with attn_implementation={self.cfg.model.attn_implementation})",
+                "set packed_sequence.packed_sequence_size=0, or model.attn_implementation=sdpa / flash_attention_2",
+            )
+        self.notes.append(
+            f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
+            f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")
+        return False
+
+    def _probe_vocab_size(self) -> int:
+        return min(len(self.tokenizer), self.model.config.get_text_config().vocab_size)
+
+    def _micro_batches(self, rows: list) -> list[dict[str, torch.Tensor]]:
+        return batching.micro_batches(rows, self.cfg.step_scheduler.local_batch_size, self.pad_id,
+                                      padding_free=self.padding_free,
+                                      token_budget=self.cfg.packed_sequence.packed_sequence_size)
+
+    def _adapters_autocast(self) -> bool:
+        """LoRA on a bfloat16/float16 base: the float32 adapters compute in the base's dtype under autocast
+        (their weights and gradients stay float32), instead of PEFT casting every activation to float32 and
+        back around each adapter, which on CPU cost more than the adapters themselves."""
+        return self.lora and self.dtype != torch.float32
+
+    def _compute_precision(self):
+        if self._adapters_autocast():
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def _micro_batch_layout(self) -> str:
+        sched, budget = self.cfg.step_scheduler, self.cfg.packed_sequence.packed_sequence_size
+        layout = "padding-free" if self.padding_free else "padded to the longest row"
+        if budget > 0:
+            return f"micro-batches: up to {budget} tokens of consecutive rows, {layout}"
+        return f"{self.cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}, {layout}"
 
     def _setup_optimizer(self) -> None:
         decay, no_decay = [], []
@@ -241,7 +305,7 @@ class Trainer:
         self.val_batches = []
         if self.val_data is not None:
             rows = self.val_data.rows[self.rank::self.world_size]  # ranks: each validates its share
-            self.val_batches = batching.micro_batches(rows, sched.local_batch_size, self.pad_id)
+            self.val_batches = self._micro_batches(rows)
         # The data position: epoch, and optimizer steps taken within it.
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.tokens_seen, self.elapsed_before = 0, 0.0
@@ -291,8 +355,8 @@ class Trainer:
             f"model: {model_location(cfg.model)} on {self.device.type} ({mode})",
             self.params.line(),
             f"data: {len(self.lengths)} training rows{validation}",
-            f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch) of {sched.global_batch_size} rows = "
-            f"{cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}",
+            f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch) of {sched.global_batch_size} rows; "
+            f"{self._micro_batch_layout()}",
             *self.estimate.lines(),
             *[n for n in self.notes if n],
         ]
@@ -382,12 +446,14 @@ class Trainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
         (shared with eval/model_eval: `losses.loss_sum`)."""
-        return losses.loss_sum(self.model, batch)
+        with self._compute_precision():
+            return losses.loss_sum(self.model, batch)
 
     @torch.no_grad()
     def _validate(self, note) -> dict[str, Any]:
         self.model.eval()
-        score = losses.score_batches(self.model, self.val_batches, self.device)
+        with self._compute_precision():
+            score = losses.score_batches(self.model, self.val_batches, self.device)
         self.model.train()
         # ranks: score.loss_sum, score.correct and score.tokens are summed across processes here
         row = {"step": self.step, "loss": score.loss, "token_accuracy": score.token_accuracy, "tokens": score.tokens}
@@ -413,7 +479,7 @@ class Trainer:
                                      rank=self.rank, world_size=self.world_size)
         self.step_in_epoch += 1
         rows = [self.train_data.rows[i] for i in indices]
-        return batching.micro_batches(rows, sched.local_batch_size, self.pad_id)
+        return self._micro_batches(rows)
 
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
@@ -517,6 +583,7 @@ class Trainer:
             "peak_mem_mb": round(self._peak_memory() / MB, 1),
             "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
             "device": self.device.type,
+            "padding_free": self.padding_free,
         }
         data = {"train": self.train_data.report.to_json(),
                 "validation": self.val_data.report.to_json() if self.val_data else None}

@@ -1,14 +1,20 @@
 """Loss and token accuracy on supervised tokens: the one definition training and evaluation share.
 
-In: a causal LM and micro-batches from `batching.collate` (`input_ids`, `attention_mask`, `labels` with -100
-where nothing is supervised). Out: the summed cross-entropy and the count of correctly predicted tokens of a
-batch (`loss_sum`), or, over many batches, the mean loss per supervised token and the token accuracy
+In: a causal LM and micro-batches from `batching` (padded or padding-free, `labels` -100 where nothing is
+supervised). Out: the summed cross-entropy and the count of correctly predicted tokens of a batch
+(`loss_sum`), or, over many batches, the mean loss per supervised token and the token accuracy
 (`score_batches`). Token i is predicted from the tokens before it: logits at i-1 against the label at i.
-The cross-entropy is taken in float32 whatever the model's dtype.
+
+The output head runs only where a label follows: the model is asked for the logits of those positions
+(`logits_to_keep` with the position indices), so the full-vocabulary logits of prompts and padding are
+never computed or kept for backward. For a model whose forward does not take `logits_to_keep`, the full
+logits are computed and the same positions selected. The cross-entropy is taken in float32 whatever the
+model's dtype.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,20 +22,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from chatft.train import attention
 from chatft.train.batching import IGNORE_INDEX, supervised_tokens
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the supervised tokens of `batch` (float32, differentiable), and the number of
     those tokens whose argmax prediction is right."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    targets = batch["labels"][:, 1:]
+    # Positions whose next token is supervised in any row (rows of a padded batch share the index).
+    positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if "position_ids" in batch and attention.uses_segment_sdpa(model):
+        inputs[attention.SEGMENTS_KWARG] = attention.segment_bounds(batch["position_ids"])
+    if accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions).logits
+    else:
+        logits = model(**inputs).logits[:, positions]
+    logits = logits.float()
+    labels = targets[:, positions]
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
     return total, correct
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under any wrapper (PEFT) takes `logits_to_keep` in its forward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 @dataclass(frozen=True)

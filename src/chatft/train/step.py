@@ -32,12 +32,11 @@ def check_supported(cfg: TrainingConfig, job_file: Path | None = None) -> None:
                 f"the `{section}` section is set but {section} logging is not implemented yet{written}",
                 f"remove the `{section}` section; metrics.jsonl, loss.png and logging.tensorboard=true are available",
             )
-    if cfg.packed_sequence.packed_sequence_size > 0:
+    if cfg.packed_sequence.split_across_pack:
         raise ChatftError(
             "not_available_yet",
-            f"packed_sequence.packed_sequence_size={cfg.packed_sequence.packed_sequence_size}: "
-            f"packing is not implemented yet{written}",
-            "set packed_sequence.packed_sequence_size=0 (rows are padded per micro-batch instead)",
+            f"packed_sequence.split_across_pack=true: splitting a conversation across packs is not implemented{written}",
+            "set packed_sequence.split_across_pack=false (each conversation stays whole inside one pack)",
         )
     if cfg.logging.tensorboard:
         from chatft.train.metrics import require_tensorboard

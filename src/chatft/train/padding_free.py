@@ -1,0 +1,45 @@
+"""A check, on the loaded model, that padding-free rows keep conversations apart.
+
+Padding-free micro-batches (`batching.collate_packed`) rely on the model reading restarting position ids as
+sequence boundaries: transformers' own architectures do (block-diagonal causal mask for sdpa/eager, varlen
+kernels for flash attention), but a model with its own modelling code (`trust_remote_code`) or an attention
+implementation that ignores position ids would let one conversation attend to the one before it, silently.
+So before training, two short token rows are run through the model twice: alone, and packed after another
+row (once with each of two different rows in front). The packed logits must equal the alone ones and must
+not depend on what was in front; otherwise training falls back to padded micro-batches and says why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROBE_LENGTHS = (7, 5)  # the row in front, the probed row
+PROBE_SEED = 1234
+
+
+@torch.no_grad()
+def boundary_leak(model: torch.nn.Module, vocab_size: int, device: torch.device) -> float:
+    """The largest difference between the probed row's logits alone and packed behind another row,
+    relative to the largest logit (0.0 for a model that keeps packed conversations apart)."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    front, probed = PROBE_LENGTHS
+    high = min(vocab_size, 1000)
+    rows = torch.randint(0, high, (3, front + probed), generator=generator)
+    probe = rows[0, front:]
+    fronts = (rows[1, :front], rows[2, :front])
+    positions = torch.cat([torch.arange(front), torch.arange(probed)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=probe[None].to(device)).logits.float()
+        packed = [model(input_ids=torch.cat([f, probe])[None].to(device), position_ids=positions).logits[:, front:]
+                  .float() for f in fronts]
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().clamp_min(1e-6)
+    return float(max((p - alone).abs().max() for p in packed) / scale)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative difference allowed for kernel rounding: alone and packed rows run different shapes."""
+    return 1e-4 if dtype == torch.float32 else 3e-2

@@ -1,0 +1,197 @@
+"""Padding-free micro-batches: layout, loss equal to padded batches, no attention across conversations,
+the supervised-position loss head, the boundary probe and the trainer's fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_module_from_path
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from chatft.errors import ChatftError
+from chatft.train import attention, batching, losses, padding_free
+from chatft.train.loop import train
+from chatft.train.model import load_model, load_tokenizer
+
+helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
+
+# transformers' own packed-sequence handling, and chatft's per-conversation SDPA on top of it.
+ATTENTION = ["sdpa", "eager", attention.SEGMENT_SDPA]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    rows = helpers.chat_rows(tokenizer, 5)
+    assert len({len(r) for r in rows}) > 2  # different lengths, so the padded layout really pads
+    return rows
+
+
+def tiny_model(model_dir: Path, attn: str) -> torch.nn.Module:
+    cfg = helpers.training_config(model_dir, Path("unused"))
+    model = load_model(cfg.model, torch.device("cpu"), torch.float32)
+    if attn == attention.SEGMENT_SDPA:
+        attention.use_segment_sdpa(model)
+    else:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def test_packed_layout_keeps_every_token_and_restarts_positions(rows):
+    padded = batching.collate(rows, pad_id=0)
+    packed = batching.collate_packed(rows)
+    assert set(packed) == {"input_ids", "position_ids", "labels"} and packed["input_ids"].shape == (1, sum(map(len, rows)))
+    assert batching.input_tokens(packed) == batching.input_tokens(padded) == sum(map(len, rows))
+    assert batching.supervised_tokens(packed) == batching.supervised_tokens(padded)
+    starts = [0]
+    for row in rows[:-1]:
+        starts.append(starts[-1] + len(row))
+    assert (packed["position_ids"][0] == 0).nonzero().squeeze(1).tolist() == starts
+    assert all(packed["labels"][0, s] == batching.IGNORE_INDEX for s in starts)
+    assert attention.segment_bounds(packed["position_ids"]) == (*starts, sum(map(len, rows)))
+
+
+def test_token_budget_groups_consecutive_rows_and_drops_nothing(rows):
+    lengths = [len(r) for r in rows]
+    budget = max(lengths) + min(lengths)
+    groups = batching.group_rows(rows, local_batch_size=2, token_budget=budget)
+    assert [r for g in groups for r in g] == list(rows)  # same rows, same order
+    assert all(sum(map(len, g)) <= budget for g in groups)
+    for first, second in zip(groups, groups[1:]):  # greedy: the next row did not fit
+        assert sum(map(len, first)) + len(second[0]) > budget
+    assert batching.group_rows(rows, 1, token_budget=1) == [[r] for r in rows]  # a row over budget goes alone
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_packed_loss_and_gradients_equal_padded(tiny_model_dir, rows, attn):
+    model = tiny_model(tiny_model_dir, attn)
+    results = []
+    for batch in (batching.collate(rows, pad_id=0), batching.collate_packed(rows)):
+        model.zero_grad()
+        loss, correct = losses.loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), int(correct), [p.grad.clone() for p in model.parameters()]))
+    (padded_loss, padded_correct, padded_grads), (packed_loss, packed_correct, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-6, atol=1e-5)
+    assert packed_correct == padded_correct
+    for packed_grad, padded_grad in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_no_conversation_attends_to_another(tiny_model_dir, rows, attn):
+    model = tiny_model(tiny_model_dir, attn).eval()
+    first, rest = rows[0], rows[1:]
+    edited = dataclasses.replace(first, input_ids=[(t + 17) % 1000 for t in first.input_ids])
+    changed = batching.collate_packed([edited, *rest])
+    original = batching.collate_packed(rows)
+    assert not torch.equal(original["input_ids"], changed["input_ids"])
+    with torch.no_grad():
+        logits = [model(**{k: b[k] for k in ("input_ids", "position_ids")},
+                        **({attention.SEGMENTS_KWARG: attention.segment_bounds(b["position_ids"])}
+                           if attn == attention.SEGMENT_SDPA else {})).logits for b in (original, changed)]
+    later = slice(len(first), None)
+    assert not torch.allclose(logits[0][:, :len(first)], logits[1][:, :len(first)])  # the edit is visible...
+    torch.testing.assert_close(logits[0][:, later], logits[1][:, later], rtol=0, atol=1e-6)  # ...only there
+
+
+def test_supervised_head_equals_the_full_logits_loss(tiny_model_dir, rows):
+    model = tiny_model(tiny_model_dir, "sdpa")
+    batch = batching.collate(rows, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                     ignore_index=batching.IGNORE_INDEX, reduction="sum")
+        expected_correct = int(((logits.argmax(-1) == labels) & (labels != batching.IGNORE_INDEX)).sum())
+        loss, correct = losses.loss_sum(model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    assert int(correct) == expected_correct
+
+    class NoLogitsToKeep(torch.nn.Module):  # a causal LM whose forward predates `logits_to_keep`
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    wrapped = NoLogitsToKeep(model)
+    assert losses.accepts_logits_to_keep(model) and not losses.accepts_logits_to_keep(wrapped)
+    with torch.no_grad():
+        fallback, fallback_correct = losses.loss_sum(wrapped, batch)
+    torch.testing.assert_close(fallback, expected, rtol=1e-6, atol=1e-5)
+    assert int(fallback_correct) == expected_correct
+
+
+LEAKY = "chatft_test_leaky_attention"
+
+
+def leaky_attention(module, query, key, value, attention_mask, **kwargs):
+    """Causal attention over the whole row, ignoring the conversations' boundaries."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def test_boundary_probe_tells_a_leaking_model_apart(tiny_model_dir):
+    AttentionInterface.register(LEAKY, leaky_attention)
+    AttentionMaskInterface.register(LEAKY, sdpa_mask)
+    for attn in ATTENTION:
+        leak = padding_free.boundary_leak(tiny_model(tiny_model_dir, attn), 1000, torch.device("cpu"))
+        assert leak <= padding_free.tolerance(torch.float32), attn
+    leak = padding_free.boundary_leak(tiny_model(tiny_model_dir, LEAKY), 1000, torch.device("cpu"))
+    assert leak > 10 * padding_free.tolerance(torch.bfloat16)
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_losses_do_not_depend_on_the_layout(tiny_model_dir, tokenizer, tmp_path):
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 8))
+    runs = {
+        "padded": {"packed_sequence__padding_free": False},
+        "padding_free": {},
+        "token_budget": {"packed_sequence__packed_sequence_size": 256},
+    }
+    outcome = {}
+    for name, overrides in runs.items():
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / name, step_scheduler__max_steps=3,
+                                      dataloader__shuffle=False, **overrides)
+        result = train(cfg, tmp_path / name, data, tokenizer=tokenizer)
+        manifest = json.loads((result.final_dir / "chatft_manifest.json").read_text())
+        outcome[name] = (step_losses(tmp_path / name), manifest["metrics"]["padding_free"])
+    assert outcome["padded"][1] is False and outcome["padding_free"][1] is True and outcome["token_budget"][1] is True
+    for name in ("padding_free", "token_budget"):
+        assert outcome[name][0] == pytest.approx(outcome["padded"][0], rel=1e-5)
+
+
+def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(padding_free, "boundary_leak", lambda *args: 0.5)
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 4))
+    cfg = helpers.training_config(tiny_model_dir, tmp_path / "a", step_scheduler__max_steps=1)
+    result = train(cfg, tmp_path / "a", data, tokenizer=tokenizer)
+    assert "padded micro-batches: this model does not keep padding-free rows apart" in capsys.readouterr().out
+    manifest = json.loads((result.final_dir / "chatft_manifest.json").read_text())
+    assert manifest["metrics"]["padding_free"] is False
+
+    packed = helpers.training_config(tiny_model_dir, tmp_path / "b", step_scheduler__max_steps=1,
+                                     packed_sequence__packed_sequence_size=512)
+    with pytest.raises(ChatftError) as err:
+        train(packed, tmp_path / "b", data, tokenizer=tokenizer)
+    assert err.value.id == "config_invalid" and "see each other" in err.value.message
+
+
+def test_a_pack_smaller_than_a_row_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(Exception, match="at least dataset.seq_length"):
+        helpers.training_config(tiny_model_dir, tmp_path, packed_sequence__packed_sequence_size=128)
