@@ -127,7 +127,7 @@ def test_values_matching_chatft_are_dropped_silently():
         "training",
     )
     assert warnings == []
-    assert cfg == {"distributed": {}, "checkpoint": {}}
+    assert cfg == {"distributed": {}, "checkpoint": {}, "compile": {"enabled": False}}  # compile is chatft's too
 
 
 def test_selective_activation_checkpointing_becomes_full_with_a_warning():

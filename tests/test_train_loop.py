@@ -269,3 +269,24 @@ def test_bfloat16_lora_follows_the_float32_loss_curve(tiny_model_dir, tokenizer,
     assert curves["float32"][-1] < curves["float32"][0] and curves["bfloat16"][-1] < curves["bfloat16"][0]
     assert curves["bfloat16"] == pytest.approx(curves["float32"], rel=3e-2)
     assert all(t.dtype == torch.float32 for t in adapters["bfloat16"].values())  # adapters stay float32
+
+
+def test_compiled_layers_train_like_eager(tiny_model_dir, tokenizer, tmp_path):
+    from torch._dynamo.utils import counters
+
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 8))
+    outcome = {}
+    counters.clear()
+    for name, overrides in {"eager": {}, "compiled": {"compile__enabled": True}}.items():
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / name, step_scheduler__max_steps=3,
+                                      dataloader__shuffle=False, **overrides)
+        result = train(cfg, tmp_path / name, data, tokenizer=tokenizer)
+        weights = load_file(str(result.final_dir / "model.safetensors"))
+        outcome[name] = ([json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()],
+                         weights)
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = outcome["eager"], outcome["compiled"]
+    assert counters["stats"]["unique_graphs"] > 0  # graphs were really compiled
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert set(compiled_weights) == set(eager_weights)  # same parameter names: nothing wrapped
+    for name, tensor in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], tensor, atol=5e-5, rtol=1e-4)

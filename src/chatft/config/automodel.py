@@ -96,11 +96,6 @@ _off = _is(None, False, 0)
 # silently), and what chatft does instead (the warning for any other value).
 IGNORED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rng.ranked": (_is(True, None), "chatft seeds every rank from `seed` and its rank"),
-    "compile.enabled": (_off, "torch.compile is not used; chatft runs eager"),
-    "compile.mode": (lambda v: True, ""),
-    "compile.fullgraph": (lambda v: True, ""),
-    "compile.dynamic": (lambda v: True, ""),
-    "compile.backend": (lambda v: True, ""),
     "model.backend.attn": (_is("sdpa", "eager", None), "Transformer Engine/flex attention is not used; chatft uses model.attn_implementation"),
     "model.backend.linear": (_is("torch", None), "Transformer Engine linear layers are not used; chatft uses torch.nn.Linear"),
     "model.backend.rms_norm": (_is("torch", "torch_fp32", None), "chatft uses the model's own RMSNorm"),
@@ -330,7 +325,7 @@ def _translate_training(tr: Translation) -> None:
 
     # Sections whose every key was a `_target_` or a dropped setting. (`peft` stays even when emptied:
     # a block holding only its `_target_` asks for the default LoRA.)
-    for section in ("recipe", "rng", "compile", "model.backend", "loss_fn", "dataloader", "validation_dataloader",
+    for section in ("recipe", "rng", "model.backend", "loss_fn", "dataloader", "validation_dataloader",
                     "run.env", "run"):
         _drop_emptied(tr, section)
 

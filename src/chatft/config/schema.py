@@ -170,6 +170,16 @@ class LoraSection(Section):
         return self
 
 
+class CompileSection(Section):
+    """torch.compile of each decoder layer (AutoModel's `compile` section)."""
+
+    enabled: bool = False
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    dynamic: bool | None = Field(True, description="row lengths change every step: compile for any length")
+    fullgraph: bool = False
+    backend: str = "inductor"
+
+
 class LoggingSection(Section):
     tensorboard: bool = False
 
@@ -212,6 +222,7 @@ class TrainingConfig(Section):
     distributed: DistributedSection = DistributedSection()
     packed_sequence: PackedSequenceSection = PackedSequenceSection()
     peft: LoraSection | None = None
+    compile: CompileSection = CompileSection()
     logging: LoggingSection = LoggingSection()
     wandb: WandbSection | None = None
     mlflow: MlflowSection | None = None

@@ -27,6 +27,7 @@ SEGMENTS_KWARG = "chatft_segments"
 _NOT_SPLITTABLE = ("sliding_window", "softcap", "s_aux", "position_bias")
 
 
+@torch.compiler.disable  # the segment count changes every step: compiled layers call this as it is
 def segment_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

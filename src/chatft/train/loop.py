@@ -26,7 +26,7 @@ from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import attention, batching, checkpoints, losses, memory, padding_free
+from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
 from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, model_location,
@@ -220,6 +220,8 @@ class Trainer:
         self.model = model
         self.params = count_parameters(model)
         self.padding_free = self._check_padding_free()
+        if cfg.compile.enabled:  # after the probe: it runs rows of other shapes than training's
+            self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
         if self.dtype == torch.float16:
             self.notes.append("warning: float16 trains without loss scaling here; bfloat16 is the safer choice")
 
