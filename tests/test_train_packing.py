@@ -195,3 +195,19 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
 def test_a_pack_smaller_than_a_row_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(Exception, match="at least dataset.seq_length"):
         helpers.training_config(tiny_model_dir, tmp_path, packed_sequence__packed_sequence_size=128)
+
+
+def test_summed_cross_entropy_matches_torch_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 50, generator=generator) * 4
+    labels = torch.randint(0, 50, (12,), generator=generator)
+    labels[[2, 7]] = batching.IGNORE_INDEX
+    ours_in, reference_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = losses._SummedCrossEntropy.apply(ours_in * 1.0, labels)  # `* 1.0`: backward may reuse its input
+    reference = torch.nn.functional.cross_entropy(reference_in, labels, ignore_index=batching.IGNORE_INDEX,
+                                                  reduction="sum")
+    (ours * 0.5).backward()
+    (reference * 0.5).backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(ours_in.grad, reference_in.grad)
+    assert ours_in.grad[[2, 7]].abs().max() == 0  # ignored positions get no gradient

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from chatft.train import attention
 from chatft.train.batching import IGNORE_INDEX, supervised_tokens
@@ -42,13 +41,38 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits = model(**inputs, logits_to_keep=positions).logits
     else:
         logits = model(**inputs).logits[:, positions]
-    logits = logits.float()
-    labels = targets[:, positions]
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    logits = logits.float().reshape(-1, logits.size(-1))
+    labels = targets[:, positions].reshape(-1)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
-    return total, correct
+    return _SummedCrossEntropy.apply(logits, labels), correct
+
+
+class _SummedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (positions, vocab) float32 logits against labels (-100: not counted).
+
+    Same value and gradient as `F.cross_entropy(..., reduction="sum")`, with less memory: that keeps the
+    log-softmax (another positions x vocab tensor) for backward and allocates the gradient beside it; here
+    only the logits are kept, and the backward turns them into the gradient in place (softmax minus one-hot).
+    The logits must not be used after backward, which holds for `loss_sum`'s own float32 logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        counted = labels != IGNORE_INDEX
+        safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
+        log_normaliser = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe_labels[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, log_normaliser, safe_labels, counted)
+        return ((log_normaliser - picked) * counted).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, log_normaliser, safe_labels, counted = ctx.saved_tensors
+        grad = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in the logits' own memory
+        grad[torch.arange(grad.size(0), device=grad.device), safe_labels] -= 1
+        grad.mul_((counted * grad_output)[:, None])
+        return grad, None
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
