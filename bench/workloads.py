@@ -1,0 +1,242 @@
+"""The benchmark workloads, and how `--quick` and the machine turn one into the settings of a run.
+
+A `Workload` says what is trained (model, LoRA or full SFT, dtype, length limit, conversations per step, data);
+`resolve` applies `--quick` (toy shapes, short rows) and the device the run can use, and returns `RunSettings`,
+the one record every worker reads, so that all systems of a run see exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 7
+# Every linear layer of a Llama/Qwen2 decoder block; the output head is left out on purpose.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIMIZER = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
+
+QUICK_MAX_LENGTH = 256
+QUICK_STEPS, QUICK_WARMUP, QUICK_REPEATS = 3, 1, 1
+DEFAULT_STEPS, DEFAULT_WARMUP, DEFAULT_REPEATS = 10, 2, 3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder built from its config with random weights (no download)."""
+
+    architecture: str  # "qwen2" | "llama"
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    rope_theta: float
+    max_positions: int
+
+    def toy(self, vocab: int) -> ModelShape:
+        """Two layers with head dim 16 and one kv head, keeping the model's heads-per-kv-head ratio and its
+        intermediate/hidden ratio; the vocabulary shrinks to the tokenizer's, since a 150k-wide head at toy
+        width would be most of the work (and of the memory) of a CPU run."""
+        ratio = self.heads // self.kv_heads
+        hidden = 16 * ratio
+        return dataclasses.replace(self, hidden=hidden, intermediate=round(hidden * self.intermediate / self.hidden),
+                                   layers=2, heads=ratio, kv_heads=1, vocab=vocab)
+
+
+QWEN25_05B = ModelShape("qwen2", hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=151936,
+                        tied=True, rope_theta=1e6, max_positions=32768)
+# Llama 3.1's rope scaling (rope_type llama3) is left out: it changes position frequencies, not the work.
+LLAMA31_8B = ModelShape("llama", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
+                        tied=False, rope_theta=500000.0, max_positions=131072)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str
+    model: ModelShape | None  # None: the real SmolLM2-135M-Instruct (or --model DIR)
+    lora: bool
+    dtype: str  # "float32" | "bfloat16"
+    max_length: int
+    local_batch: int  # conversations per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    lr: float
+    data: str  # "alpaca" | "synthetic"
+    device: str  # "cpu" | "cuda"
+    activation_checkpointing: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.accumulation
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("cpu-smollm-lora", "SmolLM2-135M-Instruct, LoRA, float32, CPU", None, lora=True, dtype="float32",
+             max_length=512, local_batch=4, accumulation=1, lr=2e-4, data="alpaca", device="cpu"),
+    Workload("cpu-smollm-full", "SmolLM2-135M-Instruct, full SFT, float32, CPU", None, lora=False, dtype="float32",
+             max_length=512, local_batch=4, accumulation=1, lr=2e-5, data="alpaca", device="cpu"),
+    Workload("gpu-small-full", "Qwen2.5-0.5B shapes, random weights, full SFT, bf16", QWEN25_05B, lora=False,
+             dtype="bfloat16", max_length=2048, local_batch=4, accumulation=4, lr=2e-5, data="synthetic",
+             device="cuda"),
+    # Micro-batches of 2: a padded 2 x 4096 batch with a 128k-wide head still fits an 80 GB GPU with
+    # checkpointing; the same split is given to every system.
+    Workload("gpu-8b-lora", "Llama-3.1-8B shapes, random weights, LoRA, bf16", LLAMA31_8B, lora=True,
+             dtype="bfloat16", max_length=4096, local_batch=2, accumulation=4, lr=2e-4, data="synthetic",
+             device="cuda", activation_checkpointing=True),
+)}
+
+
+@dataclass
+class RunSettings:
+    """Everything a worker needs; written once to the work dir as job.json."""
+
+    workload: str
+    quick: bool
+    device: str  # where the run actually trains: "cpu" | "cuda"
+    dtype: str
+    lora: bool
+    lora_r: int
+    lora_alpha: int
+    lora_targets: list[str]
+    max_length: int
+    local_batch: int
+    accumulation: int
+    lr: float
+    activation_checkpointing: bool
+    attn_implementation: str
+    threads: int | None  # torch threads on CPU; None leaves torch's default (GPU runs)
+    steps: int
+    warmup: int
+    repeats: int
+    seed: int = SEED
+    optimizer: dict[str, Any] = field(default_factory=lambda: dict(OPTIMIZER))
+    model_dir: str = ""
+    model_shape: dict[str, Any] | None = None
+    rows: str = ""  # messages JSONL every matched system trains, in order
+    packed_pool: str | None = None  # a longer prefix of the same rows for trl-packed
+    packs_needed: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.accumulation
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSettings:
+        return cls(**data)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def flash_attention_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve(workload: Workload, *, quick: bool, steps: int | None, warmup: int | None, repeats: int | None,
+            has_cuda: bool) -> RunSettings:
+    """Apply --quick and the machine: where it trains, in which dtype, how long the rows are."""
+    if workload.device == "cuda":
+        if has_cuda:
+            device = "cuda"
+        elif quick:
+            device = "cpu"
+        else:
+            raise SystemExit(f"{workload.name} needs a CUDA GPU (none found); --quick runs it at toy size on CPU")
+    else:
+        device = "cpu"
+    # bf16 matmuls on a CPU without bf16 units are slower than float32, which would make a toy run crawl.
+    dtype = "float32" if (device == "cpu" and quick) else workload.dtype
+    attn = "flash_attention_2" if device == "cuda" and flash_attention_available() else "sdpa"
+    return RunSettings(
+        workload=workload.name, quick=quick, device=device, dtype=dtype, lora=workload.lora, lora_r=workload.lora_r,
+        lora_alpha=workload.lora_alpha, lora_targets=list(LORA_TARGETS),
+        max_length=QUICK_MAX_LENGTH if quick else workload.max_length,
+        local_batch=workload.local_batch, accumulation=workload.accumulation, lr=workload.lr,
+        activation_checkpointing=workload.activation_checkpointing, attn_implementation=attn,
+        threads=2 if device == "cpu" else None,
+        steps=steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS),
+        warmup=warmup if warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP),
+        repeats=repeats if repeats is not None else (QUICK_REPEATS if quick else DEFAULT_REPEATS),
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def demo_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a plain HF dir (converted once by scripts/get_demo_model.py)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from get_demo_model import ensure_demo_model
+
+    return Path(ensure_demo_model())
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHATFT_CACHE_DIR", "~/.cache/chatft")).expanduser() / "bench-models"
+
+
+def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, where: Path) -> Path:
+    """A model dir with random weights of `shape` (seeded) and the tokenizer of `tokenizer_dir`.
+
+    Built once per (shape, tokenizer, dtype, seed) under `where` and reused: an 8B model takes minutes to
+    initialise and write. Writes go to a temporary sibling that is renamed into place, so an interrupted build
+    never looks complete."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        Qwen2Config,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    source = {"shape": dataclasses.asdict(shape), "tokenizer": str(Path(tokenizer_dir).resolve()),
+              "tokenizer_size": len(tokenizer), "dtype": dtype, "seed": SEED}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    out = where / f"{shape.architecture}-h{shape.hidden}-l{shape.layers}-{key}"
+    marker = out / "BENCH_MODEL.json"
+    if marker.exists():
+        return out
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[shape.architecture]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = config_class(
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+        tie_word_embeddings=shape.tied, rope_theta=shape.rope_theta, max_position_embeddings=shape.max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+        use_cache=False,
+    )
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch.manual_seed(SEED)
+    # Built on CPU even on a GPU machine: a CUDA context opened here would stay in the parent process, holding
+    # GPU memory, while the workers it starts are measured.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "BENCH_MODEL.json").write_text(json.dumps(source, indent=1))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,127 @@
+"""bench/run.py end to end at toy size, on a tiny random model: every system runs, the report is consistent
+with itself, and the systems that are meant to train the same tokens in the same order really do.
+
+Each run starts one process per system (importing torch, transformers and TRL), so the two runs here take
+most of a minute on two cores; the numbers they time are meaningless, what they count is checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("trl")
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = REPO_ROOT / "bench" / "run.py"
+CPU_PEERS = ["trl", "trl-packed", "trl-padding-free"]
+# Systems that pad or flatten the same rows differently but must train identical tokens in identical order.
+SAME_TOKENS = ["chatft", "trl", "trl-padding-free"]
+
+
+def run_bench(workload: str, peers: list[str], model: Path, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(BENCH), "--workload", workload, "--quick", "--steps", "2", "--warmup", "1",
+           "--model", str(model), "--peers", ",".join(peers), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads((out / f"{workload}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cpu_lora(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("bench-cpu")
+    return run_bench("cpu-smollm-lora", CPU_PEERS, tiny_model_dir, out), out
+
+
+def test_every_system_ran_and_measured(cpu_lora):
+    report, _ = cpu_lora
+    assert list(report["systems"]) == ["chatft", *CPU_PEERS]
+    for name, system in report["systems"].items():
+        for key in ("tokens_per_s", "supervised_tokens_per_s", "flops_per_s", "mfu", "peak_mem_mb"):
+            assert system[key] > 0, (name, key)
+        assert math.isclose(system["mfu"] * system["peak_flops"], system["flops_per_s"], rel_tol=1e-9)
+        losses = system["repeats"][0]["losses"]
+        assert len(losses) == 2 and all(loss is not None and math.isfinite(loss) for loss in losses), (name, losses)
+        assert math.isfinite(system["final_loss"])
+        assert system["trainable_params"] == report["model_counts"]["lora_params"], name
+
+
+def test_ratios_are_chatft_over_each_system(cpu_lora):
+    report, _ = cpu_lora
+    systems = report["systems"]
+    chatft = systems["chatft"]
+    assert report["ratio"] == pytest.approx(chatft["tokens_per_s"] / systems["trl"]["tokens_per_s"])
+    assert set(report["ratios"]) == set(CPU_PEERS)
+    for peer in CPU_PEERS:
+        ratios = report["ratios"][peer]
+        assert ratios["tokens_per_s"] == pytest.approx(chatft["tokens_per_s"] / systems[peer]["tokens_per_s"])
+        assert ratios["supervised_tokens_per_s"] == pytest.approx(
+            chatft["supervised_tokens_per_s"] / systems[peer]["supervised_tokens_per_s"])
+        assert ratios["peak_mem"] == pytest.approx(chatft["peak_mem_mb"] / systems[peer]["peak_mem_mb"])
+
+
+def test_matched_systems_train_the_same_tokens_in_the_same_order(cpu_lora):
+    report, _ = cpu_lora
+    systems = report["systems"]
+    digests = {name: systems[name]["tokens_sha256"] for name in SAME_TOKENS}
+    assert len(set(digests.values())) == 1, digests
+    step_tokens = {name: systems[name]["repeats"][0]["step_tokens"] for name in SAME_TOKENS}
+    assert len({tuple(v) for v in step_tokens.values()}) == 1, step_tokens
+    assert all(n == 4 for n in systems["chatft"]["repeats"][0]["step_conversations"])
+    # Every count above is the harness's own; each system's own log of what it fed the model must agree.
+    for name, system in systems.items():
+        assert system["logged_tokens_match"], name
+    assert any("identical tokens: chatft, trl, trl-padding-free" in note for note in report["notes"])
+
+
+def test_padded_and_padding_free_trl_start_from_the_same_loss(cpu_lora):
+    # Same rows and the same initial model (LoRA B=0): a padding-free row that let one conversation see
+    # another would change the step-1 loss.
+    systems = cpu_lora[0]["systems"]
+    padded, flat = (systems[name]["repeats"][0]["losses"][0] for name in ("trl", "trl-padding-free"))
+    assert flat == pytest.approx(padded, rel=1e-4)
+
+
+def test_trl_packing_fills_its_packs(cpu_lora):
+    report, _ = cpu_lora
+    packed, chatft = report["systems"]["trl-packed"], report["systems"]["chatft"]
+    max_length = report["settings"]["max_length"]
+    # Four packs of up to max_length tokens per step, holding more conversations than chatft's four rows.
+    assert packed["conversations_per_step"] > chatft["conversations_per_step"]
+    assert all(t <= 4 * max_length for t in packed["repeats"][0]["step_tokens"])
+    assert packed["tokens_sha256"] != chatft["tokens_sha256"]
+    assert any(note.startswith("trl-packed trains other conversations per step") for note in report["notes"])
+
+
+def test_markdown_report_has_one_row_per_system(cpu_lora):
+    report, out = cpu_lora
+    lines = (out / "cpu-smollm-lora.md").read_text().splitlines()
+    assert lines[0].startswith("Device: cpu") and "Command: `python bench/run.py --workload cpu-smollm-lora" in lines[0]
+    assert "trl 1." in lines[0]
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| system")]
+    assert [row.split("|")[1].strip() for row in rows] == list(report["systems"])
+
+
+def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
+    report = run_bench("gpu-small-full", ["trl"], tiny_model_dir, tmp_path)
+    assert {"workload", "device", "versions", "settings", "systems", "ratio", "ratios", "notes"} <= set(report)
+    settings = report["settings"]
+    assert settings["quick"] and settings["model_shape"]["architecture"] == "qwen2"
+    assert settings["model_shape"]["layers"] == 2
+    assert settings["max_length"] == 256 and settings["global_batch"] == 16
+    if settings["device"] == "cpu":
+        assert settings["dtype"] == "float32"
+    assert list(report["systems"]) == ["chatft", "trl"]
+    assert report["systems"]["chatft"]["tokens_sha256"] == report["systems"]["trl"]["tokens_sha256"]
+    assert report["ratio"] == pytest.approx(
+        report["systems"]["chatft"]["tokens_per_s"] / report["systems"]["trl"]["tokens_per_s"])
+    assert set(report["ratios"]) == {"trl"}
+    assert (tmp_path / "gpu-small-full.md").exists()
