@@ -21,6 +21,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from chatft.train.model import causal_lm
+
 SEGMENT_SDPA = "chatft_segment_sdpa"
 SEGMENTS_KWARG = "chatft_segments"
 # Per-call settings that change which keys a query may see or how scores are formed: not split here.
@@ -68,5 +70,5 @@ def use_segment_sdpa(model: torch.nn.Module) -> None:
 
 
 def uses_segment_sdpa(model: torch.nn.Module) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm(model)
     return getattr(inner.config, "_attn_implementation", None) == SEGMENT_SDPA

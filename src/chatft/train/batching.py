@@ -4,8 +4,9 @@ In: `TokenizedRow`s (ids + loss mask), the batch sizes, a seed. Out: for each op
 micro-batches in one of two layouts:
 - padding-free (the default): the micro-batch's conversations concatenated into ONE row, `input_ids`,
   `position_ids` (restarting at 0 for every conversation) and `labels`, no attention mask. transformers reads
-  the restarting position ids as packed sequences: sdpa/eager get a block-diagonal causal mask, flash
-  attention its varlen kernel, so no conversation attends to another and nothing is computed on padding;
+  the restarting position ids as packed sequences: eager gets a block-diagonal causal mask, flash
+  attention its varlen kernel, sdpa chatft's per-conversation attention (`attention.py`), so no conversation
+  attends to another and nothing is computed on padding;
 - padded: `input_ids`, `attention_mask`, `labels`, one row per conversation, padded to the longest.
 A micro-batch holds `local_batch_size` conversations, or, with a token budget (`packed_sequence_size`), as
 many consecutive conversations of the step as fit in the budget.
@@ -135,9 +136,7 @@ def layout_stats(lengths: Sequence[int], order: Sequence[int], global_batch_size
     for start in range(0, len(order), global_batch_size):
         step = [lengths[i] for i in order[start:start + global_batch_size]]
         real += sum(step)
-        for i in range(0, len(step), local_batch_size):
-            chunk = step[i:i + local_batch_size]
-            padded += len(chunk) * max(chunk)
+        padded += sum(len(chunk) * max(chunk) for chunk in group_rows(step, local_batch_size))
         if token_budget > 0:
             packs += len(group_rows(step, local_batch_size, token_budget, length=lambda n: n))
     stats: dict[str, float | int] = {"tokens": real, "padded_positions": padded,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from chatft.config.schema import CompileSection
+from chatft.train.model import causal_lm
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm(model)
     names = set(getattr(inner, "_no_split_modules", None) or [])
     return [module for module in inner.modules() if type(module).__name__ in names]
 

@@ -23,7 +23,7 @@ import torch
 
 from chatft.train import attention
 from chatft.train.batching import IGNORE_INDEX, supervised_tokens
-
+from chatft.train.model import causal_lm
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -77,7 +77,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM under any wrapper (PEFT) takes `logits_to_keep` in its forward."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = causal_lm(model)
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 

@@ -240,6 +240,11 @@ class ParamCounts:
         return f"parameters: {self.trainable:,} trainable of {self.total:,} ({share:.2f}%), {dtypes}"
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model: nn.Module) -> ParamCounts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
