@@ -425,7 +425,6 @@ class Trainer:
         num_supervised = self._step_supervised_tokens(micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
             loss_sum, _ = self._loss_sum(batch)
             loss = loss_sum / num_supervised  # the mean over the whole step, whatever the split
             loss.backward()
@@ -449,7 +448,7 @@ class Trainer:
         """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
         (shared with eval/model_eval: `losses.loss_sum`)."""
         with self._compute_precision():
-            return losses.loss_sum(self.model, batch)
+            return losses.loss_sum(self.model, batch, self.device)
 
     @torch.no_grad()
     def _validate(self, note) -> dict[str, Any]:

@@ -28,21 +28,27 @@ from chatft.train.model import causal_lm
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over the supervised tokens of `batch` (float32, differentiable), and the number of
-    those tokens whose argmax prediction is right."""
+    those tokens whose argmax prediction is right. `batch` stays where collate made it (CPU): the positions
+    and conversation bounds are read there, and only the tensors the model needs go to `device`, so the step
+    never waits on the GPU to learn a shape."""
     targets = batch["labels"][:, 1:]
     # Positions whose next token is supervised in any row (rows of a padded batch share the index).
     positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    labels = targets[:, positions].reshape(-1)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "position_ids" in batch and attention.uses_segment_sdpa(model):
         inputs[attention.SEGMENTS_KWARG] = attention.segment_bounds(batch["position_ids"])
+    if device is not None:
+        inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        positions, labels = positions.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=positions).logits
     else:
         logits = model(**inputs).logits[:, positions]
     logits = logits.float().reshape(-1, logits.size(-1))
-    labels = targets[:, positions].reshape(-1)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
     return _SummedCrossEntropy.apply(logits, labels), correct
@@ -104,12 +110,11 @@ class LossScore:
 @torch.no_grad()
 def score_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                   device: torch.device) -> LossScore:
-    """Loss and token accuracy over every supervised token of `batches`, each batch moved to `device`.
+    """Loss and token accuracy over every supervised token of `batches`, computed on `device`.
     The sums are what several processes would all-reduce before dividing."""
     total, correct, tokens = 0.0, 0, 0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch_loss, batch_correct = loss_sum(model, batch)
+        batch_loss, batch_correct = loss_sum(model, batch, device)
         total += float(batch_loss)
         correct += int(batch_correct)
         tokens += supervised_tokens(batch)
