@@ -46,7 +46,17 @@ def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_
     cuda = torch.device("cuda")  # no attention scores kept there: activations are linear in the tokens
     assert memory.estimate_memory(longer, skeleton, cuda).activations == 2 * memory.estimate_memory(
         full_cfg, skeleton, cuda).activations
-    assert memory.estimate_memory(longer, skeleton, cpu).activations > 2 * full.activations  # CPU SDPA: S^2 too
+    # Padding-free rows run mask-free causal SDPA per conversation: linear in the tokens on CPU too.
+    assert memory.estimate_memory(longer, skeleton, cpu).activations == 2 * full.activations
+    padded, longer_padded = (helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=n,
+                                                     step_scheduler__local_batch_size=2,
+                                                     packed_sequence__padding_free=False) for n in (256, 512))
+    assert memory.estimate_memory(longer_padded, skeleton, cpu).activations > 2 * memory.estimate_memory(
+        padded, skeleton, cpu).activations  # CPU SDPA with a padding mask: S^2 too
+    pack = helpers.training_config(tiny_model_dir, tmp_path, packed_sequence__packed_sequence_size=1024,
+                                   step_scheduler__local_batch_size=2)
+    assert memory.estimate_memory(pack, skeleton, cuda).activations == 2 * memory.estimate_memory(
+        full_cfg, skeleton, cuda).activations  # a 1024-token pack against 2 rows of 256
     assert "full SFT" in full.lines()[0] and "LoRA" in lora.lines()[0]
     bf16 = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="bfloat16",
                                    step_scheduler__local_batch_size=2)

@@ -2,7 +2,7 @@
 
 In: the training config (and the model, or just its `config.json`: the model is built on the `meta` device,
 so nothing is loaded). Out: a `MemoryEstimate` (weights, gradients, optimizer states, activations for
-`local_batch_size x seq_length`, logits) that the start-up summary prints and `chatft preview` can call;
+the largest micro-batch, logits) that the start-up summary prints and `chatft preview` can call;
 `check_fits` raises `error[oom]` when it exceeds the device's free memory, unless `force=true`.
 
 The activation term is a rule of thumb for decoder-only transformers (per token and layer about
@@ -130,22 +130,31 @@ def estimate_memory(
     else:
         trainable, trainable_bytes = total_params, dtype_bytes
         weights = total_params * dtype_bytes
-    tokens = cfg.step_scheduler.local_batch_size * cfg.dataset.seq_length
+    packing, local_batch, seq_length = cfg.packed_sequence, cfg.step_scheduler.local_batch_size, cfg.dataset.seq_length
+    # The largest micro-batch: local_batch_size rows of seq_length, or a full pack of packed_sequence_size.
+    tokens = packing.packed_sequence_size or local_batch * seq_length
     if cfg.distributed.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
         activations = tokens * (layers * hidden + per_token_layer) * dtype_bytes
     else:
         activations = tokens * layers * per_token_layer * dtype_bytes
-    # Attention probabilities (S^2 per head) are kept by eager attention, and by SDPA on CPU (its math path);
-    # CUDA SDPA and flash-attention kernels do not keep them.
-    if cfg.model.attn_implementation == "eager" or (device.type == "cpu" and cfg.model.attn_implementation == "sdpa"):
-        activations += 2 * cfg.step_scheduler.local_batch_size * heads * cfg.dataset.seq_length ** 2 * dtype_bytes * (
+    # Attention probabilities (S^2 per head) are kept by eager attention (over the whole row when rows are
+    # concatenated) and by CPU SDPA with a padding mask; CUDA SDPA, flash attention and chatft's
+    # per-conversation SDPA on padding-free rows (mask-free causal kernels) do not keep them.
+    concatenated = packing.padding_free or packing.packed_sequence_size > 0
+    rows, width = (1, tokens) if concatenated else (local_batch, seq_length)
+    attn = cfg.model.attn_implementation
+    if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not concatenated):
+        activations += 2 * rows * heads * width ** 2 * dtype_bytes * (
             1 if cfg.distributed.activation_checkpointing else layers)
     return MemoryEstimate(
         weights=weights,
         gradients=trainable * trainable_bytes,
         optimizer=2 * trainable * trainable_bytes,  # AdamW: two moments in the parameters' dtype
         activations=activations,
-        logits=tokens * vocab * (dtype_bytes + 4 + 4),  # logits, their float32 copy for the loss, its gradient
+        # Logits, their float32 copy for the loss and its gradient, at every position: an upper bound now that
+        # only supervised positions get logits and the gradient is written in place (kept so as not to
+        # promise headroom the planner has not been recalibrated for).
+        logits=tokens * vocab * (dtype_bytes + 4 + 4),
         runtime=current_rss() if device.type == "cpu" else 0,
         device=device.type,
         lora=lora,
