@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,9 @@ def peak_memory_mb(device: str) -> float:
         import torch
 
         return torch.cuda.max_memory_allocated() / MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    from chatft.train.memory import peak_rss  # the same ru_maxrss reading chatft logs, for every system
+
+    return peak_rss() / MB
 
 
 # --------------------------------------------------------------------------- chatft

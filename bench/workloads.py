@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -183,16 +182,21 @@ def resolve(workload: Workload, *, quick: bool, steps: int | None, warmup: int |
 # --------------------------------------------------------------------------- models
 
 
+def _demo_model_script():
+    """scripts/get_demo_model.py: the demo model and chatft's cache dir ($CHATFT_CACHE_DIR)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import get_demo_model
+
+    return get_demo_model
+
+
 def demo_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a plain HF dir (converted once by scripts/get_demo_model.py)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from get_demo_model import ensure_demo_model
-
-    return Path(ensure_demo_model())
+    return Path(_demo_model_script().ensure_demo_model())
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CHATFT_CACHE_DIR", "~/.cache/chatft")).expanduser() / "bench-models"
+    return _demo_model_script().cache_dir() / "bench-models"
 
 
 def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, where: Path) -> Path:
