@@ -205,8 +205,8 @@ def run_trl(system: str, settings: RunSettings, run_dir: Path) -> dict[str, Any]
         output_dir=str(run_dir), max_steps=s.steps, num_train_epochs=1,
         per_device_train_batch_size=s.local_batch, gradient_accumulation_steps=s.accumulation,
         learning_rate=s.lr, lr_scheduler_type="constant", warmup_steps=0,
-        # chatft uses fused AdamW on CUDA and torch's default implementation on CPU; so does this.
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # Fused AdamW on CPU and CUDA alike: chatft's optimizer, and TRL's own default since torch 2.8.
+        optim="adamw_torch_fused",
         adam_beta1=opt["betas"][0], adam_beta2=opt["betas"][1], adam_epsilon=opt["eps"],
         weight_decay=opt["weight_decay"], max_grad_norm=opt["max_grad_norm"],
         bf16=s.dtype == "bfloat16", fp16=False, use_cpu=not cuda,

@@ -396,7 +396,9 @@ def evaluate_target(cfg: EvalConfig, target: Target, data: Any, prompts: list[Pr
     try:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = sorted(data.rows, key=len, reverse=True)  # less padding; the sums do not depend on the order
-        score = losses.score_batches(model, batching.micro_batches(rows, cfg.local_batch_size, pad), device)
+        vocab = min(len(tokenizer), model.config.get_text_config().vocab_size)
+        head = losses.head_for(model, vocab, device)
+        score = losses.score_batches(model, batching.micro_batches(rows, cfg.local_batch_size, pad), device, head)
         answers = generate_answers(model, prompts, tokenizer, cfg, device)
     except (torch.OutOfMemoryError, MemoryError):
         raise ChatftError(

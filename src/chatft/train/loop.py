@@ -149,10 +149,11 @@ class Trainer:
       of up to `packed_sequence_size` tokens), each one padding-free row (the default, after a check that the
       model keeps packed rows apart) or padded to its longest row; optional length grouping; epochs
       reshuffled from the seed;
-    - loss head: logits only at positions followed by a supervised token (`losses.loss_sum`);
+    - loss head: logits only at positions followed by a supervised token, a chunk of positions at a time
+      when the model's decoder and head allow it (`losses.loss_sum`);
     - loss: summed token cross-entropy over supervised tokens divided by the supervised tokens of the whole
       optimizer step, so the result does not depend on how a step is split into micro-batches;
-    - AdamW (fused on CUDA) without weight decay on norms and biases; warm-up then cosine / linear /
+    - fused AdamW without weight decay on norms and biases; warm-up then cosine / linear /
       constant decay to `min_lr`; gradient clipping;
     - stops at `max_steps` or `num_epochs`, whichever comes first; validation loss and token accuracy
       every `val_every_steps` and at the end;
@@ -220,7 +221,12 @@ class Trainer:
         self.model = model
         self.params = count_parameters(model)
         self.padding_free = self._check_padding_free()
-        if cfg.compile.enabled:  # after the probe: it runs rows of other shapes than training's
+        with self._compute_precision():
+            self.loss_head = losses.head_for(self.model, self._probe_vocab_size(), self.device)
+        if self.loss_head is None:
+            self.notes.append("note: loss head: the model's own logits at supervised positions (its forward does "
+                              "more than decoder + linear head, so the chunked head is not used)")
+        if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
         if self.dtype == torch.float16:
             self.notes.append("warning: float16 trains without loss scaling here; bfloat16 is the safer choice")
@@ -289,9 +295,11 @@ class Trainer:
             (no_decay if skip else decay).append(param)
         opt = self.cfg.optimizer
         self.trainable = decay + no_decay
+        # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one pass: on 2 CPU cores
+        # it took 63 ms for 134M float32 parameters against 418 ms for the default multi-tensor loop.
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True if self.device.type == "cuda" else None,
+            lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True if self.device.type in ("cuda", "cpu") else None,
         )
 
     def _setup_data(self) -> None:
@@ -448,13 +456,13 @@ class Trainer:
         """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
         (shared with eval/model_eval: `losses.loss_sum`)."""
         with self._compute_precision():
-            return losses.loss_sum(self.model, batch, self.device)
+            return losses.loss_sum(self.model, batch, self.device, self.loss_head)
 
     @torch.no_grad()
     def _validate(self, note) -> dict[str, Any]:
         self.model.eval()
         with self._compute_precision():
-            score = losses.score_batches(self.model, self.val_batches, self.device)
+            score = losses.score_batches(self.model, self.val_batches, self.device, self.loss_head)
         self.model.train()
         # ranks: score.loss_sum, score.correct and score.tokens are summed across processes here
         row = {"step": self.step, "loss": score.loss, "token_accuracy": score.token_accuracy, "tokens": score.tokens}
@@ -585,6 +593,7 @@ class Trainer:
             "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
             "device": self.device.type,
             "padding_free": self.padding_free,
+            "loss_head": "chunked" if self.loss_head else "logits",
         }
         data = {"train": self.train_data.report.to_json(),
                 "validation": self.val_data.report.to_json() if self.val_data else None}
