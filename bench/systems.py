@@ -8,7 +8,9 @@ two systems trained exactly the same tokens in the same order.
 
 - chatft: chatft's own `train()` on a `TrainingConfig` tree, chatft's defaults for everything not matched;
   `chatft-padded` adds `packed_sequence.padding_free=false`, `chatft-bf16` sets `model.torch_dtype=bfloat16`,
-  `chatft-compile` sets `compile.enabled=true` (the compile happens in the warm-up steps).
+  `chatft-compile` sets `compile.enabled=true` (the compile happens in the warm-up steps), `chatft-packed` sets
+  `packed_sequence.packed_sequence_size` to local batch x max length (the padded layout's worst case), so a
+  micro-batch is as many whole conversations of the step as fit: fewer, larger matmuls.
 - trl: `SFTTrainer` with its defaults except what must match (rows and order, batch, length limit, optimizer,
   schedule, clipping, seed, precision, activation checkpointing; `packing=False`, `padding_free=False`);
   `trl-packed`: `packing=True` with its default strategy; `trl-padding-free`: `padding_free=True`, no packing.
@@ -24,7 +26,7 @@ from typing import Any
 
 from bench.workloads import RunSettings
 
-CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile")
+CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile", "chatft-packed")
 TRL_SYSTEMS = ("trl", "trl-packed", "trl-padding-free")
 SYSTEMS = CHATFT_SYSTEMS + TRL_SYSTEMS
 IGNORE_INDEX = -100
@@ -101,6 +103,8 @@ def chatft_tree(system: str, settings: RunSettings, run_dir: Path) -> dict[str, 
         tree["packed_sequence"] = {"padding_free": False}
     if system == "chatft-compile":
         tree["compile"] = {"enabled": True}
+    if system == "chatft-packed":
+        tree["packed_sequence"] = {"packed_sequence_size": s.local_batch * s.max_length}
     return tree
 
 

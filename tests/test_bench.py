@@ -111,7 +111,7 @@ def test_markdown_report_has_one_row_per_system(cpu_lora):
 
 
 def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
-    report = run_bench("gpu-small-full", ["trl"], tiny_model_dir, tmp_path)
+    report = run_bench("gpu-small-full", ["trl", "chatft-packed"], tiny_model_dir, tmp_path)
     assert {"workload", "device", "versions", "settings", "systems", "ratio", "ratios", "notes"} <= set(report)
     settings = report["settings"]
     assert settings["quick"] and settings["model_shape"]["architecture"] == "qwen2"
@@ -119,9 +119,12 @@ def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
     assert settings["max_length"] == 256 and settings["global_batch"] == 16
     if settings["device"] == "cpu":
         assert settings["dtype"] == "float32"
-    assert list(report["systems"]) == ["chatft", "trl"]
-    assert report["systems"]["chatft"]["tokens_sha256"] == report["systems"]["trl"]["tokens_sha256"]
-    assert report["ratio"] == pytest.approx(
-        report["systems"]["chatft"]["tokens_per_s"] / report["systems"]["trl"]["tokens_per_s"])
-    assert set(report["ratios"]) == {"trl"}
+    systems = report["systems"]
+    assert list(systems) == ["chatft", "trl", "chatft-packed"]
+    # Packs of whole consecutive conversations: the same tokens in the same order as one row per conversation.
+    assert systems["chatft"]["tokens_sha256"] == systems["trl"]["tokens_sha256"] == systems["chatft-packed"]["tokens_sha256"]
+    assert systems["chatft-packed"]["repeats"][0]["losses"][0] == pytest.approx(
+        systems["chatft"]["repeats"][0]["losses"][0], rel=1e-4)
+    assert report["ratio"] == pytest.approx(systems["chatft"]["tokens_per_s"] / systems["trl"]["tokens_per_s"])
+    assert set(report["ratios"]) == {"trl", "chatft-packed"}
     assert (tmp_path / "gpu-small-full.md").exists()
