@@ -56,8 +56,10 @@ def assert_same_run(a: Path, b: Path, lora: bool) -> None:
     rows_a, rows_b = metric_rows(a), metric_rows(b)
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss", "grad_norm", "lr", "tokens", "epoch"):
-            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+        assert ra.keys() == rb.keys()
+        for key in ("loss", "grad_norm", "lr", "tokens", "epoch", "loss_scale"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
     wa, wb = final_weights(a, lora), final_weights(b, lora)
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -68,10 +70,12 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch, lora):
+@pytest.mark.parametrize("lora, dtype", [(False, "float32"), (True, "float32"), (True, "float16")],
+                         ids=["full", "lora", "lora-float16"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch, lora,
+                                                          dtype):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(config(tiny_model_dir, straight, lora), straight, data, tokenizer=tokenizer)
+    train(config(tiny_model_dir, straight, lora, model__torch_dtype=dtype), straight, data, tokenizer=tokenizer)
 
     original = Trainer._optimizer_step
 
@@ -82,12 +86,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokeni
 
     monkeypatch.setattr(Trainer, "_optimizer_step", crash_at_step_5)
     with pytest.raises(Crash):
-        train(config(tiny_model_dir, crashed, lora), crashed, data, tokenizer=tokenizer)
+        train(config(tiny_model_dir, crashed, lora, model__torch_dtype=dtype), crashed, data, tokenizer=tokenizer)
     assert checkpoints.latest_checkpoint(crashed).name == "step_4"
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
 
-    result = train(config(tiny_model_dir, crashed, lora), crashed, data, tokenizer=tokenizer)  # resume: auto
+    result = train(config(tiny_model_dir, crashed, lora, model__torch_dtype=dtype), crashed, data,
+                   tokenizer=tokenizer)  # resume: auto
     assert result.steps == 7
+    assert ("loss_scale" in metric_rows(crashed)[0]) == (dtype == "float16")  # float16 LoRA: loss scaling, resumed
     assert_same_run(straight, crashed, lora)
 
 

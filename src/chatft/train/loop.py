@@ -228,8 +228,15 @@ class Trainer:
                               "more than decoder + linear head, so the chunked head is not used)")
         if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
-        if self.dtype == torch.float16:
-            self.notes.append("warning: float16 trains without loss scaling here; bfloat16 is the safer choice")
+        # float16 gradients underflow without loss scaling; GradScaler needs float32 gradients to unscale, which
+        # LoRA's adapters have and full SFT's float16 weights do not. Disabled, the scaler passes everything through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.lora and self.dtype == torch.float16)
+        self.skipped_steps = 0
+        if self.scaler.is_enabled():
+            self.notes.append("float16: dynamic loss scaling; a step whose gradients overflow is skipped and counted")
+        elif self.dtype == torch.float16:
+            self.notes.append("warning: full SFT in float16 trains without loss scaling (float16 weights cannot be "
+                              "unscaled); bfloat16, or LoRA (peft) in float16, is the safer choice")
 
     def _check_padding_free(self) -> bool:
         """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
@@ -351,6 +358,9 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
         self.last_train_loss = state.get("train_loss")
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.skipped_steps = state.get("skipped_steps", 0)
         if self.is_main:  # rows logged after the checkpoint are repeated now
             self.metrics.truncate_after(self.step)
             self.validation_log.truncate_after(self.step)
@@ -388,7 +398,7 @@ class Trainer:
                 while self.step < self.total_steps and stop.signum is None:
                     micro_batches = self._next_micro_batches()
                     step_began = time.perf_counter()
-                    loss, grad_norm, tokens = self._guard_oom(self._optimizer_step, micro_batches)
+                    loss, grad_norm, tokens, skipped = self._guard_oom(self._optimizer_step, micro_batches)
                     seconds = time.perf_counter() - step_began
                     self.step += 1
                     self.tokens_seen += tokens
@@ -404,6 +414,11 @@ class Trainer:
                         "peak_mem_mb": self._peak_memory() / MB,
                         "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
                     }
+                    if self.scaler.is_enabled():
+                        row.update(loss_scale=self.scaler.get_scale(), skipped=skipped)
+                        if skipped:
+                            note(f"step {self.step}: float16 gradients overflowed; the update was skipped and the "
+                                 f"loss scale lowered to {self.scaler.get_scale():g}")
                     if self.is_main:
                         self.metrics.append(row)
                         display.update(row)
@@ -428,24 +443,30 @@ class Trainer:
         self._print_done(result)
         return result
 
-    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, int]:
-        """One optimizer step over its micro-batches; returns (loss, grad norm before clipping, tokens)."""
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float | None, int, bool]:
+        """One optimizer step over its micro-batches; returns (loss, grad norm before clipping (None when it
+        overflowed), tokens, whether float16 loss scaling skipped the update)."""
         num_supervised = self._step_supervised_tokens(micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum, _ = self._loss_sum(batch)
             loss = loss_sum / num_supervised  # the mean over the whole step, whatever the split
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.cfg.clip_grad_norm.max_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf))
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan (float16 only)
+        self.scaler.update()
+        skipped = self.scaler.get_scale() < scale
+        self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return float(total_loss), float(grad_norm), tokens
+        return float(total_loss), grad_norm if math.isfinite(grad_norm) else None, tokens, skipped
 
     def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
         """The loss denominator of a step: supervised tokens in all its micro-batches.
@@ -527,6 +548,8 @@ class Trainer:
             "global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
             "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full",
             "schedule": self.schedule.to_json(),
+            "grad_scaler": self.scaler.state_dict(),  # {} unless float16 LoRA
+            "skipped_steps": self.skipped_steps,
         }
         return checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                            self.cfg.checkpoint.keep_last)
@@ -595,6 +618,8 @@ class Trainer:
             "padding_free": self.padding_free,
             "loss_head": "chunked" if self.loss_head else "logits",
         }
+        if self.scaler.is_enabled():
+            metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)
         data = {"train": self.train_data.report.to_json(),
                 "validation": self.val_data.report.to_json() if self.val_data else None}
         return artifacts.build_manifest(
