@@ -48,6 +48,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path):
+    """The tiny model's tokenizer as training loads it (a test module may define its own `tokenizer`)."""
+    from chatft.train.model import load_tokenizer
+
+    train_rows = load_module_from_path("chatft_tests_train_rows", TESTS_DIR / "fixtures" / "train_rows.py")
+    return load_tokenizer(train_rows.training_config(tiny_model_dir, Path("unused")).model)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_no_template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.build_tiny_variant(tmp_path_factory.mktemp("tiny-no-template"), "no_template")
 

@@ -61,11 +61,6 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
-
-
-@pytest.fixture(scope="module")
 def eval_data(tmp_path_factory):
     return write_rows(tmp_path_factory.mktemp("data") / "eval.jsonl", 8, offset=100)
 

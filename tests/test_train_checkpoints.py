@@ -19,16 +19,10 @@ from safetensors.torch import load_file
 from chatft.errors import ChatftError
 from chatft.train import checkpoints
 from chatft.train.loop import Trainer, train
-from chatft.train.model import load_tokenizer
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 TESTS_DIR = Path(__file__).resolve().parent
 SRC_DIR = TESTS_DIR.parent / "src"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")

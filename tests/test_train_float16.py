@@ -13,14 +13,8 @@ from conftest import load_module_from_path
 from safetensors.torch import load_file
 
 from chatft.train.loop import train
-from chatft.train.model import load_tokenizer
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from chatft.train.model import (
     apply_lora,
     count_parameters,
     load_model,
-    load_tokenizer,
     peft_target_modules,
     resolve_lora_targets,
 )
@@ -26,11 +25,6 @@ from chatft.train.step import check_supported
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 
 METRIC_FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb", "elapsed_s"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 def rows_eval_loss(model, rows, pad_id) -> float:

@@ -14,15 +14,10 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from chatft.train import batching, chunked_head, losses
 from chatft.train.loop import train
-from chatft.train.model import load_model, load_tokenizer
+from chatft.train.model import load_model
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")

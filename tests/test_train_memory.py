@@ -14,15 +14,9 @@ from conftest import load_module_from_path
 from chatft.errors import ChatftError
 from chatft.train import checkpoints, memory
 from chatft.train.loop import Trainer, train
-from chatft.train.model import load_tokenizer
 from chatft.train.step import check_supported
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, padding_free
 from chatft.train.loop import train
-from chatft.train.model import load_model, load_tokenizer
+from chatft.train.model import load_model
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 
 # transformers' own packed-sequence handling, and chatft's per-conversation SDPA on top of it.
 ATTENTION = ["sdpa", "eager", attention.SEGMENT_SDPA]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")
