@@ -27,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, padding_free
 from chatft.train.loop import train
-from chatft.train.model import apply_lora, load_model, load_tokenizer
+from chatft.train.model import apply_lora, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bench/device/session.sh tests runs these on one)")
@@ -37,11 +37,6 @@ helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent
 DEVICE = torch.device("cuda")
 FLASH = "flash_attention_2"
 LEAKY = "chatft_test_cuda_leaky_attention"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return load_tokenizer(helpers.training_config(tiny_model_dir, Path("unused")).model)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +68,20 @@ def precision(dtype: torch.dtype, lora: bool):
     return torch.autocast(DEVICE.type, dtype=dtype) if lora and dtype != torch.float32 else contextlib.nullcontext()
 
 
-def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, list]:
+def loss_head(model: torch.nn.Module, tokenizer, path: str, dtype: torch.dtype = torch.float32, lora: bool = False):
+    """The loss path the trainer takes: the chunked head where it reproduces the model's logits (always for the
+    tiny Llama), else the model's own logits at the supervised positions. Probed as the trainer probes it."""
+    if path == "logits":
+        return None
+    with precision(dtype, lora):
+        head = losses.head_for(model, vocab(model, tokenizer), DEVICE)
+    assert head is not None, "the tiny Llama's decoder + head should reproduce its logits"
+    return head
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor], head=None) -> tuple[torch.Tensor, int, list]:
     model.zero_grad(set_to_none=True)
-    loss, correct = losses.loss_sum(model, batch, DEVICE)
+    loss, correct = losses.loss_sum(model, batch, DEVICE, head)
     loss.backward()
     grads = [p.grad.detach().float().clone() for p in model.parameters() if p.grad is not None]
     return loss.detach().float().cpu(), int(correct), grads
@@ -102,11 +108,14 @@ def cpu_padded_loss(tiny_model_dir, rows) -> torch.Tensor:
     return loss
 
 
+@pytest.mark.parametrize("path", ["chunked", "logits"])
 @pytest.mark.parametrize("attn", [attention.SEGMENT_SDPA, "sdpa", "eager"])
-def test_padding_free_loss_and_gradients_equal_padded_float32(tiny_model_dir, rows, cpu_padded_loss, attn):
+def test_padding_free_loss_and_gradients_equal_padded_float32(tiny_model_dir, tokenizer, rows, cpu_padded_loss,
+                                                              attn, path):
     model = tiny_model(tiny_model_dir, attn, torch.float32)
-    padded_loss, padded_correct, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0))
-    packed_loss, packed_correct, packed_grads = loss_and_grads(model, batching.collate_packed(rows))
+    head = loss_head(model, tokenizer, path)
+    padded_loss, padded_correct, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0), head)
+    packed_loss, packed_correct, packed_grads = loss_and_grads(model, batching.collate_packed(rows), head)
     tf32 = f"(TF32 matmuls: {torch.backends.cuda.matmul.allow_tf32})" if DEVICE.type == "cuda" else ""
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-4, msg=lambda m: f"{m} {tf32}")
     torch.testing.assert_close(packed_loss, cpu_padded_loss, rtol=1e-5, atol=1e-4, msg=lambda m: f"{m} {tf32}")
@@ -116,13 +125,15 @@ def test_padding_free_loss_and_gradients_equal_padded_float32(tiny_model_dir, ro
         torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["chunked", "logits"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-autocast"])
 @pytest.mark.parametrize("attn", [attention.SEGMENT_SDPA, "sdpa"])
-def test_padding_free_loss_and_gradients_equal_padded_bfloat16(tiny_model_dir, rows, attn, lora):
+def test_padding_free_loss_and_gradients_equal_padded_bfloat16(tiny_model_dir, tokenizer, rows, attn, lora, path):
     model = tiny_model(tiny_model_dir, attn, torch.bfloat16, lora=lora)
+    head = loss_head(model, tokenizer, path, torch.bfloat16, lora)
     with precision(torch.bfloat16, lora):
-        padded_loss, _, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0))
-        packed_loss, _, packed_grads = loss_and_grads(model, batching.collate_packed(rows))
+        padded_loss, _, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0), head)
+        packed_loss, _, packed_grads = loss_and_grads(model, batching.collate_packed(rows), head)
     assert torch.isfinite(packed_loss)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=2e-2, atol=0)
     assert len(packed_grads) == len(padded_grads) > 0
@@ -180,8 +191,9 @@ def test_editing_one_conversation_changes_no_other(tiny_model_dir, rows, attn):
 def test_flash_attention_2_varlen_equals_padded(tiny_model_dir, tokenizer, rows):
     pytest.importorskip("flash_attn")
     model = tiny_model(tiny_model_dir, FLASH, torch.bfloat16)
-    padded_loss, _, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0))
-    packed_loss, _, packed_grads = loss_and_grads(model, batching.collate_packed(rows))
+    head = loss_head(model, tokenizer, "chunked")
+    padded_loss, _, padded_grads = loss_and_grads(model, batching.collate(rows, pad_id=0), head)
+    packed_loss, _, packed_grads = loss_and_grads(model, batching.collate_packed(rows), head)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=2e-2, atol=0)
     worst = max(relative_difference(a, b) for a, b in zip(packed_grads, padded_grads))
     assert worst <= 5e-2
@@ -194,23 +206,25 @@ def test_flash_attention_2_varlen_equals_padded(tiny_model_dir, tokenizer, rows)
 # --------------------------------------------------------------------------- no host-device sync
 
 
+@pytest.mark.parametrize("path", ["chunked", "logits"])
 @pytest.mark.parametrize(("dtype", "lora"), [(torch.float32, False), (torch.bfloat16, True)],
                          ids=["full-float32", "lora-bfloat16-autocast"])
-def test_loss_sum_makes_no_host_device_sync(tiny_model_dir, rows, dtype, lora):
-    """`loss_sum` on a padding-free micro-batch with per-conversation SDPA (the training default) must queue
-    its GPU work without waiting for the GPU. A failure names the synchronizing call in its traceback (a
-    candidate: transformers' packed-sequence detection on GPU position ids, masking_utils
-    `find_packed_sequence_indices`)."""
+def test_loss_sum_makes_no_host_device_sync(tiny_model_dir, tokenizer, rows, dtype, lora, path):
+    """`loss_sum` on a padding-free micro-batch with per-conversation SDPA (the training default), through the
+    chunked head (the trainer's path) or the model's logits, must queue its GPU work without waiting for the
+    GPU. A failure names the synchronizing call in its traceback (a candidate: transformers' packed-sequence
+    detection on GPU position ids, masking_utils `find_packed_sequence_indices`)."""
     model = tiny_model(tiny_model_dir, attention.SEGMENT_SDPA, dtype, lora=lora)
+    head = loss_head(model, tokenizer, path, dtype, lora)
     batch = batching.collate_packed(rows)
     with precision(dtype, lora):
-        losses.loss_sum(model, batch, DEVICE)  # warm-up: first-call set-up (handles, workspaces) may sync
+        losses.loss_sum(model, batch, DEVICE, head)  # warm-up: first-call set-up (handles, workspaces) may sync
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with precision(dtype, lora):
-            loss, correct = losses.loss_sum(model, batch, DEVICE)
+            loss, correct = losses.loss_sum(model, batch, DEVICE, head)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert loss.device.type == "cuda" and bool(torch.isfinite(loss)) and int(correct) >= 0
@@ -271,6 +285,7 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
     manifest = json.loads((run / "final" / "chatft_manifest.json").read_text())
     assert manifest["kind"] == ("lora" if lora else "full")
     assert manifest["metrics"]["device"] == DEVICE.type and manifest["metrics"]["padding_free"] is True
+    assert manifest["metrics"]["loss_head"] == "chunked"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks on a lent GPU machine, from the repo root there, with .gpukit carried
+# (built here by bench/device/kit.sh). Offline: nothing is fetched.
+#
+#   bash bench/device/session.sh [STEP ...]      STEP: tests | quick | small | 8b | all (default: tests small 8b)
+#
+# Each device command may run 10 minutes, so pick the steps of one call to fit (times are estimates for one H100,
+# not yet measured; the 20-40 s of set-up below comes on top of each call):
+#   tests  pytest tests/test_cuda.py                                                    ~1-2 min  (limit 300 s)
+#   quick  bench/run.py --quick for gpu-small-full (+ all TRL peers) and gpu-8b-lora (+ trl): toy shapes in bf16
+#          on the GPU, checks the harness end to end before the long runs               ~2-3 min  (limit 300 s)
+#   small  gpu-small-full, peers trl,trl-packed,trl-padding-free; 12 steps (2 warm-up), 2 repeats: 8 worker runs
+#          of ~30-40 s (each a fresh process: imports, 0.5B load, TRL set-up, ~0.3-1 s a step) + data and peaks
+#                                                                                     ~5-7 min  (limit 510 s)
+#   8b     gpu-8b-lora, peers trl; 8 steps (2 warm-up), 2 repeats. First the 16 GB random bf16 model is built on CPU
+#          by workloads.random_model_dir (single-threaded init at ~120M params/s on this CPU: ~70 s for 8.0B; saving
+#          16 GB: 20-40 s), then 4 worker runs of ~45-75 s (16 GB load to the GPU, LoRA, ~1-2 s a step)
+#                                                                                     ~6-8 min  (limit 540 s)
+# Recommended calls: 'tests quick', then 'small', then '8b' (about 20-25 min of device time with the starts).
+# Override: GPUKIT_{SMALL,8B}_{STEPS,WARMUP,REPEATS,PEERS}, GPUKIT_LIMIT_{TESTS,QUICK,SMALL,8B} (seconds), PYTHON.
+#
+# Output, in $OUT (the device's output folder; ./gpukit-out when unset), at most 8 files for a call that comes back
+# whole: session.txt (machine, versions, step results), STEP.log for each step, and for each benchmark
+# WORKLOAD.json plus STEP-work.tgz (WORKLOAD.md and the worker logs and raw records of WORKLOAD.work/, without
+# rows or run dirs). The benchmarks write to $GPUKIT_BENCH_OUT (/tmp/gpukit-bench) first: a .work dir holds more
+# files than the device sends back. Every step runs even if one before it failed; the exit status says whether all
+# passed.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT" || exit 2
+KIT=$ROOT/.gpukit
+PY=${PYTHON:-python3}
+SITE=${GPUKIT_SITE:-/tmp/site}
+OUT=${OUT:-$ROOT/gpukit-out}
+BENCH_OUT=${GPUKIT_BENCH_OUT:-/tmp/gpukit-bench}
+SMALL_STEPS=${GPUKIT_SMALL_STEPS:-12} SMALL_WARMUP=${GPUKIT_SMALL_WARMUP:-2} SMALL_REPEATS=${GPUKIT_SMALL_REPEATS:-2}
+B8_STEPS=${GPUKIT_8B_STEPS:-8} B8_WARMUP=${GPUKIT_8B_WARMUP:-2} B8_REPEATS=${GPUKIT_8B_REPEATS:-2}
+SMALL_PEERS=${GPUKIT_SMALL_PEERS:-trl,trl-packed,trl-padding-free} B8_PEERS=${GPUKIT_8B_PEERS:-trl}
+LIMIT_TESTS=${GPUKIT_LIMIT_TESTS:-300} LIMIT_QUICK=${GPUKIT_LIMIT_QUICK:-300}
+LIMIT_SMALL=${GPUKIT_LIMIT_SMALL:-510} LIMIT_8B=${GPUKIT_LIMIT_8B:-540}
+
+mkdir -p "$OUT" "$BENCH_OUT"
+SESSION=$OUT/session.txt
+: >"$SESSION"
+say() { echo "$*" | tee -a "$SESSION"; }
+
+steps=()
+for arg in "${@:-all}"; do
+    case "$arg" in
+        all) steps+=(tests small 8b) ;;
+        tests|quick|small|8b) steps+=("$arg") ;;
+        *) echo "session.sh: unknown step '$arg' (tests, quick, small, 8b, all)" >&2; exit 2 ;;
+    esac
+done
+
+[ -d "$KIT/wheels" ] && [ -d "$KIT/tokenizer" ] || {
+    say "session.sh: no .gpukit/wheels or .gpukit/tokenizer: run bench/device/kit.sh on the dev machine, carry .gpukit"
+    exit 2
+}
+
+# ------------------------------------------------------------------ set-up
+began=$SECONDS
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo '(no git)')
+say "== session.sh ${steps[*]} on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $commit"
+if "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    if cmp -s "$KIT/MANIFEST.txt" "$SITE/.gpukit-manifest"; then
+        say "wheels: already installed in $SITE"
+    elif "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$KIT"/wheels/*.whl 2>&1 | tee -a "$SESSION"; then
+        cp "$KIT/MANIFEST.txt" "$SITE/.gpukit-manifest"
+        say "wheels: installed $(ls "$KIT"/wheels | wc -l) into $SITE"
+    else
+        say "session.sh: installing the wheels failed"
+        exit 2
+    fi
+else
+    say "wheels: not installed: they are for CPython 3.12 and $PY is $("$PY" -V 2>&1); using $SITE as it is"
+fi
+export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export MPLBACKEND=Agg CHATFT_CACHE_DIR=${CHATFT_CACHE_DIR:-$HOME/.cache/chatft}
+
+# bench/data.py and the tests read ../shared/data beside the checkout, else /work/shared/data: point one at the kit.
+shared=$(dirname "$ROOT")/shared/data
+if [ -f "$shared/alpaca_en_demo.json" ] || [ -f /work/shared/data/alpaca_en_demo.json ]; then
+    say "shared data: present already"
+else
+    linked=""
+    for target in "$shared" /work/shared/data; do
+        [ -e "$target" ] && continue
+        if mkdir -p "$(dirname "$target")" 2>/dev/null && ln -s "$KIT/data" "$target" 2>/dev/null; then
+            linked=$target
+            break
+        fi
+    done
+    say "shared data: ${linked:+$linked -> $KIT/data}${linked:-not linked (only the cpu-* workloads need it)}"
+fi
+
+{
+    echo "-- nvidia-smi"
+    nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+    echo "-- python and packages (first on the path wins: $SITE, then src, then the image)"
+    "$PY" - <<'PYEOF' 2>&1
+import importlib
+import importlib.metadata as md
+import platform
+
+print("python", platform.python_version())
+for module, dist in [("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("trl", "trl"),
+                     ("accelerate", "accelerate"), ("datasets", "datasets"), ("tokenizers", "tokenizers"),
+                     ("huggingface_hub", "huggingface-hub"), ("safetensors", "safetensors"), ("pydantic", "pydantic"),
+                     ("omegaconf", "omegaconf"), ("typing_extensions", "typing-extensions"), ("fsspec", "fsspec"),
+                     ("pyarrow", "pyarrow"), ("pandas", "pandas"), ("numpy", "numpy"), ("flash_attn", "flash-attn"),
+                     ("chatft", None)]:
+    try:
+        mod = importlib.import_module(module)
+        version = getattr(mod, "__version__", None) or (md.version(dist) if dist else "?")
+        print(f"{module:18} {version:24} {getattr(mod, '__file__', '')}")
+    except Exception as exc:  # a missing or broken package is a finding, not a stop
+        print(f"{module:18} {'-':24} {type(exc).__name__}: {str(exc)[:150]}")
+try:
+    import torch
+except ImportError:
+    torch = None
+if torch is not None and torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda {torch.version.cuda}, {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, "
+          f"bf16 {torch.cuda.is_bf16_supported()}, TF32 matmul {torch.backends.cuda.matmul.allow_tf32}")
+else:
+    print("torch sees no CUDA device")
+PYEOF
+    echo "-- pip check (conflicts among what is on the path)"
+    "$PY" -m pip check 2>&1 | head -40
+    echo "-- disk and memory"
+    mkdir -p "$CHATFT_CACHE_DIR"
+    df -h "$CHATFT_CACHE_DIR" "$BENCH_OUT" /tmp 2>&1
+    free -g 2>&1 | head -2
+    nproc
+} 2>&1 | tee -a "$SESSION"
+say "set-up: $((SECONDS - began)) s"
+
+# ------------------------------------------------------------------ steps
+results=()
+failed=0
+command -v timeout >/dev/null || timeout() { shift 2; "$@"; }  # no coreutils timeout: steps run unlimited
+run_step() {  # NAME LIMIT_S COMMAND...: output to stdout and $OUT/NAME.log; killed (with its children) at the limit
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS rc
+    say "== $name (limit ${limit}s): $*"
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && say "$name: stopped at its ${limit}s limit"
+    results+=("$(printf '%-6s rc %-3s %5s s' "$name" "$rc" $((SECONDS - start)))")
+    say "== $name: rc $rc after $((SECONDS - start)) s"
+    [ "$rc" = 0 ] || failed=1
+}
+
+collect() {  # STEP WORKLOAD...: bring back each WORKLOAD.json, and one STEP-work.tgz of their .md and .work logs
+    local step=$1 workload items=()
+    shift
+    for workload in "$@"; do
+        [ -f "$BENCH_OUT/$workload.json" ] && [ "$step" != quick ] && cp "$BENCH_OUT/$workload.json" "$OUT/"
+        for item in "$workload.json" "$workload.md" "$workload.work"; do
+            [ -e "$BENCH_OUT/$item" ] && items+=("$item")
+        done
+    done
+    [ ${#items[@]} -gt 0 ] || return 0
+    tar -czf "$OUT/$step-work.tgz" -C "$BENCH_OUT" --exclude='run_*' --exclude='*.jsonl' --exclude='model' \
+        --exclude='probe' --exclude='*.safetensors' "${items[@]}"
+    if [ "$(stat -c %s "$OUT/$step-work.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+        rm -f "$OUT/$step-work.tgz"
+        say "$step-work.tgz was over 15 MiB and was left out"
+    fi
+}
+
+bench() {  # WORKLOAD PEERS [bench/run.py options...]
+    local workload=$1 peers=$2
+    shift 2
+    rm -rf "$BENCH_OUT/$workload.json" "$BENCH_OUT/$workload.md" "$BENCH_OUT/$workload.work"
+    echo "+ $PY bench/run.py --workload $workload --peers $peers --model $KIT/tokenizer --out $BENCH_OUT $*"
+    "$PY" bench/run.py --workload "$workload" --peers "$peers" --model "$KIT/tokenizer" --out "$BENCH_OUT" "$@"
+}
+quick_benches() {  # both workloads at toy size; both run even if the first fails
+    local rc=0
+    bench gpu-small-full trl,trl-packed,trl-padding-free --quick || rc=1
+    bench gpu-8b-lora trl --quick || rc=1
+    return $rc
+}
+small_bench() {
+    bench gpu-small-full "$SMALL_PEERS" --steps "$SMALL_STEPS" --warmup "$SMALL_WARMUP" --repeats "$SMALL_REPEATS"
+}
+big_bench() {
+    bench gpu-8b-lora "$B8_PEERS" --steps "$B8_STEPS" --warmup "$B8_WARMUP" --repeats "$B8_REPEATS"
+}
+# `timeout` runs programs, not shell functions: the steps run in a child bash that gets these.
+export -f bench quick_benches small_bench big_bench
+export PY KIT BENCH_OUT SMALL_STEPS SMALL_WARMUP SMALL_REPEATS B8_STEPS B8_WARMUP B8_REPEATS SMALL_PEERS B8_PEERS
+
+for step in "${steps[@]}"; do
+    case "$step" in
+        tests) run_step tests "$LIMIT_TESTS" "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py ;;
+        quick) run_step quick "$LIMIT_QUICK" bash -c quick_benches; collect quick gpu-small-full gpu-8b-lora ;;
+        small) run_step small "$LIMIT_SMALL" bash -c small_bench; collect small gpu-small-full ;;
+        8b) run_step 8b "$LIMIT_8B" bash -c big_bench; collect 8b gpu-8b-lora ;;
+    esac
+done
+
+say "== summary (${steps[*]}), $((SECONDS - began)) s in all"
+for line in "${results[@]}"; do say "  $line"; done
+files=$(find "$OUT" -type f | wc -l)
+say "  $OUT: $files files$([ "$files" -gt 8 ] && echo ' (the device sends back at most 8: run fewer steps per call)')"
+exit $failed
