@@ -212,8 +212,9 @@ def test_flash_attention_2_varlen_equals_padded(tiny_model_dir, tokenizer, rows)
 def test_loss_sum_makes_no_host_device_sync(tiny_model_dir, tokenizer, rows, dtype, lora, path):
     """`loss_sum` on a padding-free micro-batch with per-conversation SDPA (the training default), through the
     chunked head (the trainer's path) or the model's logits, must queue its GPU work without waiting for the
-    GPU. A failure names the synchronizing call in its traceback (a candidate: transformers' packed-sequence
-    detection on GPU position ids, masking_utils `find_packed_sequence_indices`)."""
+    GPU. A failure names the synchronizing call in its traceback. (transformers' scan of GPU position ids for
+    packed sequences, masking_utils `find_packed_sequence_indices`, is skipped: the mask-free registration of
+    the per-conversation SDPA builds no mask.)"""
     model = tiny_model(tiny_model_dir, attention.SEGMENT_SDPA, dtype, lora=lora)
     head = loss_head(model, tokenizer, path, dtype, lora)
     batch = batching.collate_packed(rows)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_module_from_path
-from transformers import AttentionInterface
+from transformers import AttentionInterface, MistralConfig, MistralForCausalLM, masking_utils
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -206,3 +207,61 @@ def test_summed_cross_entropy_matches_torch_in_value_and_gradient():
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(ours_in.grad, reference_in.grad)
     assert ours_in.grad[[2, 7]].abs().max() == 0  # ignored positions get no gradient
+
+
+def count_packed_sequence_scans(monkeypatch) -> list[int]:
+    """Calls of transformers' scan of the position ids for packed sequences (a host-device sync on a GPU)."""
+    calls: list[int] = []
+    original = masking_utils.find_packed_sequence_indices
+
+    def counted(position_ids):
+        calls.append(1)
+        return original(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counted)
+    return calls
+
+
+def test_mask_free_segment_sdpa_builds_no_mask(tiny_model_dir, rows, monkeypatch):
+    scans = count_packed_sequence_scans(monkeypatch)
+    batch = batching.collate_packed(rows)
+    model = tiny_model(tiny_model_dir, "sdpa")
+    expected, _ = losses.loss_sum(model, batch)
+    assert scans  # transformers' own sdpa scans the position ids and builds the block mask
+    for masked, scanned in ((False, False), (True, True)):
+        scans.clear()
+        attention.use_segment_sdpa(model, masked=masked)
+        loss, _ = losses.loss_sum(model, batch)
+        assert bool(scans) == scanned, masked
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def sliding_window_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model's tokenizer with a Mistral body whose attention calls carry a sliding window: calls
+    the per-conversation SDPA cannot split, so they need transformers' masks."""
+    out = tmp_path_factory.mktemp("tiny-mistral")
+    for path in tiny_model_dir.iterdir():
+        if "token" in path.name or path.name.endswith(".jinja"):
+            shutil.copy(path, out / path.name)
+    config = MistralConfig(vocab_size=load_model(helpers.training_config(tiny_model_dir, out).model,
+                                                 torch.device("cpu"), torch.float32).config.vocab_size,
+                           hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral-sliding-window"])
+def test_trainer_uses_masks_only_where_a_call_cannot_be_split(tiny_model_dir, sliding_window_model_dir, tokenizer,
+                                                              tmp_path, capsys, model):
+    model_dir = tiny_model_dir if model == "llama" else sliding_window_model_dir
+    cfg = helpers.training_config(model_dir, tmp_path, step_scheduler__max_steps=1)
+    result = train(cfg, tmp_path, helpers.prepared(helpers.chat_rows(tokenizer, 4)), tokenizer=tokenizer)
+    metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
+    expected = attention.SEGMENT_SDPA if model == "llama" else attention.SEGMENT_SDPA_MASKED
+    assert metrics["padding_free"] is True and metrics["attention"] == expected
+    assert f"padding-free ({expected} attention)" in capsys.readouterr().out
+    saved = json.loads((result.final_dir / "config.json").read_text())
+    assert saved.get("_attn_implementation") in (None, "sdpa")  # the saved model never names chatft's attention

@@ -9,9 +9,17 @@ boundaries come with the batch as `chatft_segments`) and concatenates the output
 know how to split (a sliding window, logit soft-capping, attention sinks, a batch of several rows, no
 boundaries) goes to transformers' own sdpa with the mask transformers built, which is always correct.
 
+Two registrations of the same function:
+- `SEGMENT_SDPA` has no mask function, so transformers builds no mask at all: no L x L block mask per forward
+  and no scan of the position ids for packed sequences (on a GPU that scan is a host-device sync). Every call
+  must then be splittable; a model whose attention calls are not (see above) would attend across the whole row;
+- `SEGMENT_SDPA_MASKED` gets sdpa's masks for those calls.
+The trainer tries them in that order with the boundary probe (`padding_free.boundary_leak`), which sees such a
+leak at once.
+
 Flash attention needs none of this: it reads the boundaries from the position ids itself (varlen kernel).
-The function is registered under its own name, so the saved `config.json` and anything loading the model
-later never see it.
+The functions are registered under their own names, so the saved `config.json` and anything loading the model
+later never see them.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from chatft.train.model import causal_lm
 
 SEGMENT_SDPA = "chatft_segment_sdpa"
+SEGMENT_SDPA_MASKED = "chatft_segment_sdpa_masked"
 SEGMENTS_KWARG = "chatft_segments"
 # Per-call settings that change which keys a query may see or how scores are formed: not split here.
 _NOT_SPLITTABLE = ("sliding_window", "softcap", "s_aux", "position_bias")
@@ -52,9 +61,10 @@ def segment_sdpa_forward(
 
 
 def register() -> None:
-    """Make `SEGMENT_SDPA` a valid `attn_implementation` (idempotent); its masks are sdpa's."""
+    """Make both names valid `attn_implementation`s (idempotent); only the masked one gets sdpa's masks."""
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_forward)
-    AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+    AttentionInterface.register(SEGMENT_SDPA_MASKED, segment_sdpa_forward)
+    AttentionMaskInterface.register(SEGMENT_SDPA_MASKED, sdpa_mask)
 
 
 def segment_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
@@ -63,12 +73,12 @@ def segment_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
     return (*starts, position_ids.shape[1])
 
 
-def use_segment_sdpa(model: torch.nn.Module) -> None:
-    """Switch a model loaded with sdpa to `SEGMENT_SDPA` for training."""
+def use_segment_sdpa(model: torch.nn.Module, masked: bool = False) -> None:
+    """Switch a model loaded with sdpa to per-conversation SDPA for training."""
     register()
-    model.set_attn_implementation(SEGMENT_SDPA)
+    model.set_attn_implementation(SEGMENT_SDPA_MASKED if masked else SEGMENT_SDPA)
 
 
 def uses_segment_sdpa(model: torch.nn.Module) -> bool:
     inner = causal_lm(model)
-    return getattr(inner.config, "_attn_implementation", None) == SEGMENT_SDPA
+    return getattr(inner.config, "_attn_implementation", None) in (SEGMENT_SDPA, SEGMENT_SDPA_MASKED)

@@ -29,7 +29,7 @@ from chatft.errors import ChatftError
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
-from chatft.train.model import (apply_lora, count_parameters, load_model, load_tokenizer, model_location,
+from chatft.train.model import (apply_lora, causal_lm, count_parameters, load_model, load_tokenizer, model_location,
                                 pick_device, quiet_hub_progress, resolve_dtype)
 from chatft.train.schedule import LRSchedule
 
@@ -241,17 +241,19 @@ class Trainer:
     def _check_padding_free(self) -> bool:
         """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
         apart (`padding_free.boundary_leak`); otherwise padded ones, with a note saying why. With sdpa, the
-        attention then runs per conversation (`attention.SEGMENT_SDPA`)."""
+        attention then runs per conversation: without any mask where every attention call can be split
+        (`attention.SEGMENT_SDPA`), else with transformers' masks for the calls that cannot."""
         packing = self.cfg.packed_sequence
         if not (packing.padding_free or packing.packed_sequence_size > 0):
             return False
         sdpa = self.cfg.model.attn_implementation == "sdpa"
-        if sdpa:
-            attention.use_segment_sdpa(self.model)
-        with self._compute_precision():
-            leak = padding_free.boundary_leak(self.model, self._probe_vocab_size(), self.device)
-        if leak <= padding_free.tolerance(self.dtype):
-            return True
+        for masked in (False, True) if sdpa else (None,):
+            if masked is not None:
+                attention.use_segment_sdpa(self.model, masked=masked)
+            with self._compute_precision():
+                leak = padding_free.boundary_leak(self.model, self._probe_vocab_size(), self.device)
+            if leak <= padding_free.tolerance(self.dtype):
+                return True
         if sdpa:
             self.model.set_attn_implementation("sdpa")
         if packing.packed_sequence_size > 0:
@@ -286,9 +288,14 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
+    def _attention(self) -> str:
+        """The attention implementation training runs, chatft's per-conversation SDPA included."""
+        return causal_lm(self.model).config._attn_implementation
+
     def _micro_batch_layout(self) -> str:
         sched, budget = self.cfg.step_scheduler, self.cfg.packed_sequence.packed_sequence_size
-        layout = "padding-free" if self.padding_free else "padded to the longest row"
+        layout = (f"padding-free ({self._attention()} attention)" if self.padding_free
+                  else "padded to the longest row")
         if budget > 0:
             return f"micro-batches: up to {budget} tokens of consecutive rows, {layout}"
         return f"{self.cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}, {layout}"
@@ -616,6 +623,7 @@ class Trainer:
             "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
             "device": self.device.type,
             "padding_free": self.padding_free,
+            "attention": self._attention(),
             "loss_head": "chunked" if self.loss_head else "logits",
         }
         if self.scaler.is_enabled():

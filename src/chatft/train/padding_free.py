@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from chatft.train import attention
+
 PROBE_LENGTHS = (7, 5)  # the row in front, the probed row
 PROBE_SEED = 1234
 
@@ -27,13 +29,16 @@ def boundary_leak(model: torch.nn.Module, vocab_size: int, device: torch.device)
     rows = torch.randint(0, high, (3, front + probed), generator=generator)
     probe = rows[0, front:]
     fronts = (rows[1, :front], rows[2, :front])
-    positions = torch.cat([torch.arange(front), torch.arange(probed)])[None].to(device)
+    positions = torch.cat([torch.arange(front), torch.arange(probed)])[None]
+    # With per-conversation SDPA the boundaries come with the batch, as in training.
+    segments = {attention.SEGMENTS_KWARG: attention.segment_bounds(positions)} if attention.uses_segment_sdpa(model) else {}
+    positions = positions.to(device)
     was_training = model.training
     model.eval()
     try:
         alone = model(input_ids=probe[None].to(device)).logits.float()
-        packed = [model(input_ids=torch.cat([f, probe])[None].to(device), position_ids=positions).logits[:, front:]
-                  .float() for f in fronts]
+        packed = [model(input_ids=torch.cat([f, probe])[None].to(device), position_ids=positions, **segments)
+                  .logits[:, front:].float() for f in fronts]
     finally:
         model.train(was_training)
     scale = alone.abs().max().clamp_min(1e-6)
