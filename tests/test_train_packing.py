@@ -222,45 +222,80 @@ def count_packed_sequence_scans(monkeypatch) -> list[int]:
     return calls
 
 
-def test_mask_free_segment_sdpa_builds_no_mask(tiny_model_dir, rows, monkeypatch):
+def test_segment_sdpa_builds_no_mask(tiny_model_dir, rows, monkeypatch):
     scans = count_packed_sequence_scans(monkeypatch)
     batch = batching.collate_packed(rows)
     model = tiny_model(tiny_model_dir, "sdpa")
     expected, _ = losses.loss_sum(model, batch)
     assert scans  # transformers' own sdpa scans the position ids and builds the block mask
-    for masked, scanned in ((False, False), (True, True)):
-        scans.clear()
-        attention.use_segment_sdpa(model, masked=masked)
-        loss, _ = losses.loss_sum(model, batch)
-        assert bool(scans) == scanned, masked
-        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    scans.clear()
+    attention.use_segment_sdpa(model)
+    loss, _ = losses.loss_sum(model, batch)
+    assert not scans
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def sliding_window_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model's tokenizer with a Mistral body whose attention calls carry a sliding window: calls
-    the per-conversation SDPA cannot split, so they need transformers' masks."""
+    """The tiny model's tokenizer with a Mistral body whose window (40 tokens) is shorter than some rows."""
     out = tmp_path_factory.mktemp("tiny-mistral")
     for path in tiny_model_dir.iterdir():
         if "token" in path.name or path.name.endswith(".jinja"):
             shutil.copy(path, out / path.name)
-    config = MistralConfig(vocab_size=load_model(helpers.training_config(tiny_model_dir, out).model,
-                                                 torch.device("cpu"), torch.float32).config.vocab_size,
-                           hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=512, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    MistralForCausalLM(config).save_pretrained(out)
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=40, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        MistralForCausalLM(config).save_pretrained(out)
     return out
 
 
-@pytest.mark.parametrize("model", ["llama", "mistral-sliding-window"])
-def test_trainer_uses_masks_only_where_a_call_cannot_be_split(tiny_model_dir, sliding_window_model_dir, tokenizer,
-                                                              tmp_path, capsys, model):
-    model_dir = tiny_model_dir if model == "llama" else sliding_window_model_dir
+def test_segment_sdpa_keeps_the_sliding_window(sliding_window_model_dir, rows):
+    assert max(len(r) for r in rows) > 40 >= min(len(r) for r in rows)  # some rows fit the window, some do not
+    model = tiny_model(sliding_window_model_dir, "sdpa")
+    results = {}
+    for name, attn, batch in (("padded", "sdpa", batching.collate(rows, pad_id=0)),
+                              ("packed", "sdpa", batching.collate_packed(rows)),
+                              ("segments", attention.SEGMENT_SDPA, batching.collate_packed(rows))):
+        if attn == attention.SEGMENT_SDPA:
+            attention.use_segment_sdpa(model)
+        model.zero_grad()
+        loss, _ = losses.loss_sum(model, batch)
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    padded = {k: v for k, v in batching.collate(rows, pad_id=0).items() if k != "labels"}
+    full_window = tiny_model(sliding_window_model_dir, "sdpa")
+    full_window.config.sliding_window = None
+    with torch.no_grad():  # the window matters for these rows
+        assert not torch.allclose(full_window(**padded).logits, tiny_model(sliding_window_model_dir, "sdpa")(**padded).logits)
+    for name in ("packed", "segments"):
+        torch.testing.assert_close(results[name][0], results["padded"][0], rtol=1e-6, atol=1e-5)
+        for grad, expected in zip(results[name][1], results["padded"][1]):
+            torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_which_models_the_split_serves(tiny_model_dir, sliding_window_model_dir):
+    llama, mistral = (load_model(helpers.training_config(d, Path("unused")).model, torch.device("cpu"),
+                                 torch.float32).config for d in (tiny_model_dir, sliding_window_model_dir))
+    assert attention.splittable(llama) and attention.splittable(mistral)
+    chunked = MistralConfig(layer_types=["full_attention", "chunked_attention"], num_hidden_layers=2)
+    assert not attention.splittable(chunked)  # chunked attention exists only in the mask
+
+
+@pytest.mark.parametrize("model", ["llama", "mistral-sliding-window", "segments-leak"])
+def test_trainer_picks_the_attention(tiny_model_dir, sliding_window_model_dir, tokenizer, tmp_path, capsys,
+                                     monkeypatch, model):
+    model_dir = sliding_window_model_dir if model == "mistral-sliding-window" else tiny_model_dir
+    expected = attention.SEGMENT_SDPA
+    if model == "segments-leak":  # a model whose attention calls the split cannot honour: transformers' masks
+        real = padding_free.boundary_leak
+        monkeypatch.setattr(padding_free, "boundary_leak", lambda m, *args: 1.0 if attention.uses_segment_sdpa(m)
+                            else real(m, *args))
+        expected = "sdpa"
     cfg = helpers.training_config(model_dir, tmp_path, step_scheduler__max_steps=1)
     result = train(cfg, tmp_path, helpers.prepared(helpers.chat_rows(tokenizer, 4)), tokenizer=tokenizer)
     metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
-    expected = attention.SEGMENT_SDPA if model == "llama" else attention.SEGMENT_SDPA_MASKED
     assert metrics["padding_free"] is True and metrics["attention"] == expected
     assert f"padding-free ({expected} attention)" in capsys.readouterr().out
     saved = json.loads((result.final_dir / "config.json").read_text())

@@ -241,21 +241,24 @@ class Trainer:
     def _check_padding_free(self) -> bool:
         """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
         apart (`padding_free.boundary_leak`); otherwise padded ones, with a note saying why. With sdpa, the
-        attention then runs per conversation: without any mask where every attention call can be split
-        (`attention.SEGMENT_SDPA`), else with transformers' masks for the calls that cannot."""
+        attention runs per conversation without any mask (`attention.SEGMENT_SDPA`) where the model's layers
+        allow it, else transformers' sdpa uses its packed-sequence masks."""
         packing = self.cfg.packed_sequence
         if not (packing.padding_free or packing.packed_sequence_size > 0):
             return False
-        sdpa = self.cfg.model.attn_implementation == "sdpa"
-        for masked in (False, True) if sdpa else (None,):
-            if masked is not None:
-                attention.use_segment_sdpa(self.model, masked=masked)
+        attn = self.cfg.model.attn_implementation
+        candidates = [attn]
+        if attn == "sdpa" and attention.splittable(causal_lm(self.model).config):
+            candidates.insert(0, attention.SEGMENT_SDPA)
+        for candidate in candidates:
+            if candidate == attention.SEGMENT_SDPA:
+                attention.use_segment_sdpa(self.model)
+            elif self._attention() != candidate:
+                self.model.set_attn_implementation(candidate)
             with self._compute_precision():
                 leak = padding_free.boundary_leak(self.model, self._probe_vocab_size(), self.device)
             if leak <= padding_free.tolerance(self.dtype):
                 return True
-        if sdpa:
-            self.model.set_attn_implementation("sdpa")
         if packing.packed_sequence_size > 0:
             raise ChatftError(
                 "config_invalid",
