@@ -29,8 +29,8 @@ from chatft.errors import ChatftError
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
-from chatft.train.model import (apply_lora, causal_lm, count_parameters, load_model, load_tokenizer, model_location,
-                                pick_device, quiet_hub_progress, resolve_dtype)
+from chatft.train.model import (apply_lora, causal_lm, count_parameters, enable_activation_checkpointing, load_model,
+                                load_tokenizer, model_location, pick_device, quiet_hub_progress, resolve_dtype)
 from chatft.train.schedule import LRSchedule
 
 FINAL = "final"
@@ -211,7 +211,7 @@ class Trainer:
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         model = load_model(cfg.model, self.device, self.dtype)
         if cfg.distributed.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if self.lora:
             model = apply_lora(model, cfg.peft, cfg.seed)
             if self._adapters_autocast():

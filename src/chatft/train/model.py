@@ -135,6 +135,16 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
     return model.to(device)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant checkpoints). Recent transformers releases
+    name this `activation_checkpointing_enable` and deprecate `gradient_checkpointing_enable`, the only name
+    older ones have."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 # --------------------------------------------------------------------------- LoRA
 
 
