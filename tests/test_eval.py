@@ -162,6 +162,17 @@ def test_eval_loss_is_the_training_validation_loss(tiny_model_dir, tokenizer, lo
     assert results["targets"]["adapter"]["base_source"] == "manifest"
 
 
+def test_a_model_that_leaks_packed_rows_is_scored_on_padded_batches(lora_run, eval_data, tmp_path, monkeypatch):
+    from chatft.train import padding_free
+
+    cfg = eval_config(tmp_path, eval_data, targets=["adapter"], adapter=str(lora_run.final_dir))
+    packed = run_eval(cfg, tmp_path / "packed")["targets"]["adapter"]
+    monkeypatch.setattr(padding_free, "boundary_leak", lambda *args: 0.5)
+    padded = run_eval(cfg, tmp_path / "padded")["targets"]["adapter"]
+    assert "scored on padded batches" in " ".join(padded["notes"]) and not packed["notes"]
+    assert padded["metrics"]["loss"] == pytest.approx(packed["metrics"]["loss"], rel=1e-5)
+
+
 def test_validation_is_appended_to_chatft_manifests_only(three_targets, lora_run, merged_dir, tiny_model_dir, eval_data):
     results, out, before = three_targets
     manifest = read_manifest(lora_run.final_dir)

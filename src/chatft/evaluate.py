@@ -388,7 +388,7 @@ def evaluate_target(cfg: EvalConfig, target: Target, data: Any, prompts: list[Pr
     """Load, score, free. Returns the metrics and the answers to `prompts`."""
     import torch
 
-    from chatft.train import batching, losses
+    from chatft.train import batching, losses, padding_free
 
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -397,8 +397,15 @@ def evaluate_target(cfg: EvalConfig, target: Target, data: Any, prompts: list[Pr
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = sorted(data.rows, key=len, reverse=True)  # less padding; the sums do not depend on the order
         vocab = min(len(tokenizer), model.config.get_text_config().vocab_size)
+        attn = target.model_section(cfg).attn_implementation
+        # Scored like training scores validation rows: padding-free where the model keeps them apart.
+        packed, _ = padding_free.switch_to_padding_free(model, attn, vocab, device, dtype)
+        if not packed:
+            target.notes.append("scored on padded batches: this model does not keep padding-free rows apart")
         head = losses.head_for(model, vocab, device)
-        score = losses.score_batches(model, batching.micro_batches(rows, cfg.local_batch_size, pad), device, head)
+        batches = batching.micro_batches(rows, cfg.local_batch_size, pad, padding_free=packed)
+        score = losses.score_batches(model, batches, device, head)
+        model.set_attn_implementation(attn)  # generation runs on the attention the model was loaded with
         answers = generate_answers(model, prompts, tokenizer, cfg, device)
     except (torch.OutOfMemoryError, MemoryError):
         raise ChatftError(

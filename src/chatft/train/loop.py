@@ -26,7 +26,7 @@ from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
+from chatft.train import batching, checkpoints, layer_compile, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
 from chatft.train.model import (apply_lora, causal_lm, count_parameters, enable_activation_checkpointing, load_model,
@@ -246,19 +246,11 @@ class Trainer:
         packing = self.cfg.packed_sequence
         if not (packing.padding_free or packing.packed_sequence_size > 0):
             return False
-        attn = self.cfg.model.attn_implementation
-        candidates = [attn]
-        if attn == "sdpa" and attention.splittable(causal_lm(self.model).config):
-            candidates.insert(0, attention.SEGMENT_SDPA)
-        for candidate in candidates:
-            if candidate == attention.SEGMENT_SDPA:
-                attention.use_segment_sdpa(self.model)
-            elif self._attention() != candidate:
-                self.model.set_attn_implementation(candidate)
-            with self._compute_precision():
-                leak = padding_free.boundary_leak(self.model, self._probe_vocab_size(), self.device)
-            if leak <= padding_free.tolerance(self.dtype):
-                return True
+        kept_apart, leak = padding_free.switch_to_padding_free(
+            self.model, self.cfg.model.attn_implementation, self._probe_vocab_size(), self.device, self.dtype,
+            self._compute_precision)
+        if kept_apart:
+            return True
         if packing.packed_sequence_size > 0:
             raise ChatftError(
                 "config_invalid",

@@ -7,13 +7,22 @@ implementation that ignores position ids would let one conversation attend to th
 So before training, two short token rows are run through the model twice: alone, and packed after another
 row (once with each of two different rows in front). The packed logits must equal the alone ones and must
 not depend on what was in front; otherwise training falls back to padded micro-batches and says why.
+
+`switch_to_padding_free` picks the attention for such rows and runs the check: with sdpa, chatft's
+per-conversation SDPA first (`attention.SEGMENT_SDPA`, where the model's layers allow it), then transformers'
+own sdpa with its packed-sequence masks.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 
 from chatft.train import attention
+from chatft.train.model import causal_lm
 
 PROBE_LENGTHS = (7, 5)  # the row in front, the probed row
 PROBE_SEED = 1234
@@ -43,6 +52,28 @@ def boundary_leak(model: torch.nn.Module, vocab_size: int, device: torch.device)
         model.train(was_training)
     scale = alone.abs().max().clamp_min(1e-6)
     return float(max((p - alone).abs().max() for p in packed) / scale)
+
+
+def switch_to_padding_free(model: torch.nn.Module, attn_implementation: str, vocab_size: int, device: torch.device,
+                           dtype: torch.dtype,
+                           precision: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> tuple[bool, float]:
+    """Set the attention padding-free rows use and check it on `model` (under `precision`, the compute's autocast).
+    Returns (whether packed conversations stay apart, the probe's leak); when they do not, the model is back on
+    `attn_implementation`."""
+    candidates = [attn_implementation]
+    if attn_implementation == "sdpa" and attention.splittable(causal_lm(model).config):
+        candidates.insert(0, attention.SEGMENT_SDPA)
+    leak = float("inf")
+    for candidate in candidates:
+        if candidate == attention.SEGMENT_SDPA:
+            attention.use_segment_sdpa(model)
+        elif causal_lm(model).config._attn_implementation != candidate:
+            model.set_attn_implementation(candidate)
+        with precision():
+            leak = boundary_leak(model, vocab_size, device)
+        if leak <= tolerance(dtype):
+            return True, leak
+    return False, leak
 
 
 def tolerance(dtype: torch.dtype) -> float:
