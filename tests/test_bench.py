@@ -122,7 +122,7 @@ def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
     systems = report["systems"]
     assert list(systems) == ["chatft", "trl", "chatft-packed"]
     # Packs of whole consecutive conversations: the same tokens in the same order as one row per conversation.
-    assert systems["chatft"]["tokens_sha256"] == systems["trl"]["tokens_sha256"] == systems["chatft-packed"]["tokens_sha256"]
+    assert len({systems[name]["tokens_sha256"] for name in ("chatft", "trl", "chatft-packed")}) == 1
     assert systems["chatft-packed"]["repeats"][0]["losses"][0] == pytest.approx(
         systems["chatft"]["repeats"][0]["losses"][0], rel=1e-4)
     assert report["ratio"] == pytest.approx(systems["chatft"]["tokens_per_s"] / systems["trl"]["tokens_per_s"])

@@ -457,7 +457,8 @@ class Trainer:
             total_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.cfg.clip_grad_norm.max_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable,
+                                                         max_norm if max_norm is not None else math.inf))
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -40,7 +40,8 @@ def boundary_leak(model: torch.nn.Module, vocab_size: int, device: torch.device)
     fronts = (rows[1, :front], rows[2, :front])
     positions = torch.cat([torch.arange(front), torch.arange(probed)])[None]
     # With per-conversation SDPA the boundaries come with the batch, as in training.
-    segments = {attention.SEGMENTS_KWARG: attention.segment_bounds(positions)} if attention.uses_segment_sdpa(model) else {}
+    segments = ({attention.SEGMENTS_KWARG: attention.segment_bounds(positions)}
+                if attention.uses_segment_sdpa(model) else {})
     positions = positions.to(device)
     was_training = model.training
     model.eval()
@@ -54,9 +55,10 @@ def boundary_leak(model: torch.nn.Module, vocab_size: int, device: torch.device)
     return float(max((p - alone).abs().max() for p in packed) / scale)
 
 
-def switch_to_padding_free(model: torch.nn.Module, attn_implementation: str, vocab_size: int, device: torch.device,
-                           dtype: torch.dtype,
-                           precision: Callable[[], AbstractContextManager] = contextlib.nullcontext) -> tuple[bool, float]:
+def switch_to_padding_free(
+    model: torch.nn.Module, attn_implementation: str, vocab_size: int, device: torch.device, dtype: torch.dtype,
+    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[bool, float]:
     """Set the attention padding-free rows use and check it on `model` (under `precision`, the compute's autocast).
     Returns (whether packed conversations stay apart, the probe's leak); when they do not, the model is back on
     `attn_implementation`."""
