@@ -338,3 +338,33 @@ def test_a_real_cuda_out_of_memory_becomes_error_oom(tiny_model_dir, tokenizer, 
     assert "out of memory at step 1 of 2 (cuda)" in err.value.message
     after = torch.ones(1024, 1024, device=DEVICE) @ torch.ones(1024, 1024, device=DEVICE)
     assert float(after[0, 0]) == 1024.0
+
+
+# --------------------------------------------------------------------------- the varlen flash kernel
+
+
+def test_segment_sdpa_uses_the_varlen_kernel_in_bfloat16(tiny_model_dir, rows, monkeypatch):
+    """On CUDA in bfloat16 every layer's attention is one varlen flash call (torch >= 2.10), and the loss is the
+    per-conversation loop's."""
+    if attention.VARLEN_KERNEL is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    import functools
+
+    calls = []
+    real = attention.VARLEN_KERNEL
+
+    @functools.wraps(real)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    model = tiny_model(tiny_model_dir, attention.SEGMENT_SDPA, torch.bfloat16)
+    batch = batching.collate_packed(rows)
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", counted)
+    fused, _, fused_grads = loss_and_grads(model, batch)
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", None)
+    loop, _, loop_grads = loss_and_grads(model, batch)
+    torch.testing.assert_close(fused, loop, rtol=2e-2, atol=0)
+    worst = max(relative_difference(a, b) for a, b in zip(fused_grads, loop_grads))
+    assert worst <= 5e-2

@@ -4,6 +4,7 @@ the supervised-position loss head, the boundary probe and the trainer's fallback
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -301,3 +302,87 @@ def test_trainer_picks_the_attention(tiny_model_dir, sliding_window_model_dir, t
     assert f"padding-free ({expected} attention)" in capsys.readouterr().out
     saved = json.loads((result.final_dir / "config.json").read_text())
     assert saved.get("_attn_implementation") in (None, "sdpa")  # the saved model never names chatft's attention
+
+
+def reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False, is_causal=None):
+    """What the flash varlen kernel computes, spelled out per conversation: q/k/v (tokens, heads, dim), keys
+    from `left` positions back to `right` ahead ((-1, -1): all; torch 2.10's `is_causal`: (-1, 0))."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    bounds = cu_seq_q.tolist()
+    assert max_q == max_k == max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    left, right = (-1, 0) if is_causal else window_size
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        if ki.shape[0] != qi.shape[0]:
+            assert enable_gqa
+            ki, vi = (t.repeat_interleave(qi.shape[0] // t.shape[0], dim=0) for t in (ki, vi))
+        distance = torch.arange(end - start)[:, None] - torch.arange(end - start)[None, :]
+        allowed = torch.ones_like(distance, dtype=torch.bool)
+        if left >= 0:
+            allowed &= distance <= left
+        if right >= 0:
+            allowed &= -distance <= right
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, scale=scale)
+                       .transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def reference_varlen_torch_2_10(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False):
+    """torch 2.10's signature: causal only, no sliding window, no grouped-query heads."""
+    assert q.shape[1] == k.shape[1]
+    return reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("kernel", [reference_varlen, reference_varlen_torch_2_10], ids=["torch-2.11+", "torch-2.10"])
+@pytest.mark.parametrize("model", ["llama-gqa", "mistral-sliding-window"])
+def test_varlen_kernel_path_equals_the_per_conversation_loop(tiny_model_dir, sliding_window_model_dir, rows,
+                                                             monkeypatch, kernel, model):
+    """The GPU path (one varlen flash call per layer) against the loop, on CPU with the kernel replaced by its
+    reference: layout, offsets, longest conversation, scale, grouped heads and the window all reach it right."""
+    calls = []
+
+    @functools.wraps(kernel)  # the kernel's signature says what it supports
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel(*args, **kwargs)
+
+    model_dir = tiny_model_dir if model == "llama-gqa" else sliding_window_model_dir
+    net = load_model(helpers.training_config(model_dir, Path("unused")).model, torch.device("cpu"), torch.bfloat16)
+    attention.use_segment_sdpa(net)
+    batch = batching.collate_packed(rows)
+    results = {}
+    for path in ("loop", "varlen"):
+        if path == "varlen":
+            monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cpu",))
+            monkeypatch.setattr(attention, "VARLEN_KERNEL", counted)
+        net.zero_grad()
+        loss, _ = losses.loss_sum(net, batch)
+        loss.backward()
+        results[path] = (loss.detach().float(), [p.grad.float().clone() for p in net.parameters()])
+    window_outran = model == "mistral-sliding-window" and kernel is reference_varlen_torch_2_10
+    assert len(calls) == (0 if window_outran else 2)  # torch 2.10 has no window: the loop serves those rows
+    torch.testing.assert_close(results["varlen"][0], results["loop"][0], rtol=1e-2, atol=0)
+    for grad, expected in zip(results["varlen"][1], results["loop"][1]):
+        assert (grad - expected).norm() <= 5e-2 * expected.norm().clamp_min(1e-6)
+
+
+@pytest.mark.parametrize("kernel", [reference_varlen, reference_varlen_torch_2_10], ids=["torch-2.11+", "torch-2.10"])
+@pytest.mark.parametrize("window", [None, 8])
+def test_varlen_forward_matches_the_loop_exactly_in_float32(monkeypatch, kernel, window):
+    if window is not None and kernel is reference_varlen_torch_2_10:
+        pytest.skip("torch 2.10's kernel has no window: the loop serves such rows")
+    generator = torch.Generator().manual_seed(11)
+    length, heads, kv_heads, dim = 67, 4, 2, 16
+    query = torch.randn(1, heads, length, dim, generator=generator)
+    key, value = (torch.randn(1, kv_heads, length, dim, generator=generator) for _ in range(2))
+    segments = attention.Segments((0, 5, 55, 67))
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    loop, _ = attention.segment_sdpa_forward(module, query, key, value, None, scaling=0.3, sliding_window=window,
+                                             **{attention.SEGMENTS_KWARG: segments})
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", kernel)
+    fused = attention.varlen_forward(query, key, value, segments, window, 0.3)
+    assert fused.shape == loop.shape == (1, length, heads, dim)
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)

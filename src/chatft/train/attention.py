@@ -16,13 +16,23 @@ attention sinks, a position bias: those calls get no mask, attend across the who
 boundary probe, `padding_free.boundary_leak`, sees it at once). Otherwise training keeps transformers' sdpa
 with its packed-sequence masks.
 
-Flash attention needs none of this: it reads the boundaries from the position ids itself (varlen kernel).
-The function is registered under its own name, so the saved `config.json` and anything loading the model
-later never see it.
+On a GPU in bfloat16/float16, where torch has the variable-length flash kernel
+(`torch.nn.attention.varlen.varlen_attn`), all conversations of the row go through that one kernel instead of
+one SDPA call each (a Python loop of conversations x layers launches, which on a GPU can cost as much as the
+attention itself). CPU runs, float32 and older torch keep the loop; `VARLEN_KERNEL` and `VARLEN_DEVICES` are
+the seams the CPU tests use to run this path with a reference kernel.
+
+`attn_implementation="flash_attention_2"` needs none of this: transformers reads the boundaries from the
+position ids itself. The function is registered under its own name, so the saved `config.json` and anything
+loading the model later never see it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +48,25 @@ _NOT_SPLITTABLE = ("softcap", "s_aux", "position_bias")
 # Layer kinds whose mask the split reproduces (transformers' `config.layer_types`).
 _SPLITTABLE_LAYERS = {"full_attention", "sliding_attention"}
 
+VARLEN_DEVICES = ("cuda",)
+try:
+    from torch.nn.attention.varlen import varlen_attn as VARLEN_KERNEL
+except ImportError:  # torch < 2.10
+    VARLEN_KERNEL = None
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The conversations of a padding-free row: where each starts, and the row's end (0, 7, 12, ...); `offsets`
+    is the same as int32 on the model's device, for the varlen kernel (sent with the batch, not per layer)."""
+
+    bounds: tuple[int, ...]
+    offsets: torch.Tensor | None = None
+
+    @property
+    def longest(self) -> int:
+        return max(end - start for start, end in itertools.pairwise(self.bounds))
+
 
 @torch.compiler.disable  # the segment count changes every step: compiled layers call this as it is
 def segment_sdpa_forward(
@@ -52,10 +81,14 @@ def segment_sdpa_forward(
     segments = kwargs.pop(SEGMENTS_KWARG, None)
     if segments is None or query.shape[0] != 1 or any(kwargs.get(name) is not None for name in _NOT_SPLITTABLE):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if not isinstance(segments, Segments):
+        segments = Segments(tuple(segments))
     kwargs.pop("is_causal", None)
     window = kwargs.pop("sliding_window", None)
+    if varlen_applies(query, kwargs, segments, window):
+        return varlen_forward(query, key, value, segments, window, kwargs.get("scaling")), None
     outputs = []
-    for start, end in zip(segments[:-1], segments[1:]):
+    for start, end in itertools.pairwise(segments.bounds):
         piece = slice(start, end)
         if window is None or end - start <= window:
             mask, causal = None, True
@@ -64,6 +97,43 @@ def segment_sdpa_forward(
         outputs.append(sdpa_attention_forward(module, query[:, :, piece], key[:, :, piece], value[:, :, piece], mask,
                                               is_causal=causal, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
+
+
+@functools.cache
+def _kernel_parameters(kernel: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def varlen_applies(query: torch.Tensor, kwargs: dict[str, Any], segments: Segments, window: int | None) -> bool:
+    """The flash varlen kernel exists and takes these inputs: CUDA, half precision, no attention dropout, and a
+    sliding window only where this torch's kernel has one (`window_size`, after torch 2.10)."""
+    if (VARLEN_KERNEL is None or query.device.type not in VARLEN_DEVICES
+            or query.dtype not in (torch.float16, torch.bfloat16)):
+        return False
+    needs_window = window is not None and segments.longest > window
+    return not kwargs.get("dropout") and (not needs_window or "window_size" in _kernel_parameters(VARLEN_KERNEL))
+
+
+def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                   window: int | None, scaling: float | None) -> torch.Tensor:
+    """Causal attention of every conversation in one variable-length kernel call; (1, length, heads, dim)."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (length, heads, head_dim)
+    parameters = _kernel_parameters(VARLEN_KERNEL)
+    options: dict[str, Any] = {"scale": scaling}
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = k.shape[1] != q.shape[1]
+    elif k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in parameters:  # (left, right): keys up to `window - 1` positions back, none ahead
+        options["window_size"] = (window - 1 if window is not None else -1, 0)
+    else:  # torch 2.10: causal only (`varlen_applies` checked that no conversation outruns the window)
+        options["is_causal"] = True
+    offsets = segments.offsets
+    if offsets is None or offsets.device != q.device:
+        offsets = torch.tensor(segments.bounds, dtype=torch.int32).to(q.device, non_blocking=True)
+    out = VARLEN_KERNEL(q, k, v, offsets, offsets, segments.longest, segments.longest, **options)
+    return out[None]
 
 
 def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
@@ -89,6 +159,15 @@ def segment_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
     """Start of every conversation in a padding-free row, and the row's end: (0, 7, 12, ...)."""
     starts = (position_ids[0] == 0).nonzero().squeeze(1).tolist()
     return (*starts, position_ids.shape[1])
+
+
+def segments_for(position_ids: torch.Tensor, device: torch.device | None) -> Segments:
+    """The `SEGMENTS_KWARG` value for a CPU batch whose model runs on `device`."""
+    bounds = segment_bounds(position_ids)
+    offsets = None
+    if device is not None and device.type in VARLEN_DEVICES:
+        offsets = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
+    return Segments(bounds, offsets)
 
 
 def use_segment_sdpa(model: torch.nn.Module) -> None:

@@ -48,7 +48,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: tor
     labels = targets[:, positions].reshape(-1)
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "position_ids" in batch and attention.uses_segment_sdpa(model):
-        inputs[attention.SEGMENTS_KWARG] = attention.segment_bounds(batch["position_ids"])
+        inputs[attention.SEGMENTS_KWARG] = attention.segments_for(batch["position_ids"], device)
     if device is not None:
         inputs = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         positions, labels = positions.to(device, non_blocking=True), labels.to(device, non_blocking=True)
