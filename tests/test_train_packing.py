@@ -386,3 +386,31 @@ def test_varlen_forward_matches_the_loop_exactly_in_float32(monkeypatch, kernel,
     fused = attention.varlen_forward(query, key, value, segments, window, 0.3)
     assert fused.shape == loop.shape == (1, length, heads, dim)
     torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_a_refusing_varlen_kernel_falls_back_to_the_loop_once(monkeypatch):
+    calls = []
+
+    def refusing(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append(1)
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", refusing)
+    monkeypatch.setattr(attention, "_varlen_refused", [])
+    generator = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(1, 2, 12, 16, generator=generator, dtype=torch.bfloat16) for _ in range(3))
+    module = torch.nn.Module()
+    segments = {attention.SEGMENTS_KWARG: attention.Segments((0, 5, 12))}
+    with pytest.warns(UserWarning, match="Ampere GPUs"):
+        first, _ = attention.segment_sdpa_forward(module, query, key, value, None, **segments)
+    second, _ = attention.segment_sdpa_forward(module, query, key, value, None, **segments)
+    assert len(calls) == 1 and torch.equal(first, second)  # tried once, then the loop
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", out_of_memory)
+    monkeypatch.setattr(attention, "_varlen_refused", [])
+    with pytest.raises(torch.OutOfMemoryError):  # never hidden: the trainer turns it into error[oom]
+        attention.segment_sdpa_forward(module, query, key, value, None, **segments)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,14 @@ def segment_sdpa_forward(
     kwargs.pop("is_causal", None)
     window = kwargs.pop("sliding_window", None)
     if varlen_applies(query, kwargs, segments, window):
-        return varlen_forward(query, key, value, segments, window, kwargs.get("scaling")), None
+        try:
+            return varlen_forward(query, key, value, segments, window, kwargs.get("scaling")), None
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, NotImplementedError) as exc:  # this GPU or shape: the loop instead
+            _varlen_refused.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            warnings.warn(f"torch's varlen attention kernel refused these inputs ({_varlen_refused[0]}); attention "
+                          "runs one conversation at a time instead", stacklevel=2)
     outputs = []
     for start, end in itertools.pairwise(segments.bounds):
         piece = slice(start, end)
@@ -104,11 +112,22 @@ def _kernel_parameters(kernel: Any) -> frozenset[str]:
     return frozenset(inspect.signature(kernel).parameters)
 
 
+@functools.cache
+def _flash_capable(device: torch.device) -> bool:
+    """Flash kernels need an Ampere or newer GPU (compute capability 8.0)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+_varlen_refused: list[str] = []  # why the kernel failed once in this process; then it is not tried again
+
+
 def varlen_applies(query: torch.Tensor, kwargs: dict[str, Any], segments: Segments, window: int | None) -> bool:
-    """The flash varlen kernel exists and takes these inputs: CUDA, half precision, no attention dropout, and a
-    sliding window only where this torch's kernel has one (`window_size`, after torch 2.10)."""
-    if (VARLEN_KERNEL is None or query.device.type not in VARLEN_DEVICES
-            or query.dtype not in (torch.float16, torch.bfloat16)):
+    """The flash varlen kernel exists and takes these inputs: an Ampere+ GPU, half precision, a head size that
+    is a multiple of 8 up to 256, no attention dropout, and a sliding window only where this torch's kernel has
+    one (`window_size`, after torch 2.10)."""
+    if (VARLEN_KERNEL is None or _varlen_refused or query.device.type not in VARLEN_DEVICES
+            or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] % 8 or query.shape[-1] > 256
+            or not _flash_capable(query.device)):
         return False
     needs_window = window is not None and segments.longest > window
     return not kwargs.get("dropout") and (not needs_window or "window_size" in _kernel_parameters(VARLEN_KERNEL))
