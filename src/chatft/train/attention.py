@@ -29,11 +29,11 @@ loading the model later never see it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import itertools
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +56,7 @@ except ImportError:  # torch < 2.10
     VARLEN_KERNEL = None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Segments:
     """The conversations of a padding-free row: where each starts, and the row's end (0, 7, 12, ...); `offsets`
     is the same as int32 on the model's device, for the varlen kernel (sent with the batch, not per layer)."""
@@ -67,6 +67,11 @@ class Segments:
     @property
     def longest(self) -> int:
         return max(end - start for start, end in itertools.pairwise(self.bounds))
+
+    def offsets_on(self, device: torch.device) -> torch.Tensor:
+        if self.offsets is not None and self.offsets.device == device:
+            return self.offsets
+        return torch.tensor(self.bounds, dtype=torch.int32).to(device, non_blocking=True)
 
 
 @torch.compiler.disable  # the segment count changes every step: compiled layers call this as it is
@@ -148,9 +153,7 @@ def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         options["window_size"] = (window - 1 if window is not None else -1, 0)
     else:  # torch 2.10: causal only (`varlen_applies` checked that no conversation outruns the window)
         options["is_causal"] = True
-    offsets = segments.offsets
-    if offsets is None or offsets.device != q.device:
-        offsets = torch.tensor(segments.bounds, dtype=torch.int32).to(q.device, non_blocking=True)
+    offsets = segments.offsets_on(q.device)
     out = VARLEN_KERNEL(q, k, v, offsets, offsets, segments.longest, segments.longest, **options)
     return out[None]
 
@@ -182,11 +185,10 @@ def segment_bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
 
 def segments_for(position_ids: torch.Tensor, device: torch.device | None) -> Segments:
     """The `SEGMENTS_KWARG` value for a CPU batch whose model runs on `device`."""
-    bounds = segment_bounds(position_ids)
-    offsets = None
+    segments = Segments(segment_bounds(position_ids))
     if device is not None and device.type in VARLEN_DEVICES:
-        offsets = torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True)
-    return Segments(bounds, offsets)
+        segments = dataclasses.replace(segments, offsets=segments.offsets_on(device))
+    return segments
 
 
 def use_segment_sdpa(model: torch.nn.Module) -> None:
