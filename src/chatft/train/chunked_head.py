@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chatft.train.batching import IGNORE_INDEX
+from chatft.train import cross_entropy
 from chatft.train.model import causal_lm
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in float32 (smaller chunks re-read the head more often)
@@ -91,8 +91,7 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                   grads: tuple[bool, bool, bool]):
     """Summed loss, right predictions and, where `grads` asks, the gradients of the summed loss with
     respect to (hidden, weight, bias)."""
-    counted = labels != IGNORE_INDEX
-    safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
+    safe_labels, counted = cross_entropy.label_mask(labels)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grads[0] else None
@@ -104,15 +103,12 @@ def _chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         chunk = slice(start, start + step)
         h, take, keep = hidden[chunk], safe_labels[chunk], counted[chunk]
         logits = nn.functional.linear(h, weight, bias).float()
-        log_normaliser = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, take[:, None]).squeeze(1)
-        loss += ((log_normaliser - picked) * keep).sum()
+        chunk_loss, log_normaliser = cross_entropy.summed(logits, take, keep)
+        loss += chunk_loss
         correct += ((logits.argmax(-1) == take) & keep).sum()
         if not any(grads):
             continue
-        grad = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in the logits' memory
-        grad[torch.arange(grad.size(0), device=grad.device), take] -= 1
-        grad = grad.mul_(keep[:, None]).to(weight.dtype)
+        grad = cross_entropy.gradient_(logits, log_normaliser, take, keep).to(weight.dtype)
         if grad_hidden is not None:
             grad_hidden[chunk] = grad @ weight
         if grad_weight is not None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatft.train import attention, chunked_head
+from chatft.train import attention, chunked_head, cross_entropy
 from chatft.train.batching import IGNORE_INDEX, supervised_tokens
 from chatft.train.chunked_head import ChunkedHead
 from chatft.train.model import causal_lm
@@ -76,20 +76,15 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        counted = labels != IGNORE_INDEX
-        safe_labels = torch.where(counted, labels, torch.zeros_like(labels))
-        log_normaliser = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, safe_labels[:, None]).squeeze(1)
+        safe_labels, counted = cross_entropy.label_mask(labels)
+        loss, log_normaliser = cross_entropy.summed(logits, safe_labels, counted)
         ctx.save_for_backward(logits, log_normaliser, safe_labels, counted)
-        return ((log_normaliser - picked) * counted).sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits, log_normaliser, safe_labels, counted = ctx.saved_tensors
-        grad = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in the logits' own memory
-        grad[torch.arange(grad.size(0), device=grad.device), safe_labels] -= 1
-        grad.mul_((counted * grad_output)[:, None])
-        return grad, None
+        grad = cross_entropy.gradient_(*ctx.saved_tensors)
+        return grad.mul_(grad_output), None
 
 
 def head_for(model: torch.nn.Module, vocab_size: int, device: torch.device) -> ChunkedHead | None:
