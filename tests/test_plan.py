@@ -119,6 +119,16 @@ def test_rule_model_parallelism():
     assert "model_parallelism" not in fired(bigger) and bigger.fit.strategy == "fsdp2"
 
 
+def test_fsdp2_estimates_count_the_gathered_layers():
+    model = resolve_model("meta-llama/Llama-3.1-70B-Instruct")
+    layout = Layout(gpus=8, nodes=1, memory=80 * GB)
+    sharded = estimate(model, layout, lora=True, seq_length=2048, local_batch_size=1, strategy="fsdp2")
+    replicated = estimate(model, layout, lora=True, seq_length=2048, local_batch_size=1, strategy="ddp")
+    # Two of the 80 decoder layers whole in bfloat16 (about 0.86B parameters each), on top of the shards.
+    assert 3.0 * GB < sharded.gathered < 3.8 * GB and replicated.gathered == 0
+    assert "gathered layers" in sharded.line() and "gathered layers" not in replicated.line()
+
+
 def test_rule_adapter_only():
     result = plan(gpus=8, want="adapter")
     assert fired(result)["adapter_only"] == "--want adapter"

@@ -57,6 +57,28 @@ def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_
     assert memory.estimate_memory(bf16, skeleton, cpu).weights == params * 2
 
 
+def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeypatch):
+    """The chunked head holds one chunk of float32 logits at most; a model whose logits change after the head
+    (here: its repo's own code may do anything) keeps logits, a float32 copy and a gradient per position."""
+    from chatft.train import chunked_head
+
+    def config(**overrides):
+        return helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=1024,
+                                       step_scheduler__local_batch_size=8, step_scheduler__global_batch_size=8,
+                                       **overrides)
+
+    skeleton = memory.meta_model(config())
+    vocab, tokens = skeleton.config.vocab_size, 8 * 1024
+    monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 512 * vocab)  # 512 positions a chunk: the bound bites
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory.estimate_memory(config(), skeleton, cpu).logits == 512 * vocab * 4
+    # bfloat16: the matmul's output and the gradient cast back, beside the float32 chunk
+    assert memory.estimate_memory(config(model__torch_dtype="bfloat16"), skeleton, cuda).logits == 512 * vocab * 8
+    assert memory.estimate_memory(config(model__trust_remote_code=True), skeleton, cpu).logits == tokens * vocab * 12
+    skeleton.config.final_logit_softcapping = 30.0  # Gemma-style soft-capping after the head
+    assert memory.estimate_memory(config(), skeleton, cpu).logits == tokens * vocab * 12
+
+
 def test_predicted_oom_stops_with_the_advice_ladder(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device: 1024 * 1024)
     with pytest.raises(ChatftError) as full:

@@ -7,7 +7,8 @@ The numbers come from the training engine's own formula, `chatft.train.memory.es
 model's `meta` skeleton with `torch.device("cuda")` and `torch_dtype: bfloat16` (neither touches CUDA, so this
 works on a machine without a GPU). What the planner adds is the layout: full SFT runs FSDP2, which shards
 weights, gradients and optimizer states over the data-parallel ranks; LoRA runs DDP (everything replicated)
-or, when the frozen base does not fit on one GPU, FSDP2. The allocator slack of `check_fits` (x1.10) is added.
+or, when the frozen base does not fit on one GPU, FSDP2, which also holds two decoder layers whole while it
+gathers them (`fsdp2_gathered_bytes`). The allocator slack of `check_fits` (x1.10) is added.
 With `--gpus 0` the plan is for CPU training in float32.
 
 The ladder follows the `oom` hint's order: full SFT -> LoRA, then a smaller `local_batch_size` (grad
@@ -65,10 +66,12 @@ class GpuEstimate:
     logits: int
     slack: float
     budget: int
+    gathered: int = 0  # FSDP2: the layers all-gathered whole at a time
 
     @property
     def total(self) -> int:
-        return int((self.weights + self.gradients + self.optimizer + self.activations + self.logits) * self.slack)
+        return int((self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.gathered)
+                   * self.slack)
 
     @property
     def fits(self) -> bool:
@@ -90,7 +93,8 @@ class GpuEstimate:
         verdict = "fits" if self.fits else "does NOT fit"
         return (f"{self.mode} ({strategy}, {self.settings()}): {gb(self.total)} GB per GPU, {verdict} in "
                 f"{gb(self.budget)} GB = (weights {gb(self.weights)} + gradients {gb(self.gradients)} + optimizer "
-                f"{gb(self.optimizer)} + activations {gb(self.activations)} + logits {gb(self.logits)})"
+                f"{gb(self.optimizer)} + activations {gb(self.activations)} + logits {gb(self.logits)}"
+                + (f" + gathered layers {gb(self.gathered)}" if self.gathered else "") + ")"
                 + (f" x {self.slack:.2f} allocator slack" if self.slack != 1 else ""))
 
 
@@ -120,7 +124,15 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     shards = layout.world if strategy == "fsdp2" else 1
     return GpuEstimate(lora, strategy, seq_length, local_batch_size, activation_checkpointing,
                        int(weights / shards), int(gradients / shards), int(optimizer / shards),
-                       raw.activations, raw.logits, layout.slack, layout.memory)
+                       raw.activations, raw.logits, layout.slack, layout.memory,
+                       gathered=fsdp2_gathered_bytes(model, layout) if strategy == "fsdp2" else 0)
+
+
+def fsdp2_gathered_bytes(model: ModelFacts, layout: Layout) -> int:
+    """FSDP2 all-gathers each decoder layer whole for its forward and backward, and prefetches the next one:
+    two layers' weights in the compute dtype beyond the shards (embeddings and head counted out, untied)."""
+    layer_params = max(0, model.params - 2 * model.vocab * model.hidden) / max(1, model.layers)
+    return int(2 * layer_params * (2 if layout.dtype == "bfloat16" else 4))
 
 
 def ladder(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,

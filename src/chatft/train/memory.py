@@ -25,6 +25,7 @@ from torch import nn
 
 from chatft.config.schema import TrainingConfig
 from chatft.errors import ChatftError
+from chatft.train.chunked_head import rows_per_chunk
 
 MB = 1024 * 1024
 CUDA_SLACK = 1.10  # allocator fragmentation and the CUDA context
@@ -119,6 +120,7 @@ def estimate_memory(
 
     lora = cfg.peft is not None
     per_token_layer = 10 * hidden + 4 * ffn
+    targets: list[str] = []
     if lora:
         targets = resolve_lora_targets(base, cfg.peft)
         modules = dict(base.named_modules())
@@ -146,19 +148,37 @@ def estimate_memory(
     if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not concatenated):
         activations += 2 * rows * heads * width ** 2 * dtype_bytes * (
             1 if cfg.distributed.activation_checkpointing else layers)
+    # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
+    # logits): one chunk of at most CHUNK_ELEMENTS logits in float32, plus, below float32, the matmul's output
+    # and the gradient cast back. A model that changes its logits after the head, or whose head LoRA wraps, takes
+    # its own logits for every supervised position: those, a float32 copy and the gradient.
+    if _keeps_model_logits(text, cfg, targets):
+        logits = tokens * vocab * (dtype_bytes + 4 + 4)
+    else:
+        logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 if dtype_bytes == 4 else 4 + 2 * dtype_bytes)
     return MemoryEstimate(
         weights=weights,
         gradients=trainable * trainable_bytes,
         optimizer=2 * trainable * trainable_bytes,  # AdamW: two moments in the parameters' dtype
         activations=activations,
-        # Logits, their float32 copy for the loss and its gradient, at every position: an upper bound now that
-        # only supervised positions get logits and the gradient is written in place (kept so as not to
-        # promise headroom the planner has not been recalibrated for).
-        logits=tokens * vocab * (dtype_bytes + 4 + 4),
+        logits=logits,
         runtime=current_rss() if device.type == "cpu" else 0,
         device=device.type,
         lora=lora,
     )
+
+
+# Config attributes of architectures that change the logits after the head (Gemma 2/3 soft-capping, Cohere and
+# Granite scaling): their loss head cannot be chunked (`losses.head_for` checks it on the loaded model).
+_LOGIT_POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _keeps_model_logits(text_config: Any, cfg: TrainingConfig, lora_targets: list[str]) -> bool:
+    """Whether training will take the model's own logits rather than the chunked head, as far as the config
+    tells before the model is loaded."""
+    post_processed = any(getattr(text_config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POST_PROCESSING)
+    head_wrapped = any(target.split(".")[-1] == "lm_head" for target in lora_targets)
+    return post_processed or head_wrapped or cfg.model.trust_remote_code
 
 
 def _cgroup_free() -> int | None:
