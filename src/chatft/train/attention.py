@@ -141,7 +141,8 @@ def varlen_applies(query: torch.Tensor, kwargs: dict[str, Any], segments: Segmen
 def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
                    window: int | None, scaling: float | None) -> torch.Tensor:
     """Causal attention of every conversation in one variable-length kernel call; (1, length, heads, dim)."""
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (length, heads, head_dim)
+    # (length, heads, head_dim), packed as flash kernels expect (transformers' own varlen path copies too)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     parameters = _kernel_parameters(VARLEN_KERNEL)
     options: dict[str, Any] = {"scale": scaling}
     if "enable_gqa" in parameters:
