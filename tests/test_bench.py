@@ -128,3 +128,17 @@ def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
     assert report["ratio"] == pytest.approx(systems["chatft"]["tokens_per_s"] / systems["trl"]["tokens_per_s"])
     assert set(report["ratios"]) == {"trl", "chatft-packed"}
     assert (tmp_path / "gpu-small-full.md").exists()
+
+
+def test_loss_head_script_compares_both_heads():
+    """bench/loss_head.py at one layer: both heads run and give the same summed loss."""
+    outputs = {}
+    for head in ("logits", "chunked"):
+        cmd = [sys.executable, str(REPO_ROOT / "bench" / "loss_head.py"), "--head", head, "--layers", "1",
+               "--conversations", "2", "--length", "48"]
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = proc.stdout.strip().splitlines()[-1]
+        assert line.startswith(f"head {head} on ") and "96 tokens, 64 supervised" in line and "peak memory" in line
+        outputs[head] = float(line.split("summed loss ")[1].split(",")[0])
+    assert outputs["chunked"] == pytest.approx(outputs["logits"], rel=1e-5)
