@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from chatft.train import attention, losses, memory
 
@@ -45,10 +45,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     shape = QWEN25_05B
-    config = AutoConfig.for_model(shape.architecture, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                                  num_hidden_layers=args.layers, num_attention_heads=shape.heads,
-                                  num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                                  tie_word_embeddings=shape.tied, use_cache=False)
+    config = shape.config(num_hidden_layers=args.layers)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS)))
     attention.use_segment_sdpa(model)

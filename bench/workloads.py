@@ -42,6 +42,17 @@ class ModelShape:
     rope_theta: float
     max_positions: int
 
+    def config(self, **settings: Any) -> Any:
+        """The transformers config of this shape (`settings` added or overriding, e.g. token ids)."""
+        from transformers import LlamaConfig, Qwen2Config
+
+        config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[self.architecture]
+        return config_class(**{
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tied, "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_positions, "use_cache": False, **settings})
+
     def toy(self, vocab: int) -> ModelShape:
         """Two layers with head dim 16 and one kv head, keeping the model's heads-per-kv-head ratio and its
         intermediate/hidden ratio; the vocabulary shrinks to the tokenizer's, since a 150k-wide head at toy
@@ -206,12 +217,7 @@ def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, wher
     initialise and write. Writes go to a temporary sibling that is renamed into place, so an interrupted build
     never looks complete."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlamaConfig,
-        Qwen2Config,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     source = {"shape": dataclasses.asdict(shape), "tokenizer": str(Path(tokenizer_dir).resolve()),
@@ -221,15 +227,8 @@ def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, wher
     marker = out / "BENCH_MODEL.json"
     if marker.exists():
         return out
-    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig}[shape.architecture]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = config_class(
-        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-        tie_word_embeddings=shape.tied, rope_theta=shape.rope_theta, max_position_embeddings=shape.max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-        use_cache=False,
-    )
+    config = shape.config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     torch.manual_seed(SEED)
     # Built on CPU even on a GPU machine: a CUDA context opened here would stay in the parent process, holding

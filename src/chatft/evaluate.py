@@ -389,6 +389,7 @@ def evaluate_target(cfg: EvalConfig, target: Target, data: Any, prompts: list[Pr
     import torch
 
     from chatft.train import batching, losses, padding_free
+    from chatft.train.model import probe_vocab_size
 
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -396,7 +397,7 @@ def evaluate_target(cfg: EvalConfig, target: Target, data: Any, prompts: list[Pr
     try:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = sorted(data.rows, key=len, reverse=True)  # less padding; the sums do not depend on the order
-        vocab = min(len(tokenizer), model.config.get_text_config().vocab_size)
+        vocab = probe_vocab_size(tokenizer, model)
         attn = target.model_section(cfg).attn_implementation
         # Scored like training scores validation rows: padding-free where the model keeps them apart.
         packed, _ = padding_free.switch_to_padding_free(model, attn, vocab, device, dtype)

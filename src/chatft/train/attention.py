@@ -198,6 +198,10 @@ def use_segment_sdpa(model: torch.nn.Module) -> None:
     model.set_attn_implementation(SEGMENT_SDPA)
 
 
+def implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation the causal LM (under any PEFT wrapper) runs now."""
+    return getattr(causal_lm(model).config, "_attn_implementation", None)
+
+
 def uses_segment_sdpa(model: torch.nn.Module) -> bool:
-    inner = causal_lm(model)
-    return getattr(inner.config, "_attn_implementation", None) == SEGMENT_SDPA
+    return implementation(model) == SEGMENT_SDPA

@@ -26,11 +26,12 @@ from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import batching, checkpoints, layer_compile, losses, memory, padding_free
+from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
-from chatft.train.model import (apply_lora, causal_lm, count_parameters, enable_activation_checkpointing, load_model,
-                                load_tokenizer, model_location, pick_device, quiet_hub_progress, resolve_dtype)
+from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
+                                load_tokenizer, model_location, pick_device, probe_vocab_size, quiet_hub_progress,
+                                resolve_dtype)
 from chatft.train.schedule import LRSchedule
 
 FINAL = "final"
@@ -222,7 +223,7 @@ class Trainer:
         self.params = count_parameters(model)
         self.padding_free = self._check_padding_free()
         with self._compute_precision():
-            self.loss_head = losses.head_for(self.model, self._probe_vocab_size(), self.device)
+            self.loss_head = losses.head_for(self.model, probe_vocab_size(self.tokenizer, self.model), self.device)
         if self.loss_head is None:
             self.notes.append("note: loss head: the model's own logits at supervised positions (its forward does "
                               "more than decoder + linear head, so the chunked head is not used)")
@@ -247,8 +248,8 @@ class Trainer:
         if not (packing.padding_free or packing.packed_sequence_size > 0):
             return False
         kept_apart, leak = padding_free.switch_to_padding_free(
-            self.model, self.cfg.model.attn_implementation, self._probe_vocab_size(), self.device, self.dtype,
-            self._compute_precision)
+            self.model, self.cfg.model.attn_implementation, probe_vocab_size(self.tokenizer, self.model),
+            self.device, self.dtype, self._compute_precision)
         if kept_apart:
             return True
         if packing.packed_sequence_size > 0:
@@ -263,9 +264,6 @@ class Trainer:
             f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
             f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")
         return False
-
-    def _probe_vocab_size(self) -> int:
-        return min(len(self.tokenizer), self.model.config.get_text_config().vocab_size)
 
     def _micro_batches(self, rows: list) -> list[dict[str, torch.Tensor]]:
         return batching.micro_batches(rows, self.cfg.step_scheduler.local_batch_size, self.pad_id,
@@ -283,13 +281,9 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
-    def _attention(self) -> str:
-        """The attention implementation training runs, chatft's per-conversation SDPA included."""
-        return causal_lm(self.model).config._attn_implementation
-
     def _micro_batch_layout(self) -> str:
         sched, budget = self.cfg.step_scheduler, self.cfg.packed_sequence.packed_sequence_size
-        layout = (f"padding-free ({self._attention()} attention)" if self.padding_free
+        layout = (f"padding-free ({attention.implementation(self.model)} attention)" if self.padding_free
                   else "padded to the longest row")
         if budget > 0:
             return f"micro-batches: up to {budget} tokens of consecutive rows, {layout}"
@@ -619,7 +613,7 @@ class Trainer:
             "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
             "device": self.device.type,
             "padding_free": self.padding_free,
-            "attention": self._attention(),
+            "attention": attention.implementation(self.model),
             "loss_head": "chunked" if self.loss_head else "logits",
         }
         if self.scaler.is_enabled():

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,6 +134,11 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
         )
     model.config.use_cache = False  # training never reuses the KV cache; saves memory
     return model.to(device)
+
+
+def probe_vocab_size(tokenizer: Any, model: nn.Module) -> int:
+    """Token ids both the tokenizer and the model's embedding know: the range the start-up probes draw from."""
+    return min(len(tokenizer), model.config.get_text_config().vocab_size)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

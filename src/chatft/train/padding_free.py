@@ -69,7 +69,7 @@ def switch_to_padding_free(
     for candidate in candidates:
         if candidate == attention.SEGMENT_SDPA:
             attention.use_segment_sdpa(model)
-        elif causal_lm(model).config._attn_implementation != candidate:
+        elif attention.implementation(model) != candidate:
             model.set_attn_implementation(candidate)
         with precision():
             leak = boundary_leak(model, vocab_size, device)
