@@ -1,7 +1,8 @@
 """CUDA-only checks of what CPU tests cannot reach: padding-free loss equality and conversation isolation on
-GPU kernels (float32 and bfloat16), flash-attention varlen, no host-device sync in `loss_sum`, real CLI training
-runs on the GPU, and a real CUDA out-of-memory. Skipped without a GPU (CI); `bench/device/session.sh tests` runs
-them on a lent GPU machine. All on the tiny random models of `tests/fixtures/tiny_models.py`; about a minute.
+GPU kernels (float32 and bfloat16), flash-attention varlen, no host-device sync in `loss_sum` nor in a whole
+optimizer step, real CLI training runs on the GPU, and a real CUDA out-of-memory. Skipped without a GPU (CI);
+`bench/device/session.sh tests` runs them on a lent GPU machine. All on the tiny random models of
+`tests/fixtures/tiny_models.py`; about a minute.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, padding_free
-from chatft.train.loop import train
+from chatft.train.loop import Trainer, train
 from chatft.train.model import apply_lora, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -229,6 +230,28 @@ def test_loss_sum_makes_no_host_device_sync(tiny_model_dir, tokenizer, rows, dty
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert loss.device.type == "cuda" and bool(torch.isfinite(loss)) and int(correct) >= 0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-bfloat16", "lora-bfloat16"])
+def test_optimizer_step_makes_no_host_device_sync(tiny_model_dir, tokenizer, tmp_path, lora):
+    """A whole optimizer step (micro-batches, clipping, fused AdamW) is queued without waiting for the GPU: its
+    loss and gradient norm come back as device tensors, read by the loop after the next step is queued."""
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, lora=lora, model__torch_dtype="bfloat16",
+                                  step_scheduler__max_steps=3, clip_grad_norm__max_norm=1.0)
+    trainer = Trainer(cfg, tmp_path, tokenizer, helpers.prepared(helpers.chat_rows(tokenizer, 12)))
+    trainer.setup()
+    trainer._optimizer_step(trainer._next_micro_batches())  # warm-up: optimizer state, kernels' first-call set-up
+    micro_batches = trainer._next_micro_batches()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step = trainer._optimizer_step(micro_batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert step.loss.device.type == "cuda" and step.grad_norm.device.type == "cuda"
+    loss, grad_norm, _, _ = step.read(0.0)
+    assert math.isfinite(loss) and grad_norm is not None and grad_norm > 0
 
 
 # --------------------------------------------------------------------------- the CLI on the GPU

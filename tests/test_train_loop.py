@@ -307,3 +307,41 @@ def test_activation_checkpointing_trains_like_keeping_activations(tiny_model_dir
     assert weights.keys() == kept_weights.keys()
     for name, tensor in kept_weights.items():
         torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=1e-4)
+
+
+def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """Where a step is queued rather than done when it returns (CUDA), its loss and gradient norm are read after
+    the next step is queued. Forced on CPU here: every row, validation and checkpoint is what immediate reads
+    give, rows are written one step late except where validation, a checkpoint or the end needs them."""
+    from chatft.train import loop
+
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 16))
+    logged_while_at = {}
+    original_log = Trainer._log_step
+
+    def log_step(self, step, *args):
+        logged_while_at[step.known["step"]] = self.step  # the trainer's step when this row was read
+        return original_log(self, step, *args)
+
+    outcome = {}
+    for name, devices in (("immediate", ()), ("deferred", ("cpu",))):
+        monkeypatch.setattr(loop, "DEFERRED_READ_DEVICES", devices)
+        monkeypatch.setattr(Trainer, "_log_step", log_step)
+        logged_while_at.clear()
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / name, step_scheduler__max_steps=9,
+                                      step_scheduler__val_every_steps=4, step_scheduler__ckpt_every_steps=6,
+                                      validation_dataset={"path_or_dataset_id": "val.jsonl"})
+        result = train(cfg, tmp_path / name, data, data, tokenizer=tokenizer)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        state = json.loads((tmp_path / name / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+        outcome[name] = (rows, (tmp_path / name / "validation.jsonl").read_text(), state["train_loss"],
+                         result.train_loss, dict(logged_while_at))
+    (rows, val, ckpt_loss, final_loss, at), (d_rows, d_val, d_ckpt_loss, d_final_loss, d_at) = outcome.values()
+    timing = {"tokens_per_s", "peak_mem_mb", "elapsed_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in d_rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert all(r["tokens_per_s"] > 0 for r in d_rows)
+    assert (d_val, d_ckpt_loss, d_final_loss) == (val, ckpt_loss, final_loss)
+    assert at == {s: s for s in range(1, 10)}
+    # read late except at validation (4, 8), the checkpoint (6) and the end (9)
+    assert d_at == {s: s if s in (4, 6, 8, 9) else s + 1 for s in range(1, 10)}

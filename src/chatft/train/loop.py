@@ -32,6 +32,7 @@ from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 load_tokenizer, model_location, pick_device, probe_vocab_size, quiet_hub_progress,
                                 resolve_dtype)
+from chatft.train.queued_step import QueuedStep
 from chatft.train.schedule import LRSchedule
 
 FINAL = "final"
@@ -39,6 +40,9 @@ MB = 1024 * 1024
 # Exit status of a run stopped by a signal: 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell
 # reports a killed process, so wrappers never mistake a stopped run for a finished one.
 SIGNAL_EXIT_BASE = 128
+# Devices where a step is queued rather than done when the step method returns: there its loss and gradient
+# norm are read only after the next step is queued (`queued_step`). A seam: CPU tests add "cpu".
+DEFERRED_READ_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -154,6 +158,8 @@ class Trainer:
       when the model's decoder and head allow it (`losses.loss_sum`);
     - loss: summed token cross-entropy over supervised tokens divided by the supervised tokens of the whole
       optimizer step, so the result does not depend on how a step is split into micro-batches;
+    - nothing in an optimizer step waits for the device: on CUDA a step's loss and gradient norm are read for
+      its log row once the next step is queued (`queued_step`);
     - fused AdamW without weight decay on norms and biases; warm-up then cosine / linear /
       constant decay to `min_lr`; gradient clipping;
     - stops at `max_steps` or `num_epochs`, whichever comes first; validation loss and token accuracy
@@ -388,42 +394,37 @@ class Trainer:
         stop = _StopFlag()
         display = ProgressDisplay(self.total_steps, self.step) if self.is_main else None
         note = display.note if display else (lambda line: None)
+        defer_reads = self.device.type in DEFERRED_READ_DEVICES
+        queued: QueuedStep | None = None  # a step whose numbers are still on the device
+        self._last_read_at = 0.0
         self.model.train()
         try:
             with stop.installed(note):
                 while self.step < self.total_steps and stop.signum is None:
                     micro_batches = self._next_micro_batches()
-                    step_began = time.perf_counter()
-                    loss, grad_norm, tokens, skipped = self._guard_oom(self._optimizer_step, micro_batches)
-                    seconds = time.perf_counter() - step_began
+                    step = self._guard_oom(self._optimizer_step, micro_batches)
                     self.step += 1
-                    self.tokens_seen += tokens
-                    self.last_train_loss = loss
-                    row = {
-                        "step": self.step,
-                        "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
-                        "loss": loss,
-                        "lr": self.schedule(self.step - 1),
-                        "grad_norm": grad_norm,
-                        "tokens": tokens,
-                        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-                        "peak_mem_mb": self._peak_memory() / MB,
-                        "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
-                    }
-                    if self.scaler.is_enabled():
-                        row.update(loss_scale=self.scaler.get_scale(), skipped=skipped)
-                        if skipped:
-                            note(f"step {self.step}: float16 gradients overflowed; the update was skipped and the "
-                                 f"loss scale lowered to {self.scaler.get_scale():g}")
-                    if self.is_main:
-                        self.metrics.append(row)
-                        display.update(row)
-                        if self.tensorboard:
-                            self.tensorboard.log("train", row)
-                    if self._due(cfg.step_scheduler.val_every_steps) and self.val_batches:
+                    self.tokens_seen += step.tokens
+                    step.known = {"step": self.step,
+                                  "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
+                                  "lr": self.schedule(self.step - 1)}
+                    if queued is not None:  # the step before: done, or being finished while this one waits
+                        self._log_step(queued, started, note, display)
+                    queued = step
+                    validate = self._due(cfg.step_scheduler.val_every_steps) and self.val_batches
+                    save = self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None
+                    if not defer_reads or validate or save or self.step >= self.total_steps:
+                        self._log_step(queued, started, note, display)
+                        queued = None
+                    if validate:
                         self._guard_oom(self._validate, note)
-                    if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
+                    if save:
                         self._save_checkpoint(started)
+        except BaseException:
+            if queued is not None:  # keep the last finished step's row when a later one fails
+                with contextlib.suppress(Exception):
+                    self._log_step(queued, started, note, display)
+            raise
         finally:
             if display:
                 display.close()
@@ -439,9 +440,32 @@ class Trainer:
         self._print_done(result)
         return result
 
-    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float | None, int, bool]:
-        """One optimizer step over its micro-batches; returns (loss, grad norm before clipping (None when it
-        overflowed), tokens, whether float16 loss scaling skipped the update)."""
+    def _log_step(self, step: QueuedStep, started: float, note, display: ProgressDisplay | None) -> None:
+        """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
+        loss, grad_norm, seconds, self._last_read_at = step.read(self._last_read_at)
+        self.last_train_loss = loss
+        row = {
+            "step": step.known["step"], "epoch": step.known["epoch"], "loss": loss, "lr": step.known["lr"],
+            "grad_norm": grad_norm, "tokens": step.tokens,
+            "tokens_per_s": step.tokens / seconds if seconds > 0 else 0.0,
+            "peak_mem_mb": self._peak_memory() / MB,
+            "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
+        }
+        if self.scaler.is_enabled():
+            row.update(loss_scale=self.scaler.get_scale(), skipped=step.skipped)
+            if step.skipped:
+                note(f"step {row['step']}: float16 gradients overflowed; the update was skipped and the "
+                     f"loss scale lowered to {self.scaler.get_scale():g}")
+        if self.is_main:
+            self.metrics.append(row)
+            display.update(row)
+            if self.tensorboard:
+                self.tensorboard.log("train", row)
+
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> QueuedStep:
+        """One optimizer step over its micro-batches. Nothing in it waits for the device (except float16 loss
+        scaling, whose skip decision does): its loss and gradient norm are returned as device tensors."""
+        queued_at = time.perf_counter()
         num_supervised = self._step_supervised_tokens(micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
@@ -451,19 +475,18 @@ class Trainer:
             total_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.cfg.clip_grad_norm.max_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable,
-                                                         max_norm if max_norm is not None else math.inf))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        scale = self.scaler.get_scale()
+        scale = self.scaler.get_scale()  # 1.0 without a sync when the scaler is off
         self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan (float16 only)
         self.scaler.update()
         skipped = self.scaler.get_scale() < scale
         self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return float(total_loss), grad_norm if math.isfinite(grad_norm) else None, tokens, skipped
+        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, queued_at)
 
     def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
         """The loss denominator of a step: supervised tokens in all its micro-batches.
