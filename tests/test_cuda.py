@@ -279,15 +279,15 @@ def write_chats(path: Path, n: int, offset: int = 0) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("kind", ["lora-bfloat16", "full-auto"])
+@pytest.mark.parametrize("kind", ["lora-bfloat16", "full-auto", "full-float16"])
 def test_cli_training_run(tiny_model_dir, tmp_path, kind):
-    lora = kind.startswith("lora")
+    lora, dtype = kind.startswith("lora"), kind.split("-")[1]
     write_chats(tmp_path / "train.jsonl", 32)
     write_chats(tmp_path / "val.jsonl", 8, offset=100)
     result = chatft_cli(
         "run", "peft/automodel" if lora else "sft/automodel", "-c", "tiny",
         f"model.pretrained_model_name_or_path={tiny_model_dir}",
-        f"model.torch_dtype={'bfloat16' if lora else 'auto'}",
+        f"model.torch_dtype={dtype}",
         "dataset.path_or_dataset_id=train.jsonl", "validation_dataset.path_or_dataset_id=val.jsonl",
         "step_scheduler.max_steps=6", "step_scheduler.num_epochs=2", "step_scheduler.global_batch_size=8",
         "step_scheduler.local_batch_size=4", "step_scheduler.ckpt_every_steps=3", "step_scheduler.val_every_steps=3",
@@ -310,10 +310,13 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
     assert manifest["kind"] == ("lora" if lora else "full")
     assert manifest["metrics"]["device"] == DEVICE.type and manifest["metrics"]["padding_free"] is True
     assert manifest["metrics"]["loss_head"] == "chunked"
+    if dtype == "float16":  # mixed precision: float32 master weights, float16 compute, loss scaling
+        assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16"}
+        assert manifest["metrics"]["loss_scaling"] is True
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    expected = torch.bfloat16 if lora or DEVICE.type == "cuda" else torch.float32  # auto: bf16 on a GPU
+    expected = torch.float16 if dtype == "float16" else torch.bfloat16  # auto: bfloat16 on a GPU
     if lora:
         from peft import PeftModel
 

@@ -64,8 +64,8 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("lora, dtype", [(False, "float32"), (True, "float32"), (True, "float16")],
-                         ids=["full", "lora", "lora-float16"])
+@pytest.mark.parametrize("lora, dtype", [(False, "float32"), (True, "float32"), (True, "float16"), (False, "float16")],
+                         ids=["full", "lora", "lora-float16", "full-float16"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch, lora,
                                                           dtype):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"

@@ -1,5 +1,5 @@
-"""float16 LoRA trains with dynamic loss scaling: overflowing steps are skipped, counted and reported; full SFT in
-float16 is warned about instead (its float16 gradients cannot be unscaled)."""
+"""float16 trains with dynamic loss scaling: overflowing steps are skipped, counted and reported. LoRA keeps its
+float32 adapters on the float16 base; full SFT keeps float32 master weights and computes in float16."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def data(tokenizer):
 
 
 def run(model_dir, run_dir, data, tokenizer, **overrides):
-    cfg = helpers.training_config(model_dir, run_dir, model__torch_dtype="float16", step_scheduler__max_steps=3,
-                                  **overrides)
+    cfg = helpers.training_config(model_dir, run_dir, **{"model__torch_dtype": "float16",
+                                                          "step_scheduler__max_steps": 3, **overrides})
     result = train(cfg, run_dir, data, tokenizer=tokenizer)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((result.final_dir / "chatft_manifest.json").read_text())
@@ -55,7 +55,21 @@ def test_overflowing_steps_are_skipped_and_counted(tiny_model_dir, tokenizer, da
     assert all(t.abs().max() == 0 for name, t in adapter.items() if name.endswith("lora_B.weight"))  # never updated
 
 
-def test_float16_full_sft_warns_that_it_is_not_scaled(tiny_model_dir, tokenizer, data, tmp_path, capsys):
-    rows, manifest = run(tiny_model_dir, tmp_path, data, tokenizer)
-    assert "full SFT in float16 trains without loss scaling" in capsys.readouterr().out
-    assert "loss_scaling" not in manifest["metrics"] and "loss_scale" not in rows[0]
+def test_float16_full_sft_keeps_float32_master_weights_and_follows_float32(tiny_model_dir, tokenizer, data, tmp_path,
+                                                                            capsys):
+    """Mixed precision: float32 weights, gradients and AdamW moments, float16 compute under autocast, dynamic loss
+    scaling; the loss curve stays with float32's and the artifact is written in float16, as asked."""
+    rows, manifest = run(tiny_model_dir, tmp_path / "fp16", data, tokenizer, step_scheduler__max_steps=6)
+    assert "float32 master weights computed in float16 under autocast, dynamic loss scaling" in capsys.readouterr().out
+    assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16"}
+    assert manifest["metrics"]["loss_scaling"] is True and "loss_scale" in rows[0]
+    assert not any(r["skipped"] for r in rows)
+    cfg = helpers.training_config(tiny_model_dir, tmp_path / "fp32", step_scheduler__max_steps=6)
+    train(cfg, tmp_path / "fp32", data, tokenizer=tokenizer)
+    fp32 = [json.loads(line)["loss"] for line in (tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx(fp32, rel=2e-2)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    weights = load_file(str(tmp_path / "fp16" / "final" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    config = json.loads((tmp_path / "fp16" / "final" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float16"

@@ -55,6 +55,11 @@ def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_
     bf16 = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="bfloat16",
                                    step_scheduler__local_batch_size=2)
     assert memory.estimate_memory(bf16, skeleton, cpu).weights == params * 2
+    # float16 full SFT: float32 master weights, gradients and moments, plus the float16 copies autocast computes with
+    fp16 = memory.estimate_memory(helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="float16",
+                                                          step_scheduler__local_batch_size=2), skeleton, cpu)
+    assert (fp16.weights, fp16.gradients, fp16.optimizer) == (params * 6, params * 4, params * 8)
+    assert fp16.activations == memory.estimate_memory(bf16, skeleton, cpu).activations  # 2-byte compute
 
 
 def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ real-model check on SmolLM2-135M-Instruct (whose pad token is its EOS)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_module_from_path
+from safetensors.torch import load_file
 
 from chatft.config.compile import compile_config
 from chatft.errors import ChatftError
@@ -84,18 +84,23 @@ def write_messages(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("chatft.data.sources") is None,
-                    reason="the data pipeline (chatft.data.sources) has not landed yet")
-def test_cli_runs_sft_end_to_end(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cli_runs_sft_end_to_end(tiny_model_dir, tmp_path, dtype):
     data = write_messages(tmp_path / "train.jsonl", 12)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "chatft", "run", "sft/automodel", "-c", "tiny",
                f"model.pretrained_model_name_or_path={tiny_model_dir}", f"dataset.path_or_dataset_id={data}",
-               f"checkpoint.checkpoint_dir={run_dir}", "step_scheduler.max_steps=3", "step_scheduler.val_every_steps=null"]
+               f"checkpoint.checkpoint_dir={run_dir}", "step_scheduler.max_steps=3", "step_scheduler.val_every_steps=null",
+               f"model.torch_dtype={dtype}"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "job.yaml").is_file()
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}
+    if dtype == "float16":  # mixed precision on CPU too: float32 master weights, float16 autocast, loss scaling
+        assert "float32 master weights computed in float16 under autocast" in done.stdout
+        return
     again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
     assert again.returncode == 2 and "error[config_invalid]" in again.stderr and "finished run" in again.stderr

@@ -32,6 +32,7 @@ from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 load_tokenizer, model_location, pick_device, probe_vocab_size, quiet_hub_progress,
                                 resolve_dtype)
+from chatft.train.precision import precision_for
 from chatft.train.queued_step import QueuedStep
 from chatft.train.schedule import LRSchedule
 
@@ -203,6 +204,7 @@ class Trainer:
         random.seed(self.cfg.seed)
         self.device = pick_device()
         self.dtype = resolve_dtype(self.cfg.model.torch_dtype, self.device)
+        self.precision = precision_for(self.dtype, self.lora)
         self.notes: list[str] = list(notes or [])
         self._setup_model()
         self._setup_optimizer()
@@ -216,12 +218,12 @@ class Trainer:
         if self.estimate is None:
             self.estimate = memory.estimate_memory(cfg, device=self.device)
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
-        model = load_model(cfg.model, self.device, self.dtype)
+        model = load_model(cfg.model, self.device, self.precision.weights)
         if cfg.distributed.activation_checkpointing:
             enable_activation_checkpointing(model)
         if self.lora:
             model = apply_lora(model, cfg.peft, cfg.seed)
-            if self._adapters_autocast():
+            if self.precision.autocast:
                 for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
                     if isinstance(module, BaseTunerLayer):
                         module.cast_input_dtype_enabled = False
@@ -235,15 +237,14 @@ class Trainer:
                               "more than decoder + linear head, so the chunked head is not used)")
         if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
-        # float16 gradients underflow without loss scaling; GradScaler needs float32 gradients to unscale, which
-        # LoRA's adapters have and full SFT's float16 weights do not. Disabled, the scaler passes everything through.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.lora and self.dtype == torch.float16)
+        # float16 gradients underflow without loss scaling (`precision`: the trained parameters are float32 then, so
+        # their gradients can be unscaled). Disabled, the scaler passes everything through.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.loss_scaling)
         self.skipped_steps = 0
         if self.scaler.is_enabled():
-            self.notes.append("float16: dynamic loss scaling; a step whose gradients overflow is skipped and counted")
-        elif self.dtype == torch.float16:
-            self.notes.append("warning: full SFT in float16 trains without loss scaling (float16 weights cannot be "
-                              "unscaled); bfloat16, or LoRA (peft) in float16, is the safer choice")
+            master = "" if self.lora else "float32 master weights computed in float16 under autocast, "
+            self.notes.append(f"float16: {master}dynamic loss scaling; a step whose gradients overflow is skipped "
+                              "and counted")
 
     def _check_padding_free(self) -> bool:
         """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
@@ -276,16 +277,9 @@ class Trainer:
                                       padding_free=self.padding_free,
                                       token_budget=self.cfg.packed_sequence.packed_sequence_size)
 
-    def _adapters_autocast(self) -> bool:
-        """LoRA on a bfloat16/float16 base: the float32 adapters compute in the base's dtype under autocast
-        (their weights and gradients stay float32), instead of PEFT casting every activation to float32 and
-        back around each adapter, which on CPU cost more than the adapters themselves."""
-        return self.lora and self.dtype != torch.float32
-
     def _compute_precision(self):
-        if self._adapters_autocast():
-            return torch.autocast(self.device.type, dtype=self.dtype)
-        return contextlib.nullcontext()
+        """Autocast to the compute dtype where the trained parameters are float32 below it (`precision`)."""
+        return self.precision.context(self.device)
 
     def _micro_batch_layout(self) -> str:
         sched, budget = self.cfg.step_scheduler, self.cfg.packed_sequence.packed_sequence_size
@@ -594,6 +588,8 @@ class Trainer:
         if not self.lora:
             model.config.use_cache = True  # off while training; on for whoever loads the artifact
             self._set_generation_eos(model)
+            if self.precision.weights != self.dtype:  # float16 full SFT: written in float16, as the config asks
+                model.to(self.dtype)
         with quiet_hub_progress():
             model.save_pretrained(tmp)  # full: weights + config + generation_config; LoRA: the adapter only
         self.tokenizer.save_pretrained(tmp)
@@ -638,6 +634,7 @@ class Trainer:
             "padding_free": self.padding_free,
             "attention": attention.implementation(self.model),
             "loss_head": "chunked" if self.loss_head else "logits",
+            "precision": self.precision.to_json(),
         }
         if self.scaler.is_enabled():
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)

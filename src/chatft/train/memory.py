@@ -26,6 +26,7 @@ from torch import nn
 from chatft.config.schema import TrainingConfig
 from chatft.errors import ChatftError
 from chatft.train.chunked_head import rows_per_chunk
+from chatft.train.precision import precision_for
 
 MB = 1024 * 1024
 CUDA_SLACK = 1.10  # allocator fragmentation and the CUDA context
@@ -108,7 +109,9 @@ def estimate_memory(
 
     device = device or pick_device()
     model = model if model is not None else meta_model(cfg)
-    dtype_bytes = torch.finfo(resolve_dtype(cfg.model.torch_dtype, device)).bits // 8
+    lora = cfg.peft is not None
+    precision = precision_for(resolve_dtype(cfg.model.torch_dtype, device), lora)
+    dtype_bytes = _bytes(precision.compute)  # activations and logits: the compute dtype
     base = model  # the plain model, before any LoRA wrapping
     total_params = sum(p.numel() for p in base.parameters())
     text = _text_config(base.config)
@@ -118,20 +121,21 @@ def estimate_memory(
     heads = getattr(text, "num_attention_heads", None) or 1
     vocab = getattr(text, "vocab_size", None) or base.get_input_embeddings().num_embeddings
 
-    lora = cfg.peft is not None
     per_token_layer = 10 * hidden + 4 * ffn
     targets: list[str] = []
     if lora:
         targets = resolve_lora_targets(base, cfg.peft)
         modules = dict(base.named_modules())
         trainable = sum(cfg.peft.dim * (modules[t].in_features + modules[t].out_features) for t in targets)
-        trainable_bytes = 4  # adapters stay float32
-        weights = total_params * dtype_bytes + trainable * trainable_bytes
+        trainable_bytes = _bytes(precision.trainable)  # float32 adapters
+        weights = total_params * _bytes(precision.weights) + trainable * trainable_bytes
         if cfg.peft.dropout > 0:  # each wrapped layer keeps its dropped-out input for backward
             per_token_layer += sum(modules[t].in_features for t in targets) // max(1, layers)
     else:
-        trainable, trainable_bytes = total_params, dtype_bytes
-        weights = total_params * dtype_bytes
+        trainable, trainable_bytes = total_params, _bytes(precision.trainable)
+        weights = total_params * _bytes(precision.weights)
+        if precision.autocast:  # float16 under autocast: the float16 copy of each weight, kept for backward
+            weights += total_params * dtype_bytes
     packing, local_batch, seq_length = cfg.packed_sequence, cfg.step_scheduler.local_batch_size, cfg.dataset.seq_length
     # The largest micro-batch: local_batch_size rows of seq_length, or a full pack of packed_sequence_size.
     tokens = packing.packed_sequence_size or local_batch * seq_length
@@ -171,6 +175,10 @@ def estimate_memory(
 # Config attributes of architectures that change the logits after the head (Gemma 2/3 soft-capping, Cohere and
 # Granite scaling): their loss head cannot be chunked (`losses.head_for` checks it on the loaded model).
 _LOGIT_POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
 
 def _keeps_model_logits(text_config: Any, cfg: TrainingConfig, lora_targets: list[str]) -> bool:

@@ -22,6 +22,7 @@ from torch import nn
 
 from chatft.config.schema import LoraSection, ModelSection
 from chatft.errors import ChatftError
+from chatft.train.precision import dtype_name
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -265,13 +266,9 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     frozen = [p for p in params if not p.requires_grad] or params
-
-    def name(dtype: torch.dtype) -> str:
-        return str(dtype).removeprefix("torch.")
-
     return ParamCounts(
         total=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in trainable),
-        base_dtype=name(frozen[0].dtype),
-        trainable_dtype=name(trainable[0].dtype) if trainable else "-",
+        base_dtype=dtype_name(frozen[0].dtype),
+        trainable_dtype=dtype_name(trainable[0].dtype) if trainable else "-",
     )
