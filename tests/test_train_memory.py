@@ -84,6 +84,41 @@ def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeyp
     assert memory.estimate_memory(config(), skeleton, cpu).logits == tokens * vocab * 12
 
 
+def test_largest_micro_batch_from_the_config_or_the_data(tiny_model_dir, tmp_path):
+    def shape(lengths=None, **overrides):
+        cfg = helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=256,
+                                      step_scheduler__local_batch_size=2, **overrides)
+        found = memory.largest_micro_batch(cfg, lengths)
+        return found.tokens, found.rows, found.width, found.concatenated, found.from_data
+
+    lengths = [10, 50, 30, 20]
+    assert shape() == (512, 1, 512, True, False)  # the config's bound: 2 rows of seq_length
+    assert shape(lengths) == (80, 1, 80, True, True)  # the two longest rows, whatever order they come in
+    assert shape(packed_sequence__padding_free=False) == (512, 2, 256, False, False)
+    assert shape(lengths, packed_sequence__padding_free=False) == (100, 2, 50, False, True)  # padded to the longest
+    assert shape(packed_sequence__packed_sequence_size=300) == (300, 1, 300, True, False)
+    assert shape(lengths, packed_sequence__packed_sequence_size=300) == (110, 1, 110, True, True)  # one step's rows
+    lengths = [100, 120, 90, 80, 30]
+    assert shape(lengths, packed_sequence__packed_sequence_size=300) == (300, 1, 300, True, True)  # a full pack
+
+
+def test_estimate_follows_the_data_rows(tiny_model_dir, tmp_path):
+    """Short rows against a long seq_length: the activations are for the longest rows the data holds, the rest of
+    the estimate does not change."""
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=1024, step_scheduler__local_batch_size=4)
+    skeleton, cpu = memory.meta_model(cfg), torch.device("cpu")
+    bound = memory.estimate_memory(cfg, skeleton, cpu)
+    measured = memory.estimate_memory(cfg, skeleton, cpu, lengths=[100, 60, 300, 40, 200])
+    assert measured.activations * 4096 == bound.activations * (300 + 200 + 100 + 60)
+    assert (measured.weights, measured.gradients, measured.optimizer) == (bound.weights, bound.gradients,
+                                                                          bound.optimizer)
+    assert measured.lines()[1].endswith("largest micro-batch: 660 tokens, padding-free (the data's longest rows)")
+    assert bound.lines()[1].endswith("largest micro-batch: 4,096 tokens, padding-free (rows of seq_length)")
+    static = bound.weights_and_optimizer()
+    assert static.activations == static.logits == 0 and static.training == bound.weights + bound.gradients + \
+        bound.optimizer
+
+
 def test_predicted_oom_stops_with_the_advice_ladder(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "free_memory", lambda device: 1024 * 1024)
     with pytest.raises(ChatftError) as full:
@@ -125,7 +160,8 @@ def test_estimate_and_measured_peak_are_recorded(tiny_model_dir, tokenizer, data
     result = train(helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=1), tmp_path, data,
                    tokenizer=tokenizer)
     out = capsys.readouterr().out
-    assert "memory estimate (full SFT, cpu)" in out and "peak memory" in out and "(estimate" in out
+    assert "memory estimate (full SFT, cpu): " in out and "the data's longest rows" in out
+    assert "peak memory" in out and "(estimate" in out
     metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
     assert metrics["memory_estimate_mb"] > 0 and metrics["peak_mem_mb"] > 0
 

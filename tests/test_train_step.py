@@ -61,6 +61,31 @@ def test_run_step_trains_and_writes_the_artifact(tiny_model_dir, tmp_path, fake_
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
 
 
+def test_run_step_decides_fit_on_the_data_rows(tiny_model_dir, tmp_path, fake_pipeline, monkeypatch, capsys):
+    """Before the data is read, only what no data changes (weights, gradients, optimizer states) can refuse a run;
+    after it, the largest micro-batch its rows form. A seq_length far above the rows' lengths therefore does not
+    refuse a run that fits."""
+    from chatft.train import memory
+
+    compiled = compiled_for("sft/automodel", tiny_model_dir, tmp_path, "dataset.seq_length=4096")
+    cfg = compiled.validated
+    bound = memory.estimate_memory(cfg)
+    rows = helpers.chat_rows(load_tokenizer(cfg.model), 8)
+    measured = memory.estimate_memory(cfg, lengths=[len(r) for r in rows])
+    assert measured.training < bound.training
+    monkeypatch.setattr(memory, "free_memory", lambda device: (measured.training + bound.training) // 2)
+    run_step(compiled)
+    assert "the data's longest rows" in capsys.readouterr().out
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: bound.weights_and_optimizer().training // 2)
+    fake_pipeline.clear()
+    with pytest.raises(ChatftError) as err:
+        run_step(compiled_for("sft/automodel", tiny_model_dir, tmp_path / "small", "dataset.seq_length=4096"))
+    assert err.value.id == "oom" and "weights, gradients and optimizer states alone" in err.value.message
+    assert fake_pipeline == []  # refused before any data was read
+
+
 def test_run_step_exits_143_when_stopped_by_sigterm(tiny_model_dir, tmp_path, fake_pipeline, monkeypatch):
     monkeypatch.setattr(Trainer, "train", lambda self: TrainResult(tmp_path, None, 1, 1.0, None, None, 10, 1.0,
                                                                    stopped_by="SIGTERM", exit_code=143))

@@ -76,11 +76,11 @@ def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
     return {"layout": layout, "local_batch_size": sched.local_batch_size, **stats}
 
 
-def _memory_estimate(cfg: TrainingConfig) -> dict[str, Any]:
-    """The training engine's estimate for this config on the device training would use."""
+def _memory_estimate(cfg: TrainingConfig, data: PreparedData) -> dict[str, Any]:
+    """The training engine's estimate for this config and these rows on the device training would use."""
     from chatft.train.memory import estimate_memory
 
-    estimate = estimate_memory(cfg)
+    estimate = estimate_memory(cfg, lengths=[len(row) for row in data.rows])
     return {"training_mb": round(estimate.training / 2**20), "total_mb": round(estimate.total / 2**20),
             "device": estimate.device, "lora": estimate.lora, "summary": " ".join(estimate.lines())}
 
@@ -94,7 +94,7 @@ def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     if section.truncation == "error":  # preview reports over-length rows instead of stopping at the first
         section = section.model_copy(update={"truncation": "drop"})
     data = prepare_training_data(section, tokenizer)
-    stats = _stats(data, cfg, _memory_estimate(cfg))
+    stats = _stats(data, cfg, _memory_estimate(cfg, data))
     shown = data.rows[:rows]
     if as_json:
         payload = {

@@ -216,7 +216,8 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         if self.estimate is None:
-            self.estimate = memory.estimate_memory(cfg, device=self.device)
+            self.estimate = memory.estimate_memory(cfg, device=self.device,
+                                                   lengths=[len(row) for row in self.train_data.rows])
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         model = load_model(cfg.model, self.device, self.precision.weights)
         if cfg.distributed.activation_checkpointing:

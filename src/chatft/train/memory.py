@@ -13,10 +13,12 @@ eager attention and CPU SDPA). Measured peaks are recorded next to it in every r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import sys
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class MemoryEstimate:
     runtime: int  # what the process already holds (CPU: its RSS now), not counted against free memory
     device: str
     lora: bool
+    micro_batch: MicroBatchShape | None = None  # the largest micro-batch the activations and logits are for
 
     @property
     def training(self) -> int:
@@ -56,17 +59,63 @@ class MemoryEstimate:
             return f"{value / MB:,.0f} MB"
 
         kind = "LoRA" if self.lora else "full SFT"
-        return [
+        lines = [
             f"memory estimate ({kind}, {self.device}): {mb(self.total)} = weights {mb(self.weights)} + gradients "
             f"{mb(self.gradients)} + optimizer {mb(self.optimizer)} + activations {mb(self.activations)} + "
             f"logits {mb(self.logits)} + runtime {mb(self.runtime)}"
         ]
+        if self.micro_batch:
+            lines.append(f"  activations and logits for the largest micro-batch: {self.micro_batch.describe()}")
+        return lines
 
     def to_json(self) -> dict[str, Any]:
         return {"weights_mb": self.weights / MB, "gradients_mb": self.gradients / MB,
                 "optimizer_mb": self.optimizer / MB, "activations_mb": self.activations / MB,
                 "logits_mb": self.logits / MB, "runtime_mb": self.runtime / MB, "total_mb": self.total / MB,
-                "device": self.device, "lora": self.lora}
+                "device": self.device, "lora": self.lora,
+                "micro_batch": dataclasses.asdict(self.micro_batch) if self.micro_batch else None}
+
+    def weights_and_optimizer(self) -> MemoryEstimate:
+        """Only what no data can change: weights, gradients and optimizer states (for a check before the data
+        is read)."""
+        return dataclasses.replace(self, activations=0, logits=0, micro_batch=None)
+
+
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """The largest micro-batch of a run: its tokens, and the rows x width attention runs over (one row of all
+    its tokens when conversations are concatenated)."""
+    tokens: int
+    rows: int
+    width: int
+    concatenated: bool  # padding-free rows or packs: attention runs per conversation, without a padding mask
+    from_data: bool  # measured on the tokenized rows, or the config's bound (every row seq_length long)
+
+    def describe(self) -> str:
+        layout = "padding-free" if self.concatenated else f"{self.rows} rows padded to {self.width}"
+        source = "the data's longest rows" if self.from_data else "rows of seq_length"
+        return f"{self.tokens:,} tokens, {layout} ({source})"
+
+
+def largest_micro_batch(cfg: TrainingConfig, lengths: Sequence[int] | None = None) -> MicroBatchShape:
+    """The largest micro-batch training can form: from the config alone (every row `seq_length` tokens), or,
+    given the token lengths of the training rows, from the longest of them, whatever order they come in."""
+    packing, sched = cfg.packed_sequence, cfg.step_scheduler
+    local_batch, seq_length = sched.local_batch_size, cfg.dataset.seq_length
+    concatenated = packing.padding_free or packing.packed_sequence_size > 0
+    if not lengths:
+        tokens = packing.packed_sequence_size or local_batch * seq_length
+        return MicroBatchShape(tokens, 1, tokens, True, False) if concatenated else \
+            MicroBatchShape(tokens, local_batch, seq_length, False, False)
+    longest = sorted(lengths, reverse=True)
+    if packing.packed_sequence_size > 0:  # consecutive rows of one step, up to the budget (>= seq_length)
+        tokens = min(packing.packed_sequence_size, sum(longest[:sched.global_batch_size]))
+        return MicroBatchShape(tokens, 1, tokens, True, True)
+    rows = min(local_batch, len(longest))
+    if concatenated:
+        tokens = sum(longest[:rows])
+        return MicroBatchShape(tokens, 1, tokens, True, True)
+    return MicroBatchShape(rows * longest[0], rows, longest[0], False, True)
 
 
 def _text_config(config: Any) -> Any:
@@ -101,10 +150,13 @@ def peak_rss() -> int:
 
 
 def estimate_memory(
-    cfg: TrainingConfig, model: nn.Module | None = None, device: torch.device | None = None
+    cfg: TrainingConfig, model: nn.Module | None = None, device: torch.device | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> MemoryEstimate:
     """Bytes needed to train `cfg` (on `device`, default: the one training would use). `model`, if given,
-    is the plain model before LoRA wrapping (on any device, `meta` included)."""
+    is the plain model before LoRA wrapping (on any device, `meta` included). `lengths`, the token lengths of
+    the training rows, bound the largest micro-batch by the data instead of by `seq_length`
+    (`largest_micro_batch`)."""
     from chatft.train.model import pick_device, resolve_dtype, resolve_lora_targets
 
     device = device or pick_device()
@@ -136,9 +188,8 @@ def estimate_memory(
         weights = total_params * _bytes(precision.weights)
         if precision.autocast:  # float16 under autocast: the float16 copy of each weight, kept for backward
             weights += total_params * dtype_bytes
-    packing, local_batch, seq_length = cfg.packed_sequence, cfg.step_scheduler.local_batch_size, cfg.dataset.seq_length
-    # The largest micro-batch: local_batch_size rows of seq_length, or a full pack of packed_sequence_size.
-    tokens = packing.packed_sequence_size or local_batch * seq_length
+    shape = largest_micro_batch(cfg, lengths)
+    tokens, rows, width = shape.tokens, shape.rows, shape.width
     if cfg.distributed.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
         activations = tokens * (layers * hidden + per_token_layer) * dtype_bytes
     else:
@@ -146,10 +197,8 @@ def estimate_memory(
     # Attention probabilities (S^2 per head) are kept by eager attention (over the whole row when rows are
     # concatenated) and by CPU SDPA with a padding mask; CUDA SDPA, flash attention and chatft's
     # per-conversation SDPA on padding-free rows (mask-free causal kernels) do not keep them.
-    concatenated = packing.padding_free or packing.packed_sequence_size > 0
-    rows, width = (1, tokens) if concatenated else (local_batch, seq_length)
     attn = cfg.model.attn_implementation
-    if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not concatenated):
+    if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not shape.concatenated):
         activations += 2 * rows * heads * width ** 2 * dtype_bytes * (
             1 if cfg.distributed.activation_checkpointing else layers)
     # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
@@ -169,6 +218,7 @@ def estimate_memory(
         runtime=current_rss() if device.type == "cpu" else 0,
         device=device.type,
         lora=lora,
+        micro_batch=shape,
     )
 
 
@@ -233,8 +283,9 @@ def oom_error(what: str, lora: bool, *, predicted: bool) -> ChatftError:
     return ChatftError("oom", what, hint)
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool) -> str | None:
-    """Raise `error[oom]` when the estimate exceeds free memory (unless `force`); return a note line."""
+def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool, what: str = "training") -> str | None:
+    """Raise `error[oom]` when the estimate exceeds free memory (unless `force`); return a note line. `what`
+    names the estimate in the error."""
     free = free_memory(device)
     if free is None:
         return None
@@ -246,7 +297,7 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool) -> s
     if force:
         return note + " (force=true: starting anyway)"
     raise oom_error(
-        f"predicted: training needs about {needed / MB:,.0f} MB but the {device.type} has {free / MB:,.0f} MB "
+        f"predicted: {what} needs about {needed / MB:,.0f} MB but the {device.type} has {free / MB:,.0f} MB "
         f"free ({estimate.lines()[0]})",
         estimate.lora,
         predicted=True,

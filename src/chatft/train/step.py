@@ -65,10 +65,11 @@ def run_step(compiled: CompiledConfig) -> None:
     check_supported(cfg, directory / JOB_FILE)
     resume_from = prepare_run_dir(cfg, directory)
 
-    # The estimate needs only the model's config.json: a run that cannot fit stops before loading anything.
+    # Weights, gradients and optimizer states need only the model's config.json: a model that cannot fit
+    # whatever the data stops before anything is read or loaded.
     device = pick_device()
-    estimate = memory.estimate_memory(cfg, device=device)
-    fit_note = memory.check_fits(estimate, device, cfg.force)
+    memory.check_fits(memory.estimate_memory(cfg, device=device).weights_and_optimizer(), device, cfg.force,
+                      what="the weights, gradients and optimizer states alone")
 
     from chatft.data.pipeline import prepare_training_data
 
@@ -77,6 +78,9 @@ def run_step(compiled: CompiledConfig) -> None:
     val_data = None
     if cfg.validation_dataset is not None:
         val_data = prepare_training_data(cfg.validation_dataset, tokenizer, key="validation_dataset")
+    # Activations and logits for the largest micro-batch these rows can form (not rows of seq_length).
+    estimate = memory.estimate_memory(cfg, device=device, lengths=[len(row) for row in train_data.rows])
+    fit_note = memory.check_fits(estimate, device, cfg.force)
 
     trainer = Trainer(cfg, directory, tokenizer, train_data, val_data, estimate=estimate,
                       resolved_config=compiled.effective(), resume_command=resume_command())
