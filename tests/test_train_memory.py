@@ -115,8 +115,12 @@ def test_estimate_follows_the_data_rows(tiny_model_dir, tmp_path):
     assert measured.lines()[1].endswith("largest micro-batch: 660 tokens, padding-free (the data's longest rows)")
     assert bound.lines()[1].endswith("largest micro-batch: 4,096 tokens, padding-free (rows of seq_length)")
     static = bound.weights_and_optimizer()
-    assert static.activations == static.logits == 0 and static.training == bound.weights + bound.gradients + \
-        bound.optimizer
+    assert static.activations == static.logits == static.heap == 0
+    assert static.training == bound.weights + bound.gradients + bound.optimizer
+    # CPU: the heap's holes beside the live activations and logits; CUDA has its slack in check_fits instead
+    assert measured.heap == int(memory.CPU_HEAP_SLACK * (measured.activations + measured.logits))
+    assert memory.estimate_memory(cfg, skeleton, torch.device("cuda")).heap == 0
+    assert "+ heap " in measured.lines()[0]
 
 
 def test_predicted_oom_stops_with_the_advice_ladder(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
