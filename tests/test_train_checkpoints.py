@@ -225,6 +225,30 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_model_dir, tokenizer
     assert [r["step"] for r in metric_rows(run_dir)] == list(range(1, steps + 3))
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate-reads", "deferred-reads"])
+def test_sigterm_during_validation_saves_that_step(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch, deferred):
+    """A stop requested while validation runs (long on real data) still checkpoints the step just trained and
+    logs its row, whether step rows are read at once (CPU) or after the next step is queued (CUDA)."""
+    from chatft.train import loop
+
+    monkeypatch.setattr(loop, "DEFERRED_READ_DEVICES", ("cpu",) if deferred else ())
+    original = Trainer._validate
+
+    def validate_then_sigterm(self, note):
+        row = original(self, note)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets its stop flag
+        return row
+
+    monkeypatch.setattr(Trainer, "_validate", validate_then_sigterm)
+    cfg = config(tiny_model_dir, tmp_path, False, step_scheduler__val_every_steps=2,
+                 step_scheduler__ckpt_every_steps=None, validation_dataset={"path_or_dataset_id": "val.jsonl"})
+    result = train(cfg, tmp_path, data, data, tokenizer=tokenizer)
+    assert (result.stopped_by, result.steps, result.exit_code) == ("SIGTERM", 2, 143)
+    assert checkpoints.latest_checkpoint(tmp_path).name == "step_2"
+    assert [r["step"] for r in metric_rows(tmp_path)] == [1, 2]
+
+
 def test_sigkill_mid_save_recovers_from_the_previous_checkpoint(tiny_model_dir, tokenizer, data, tmp_path):
     overrides = {"step_scheduler__max_steps": 7, "step_scheduler__ckpt_every_steps": 2}
     straight = tmp_path / "straight"

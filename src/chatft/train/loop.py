@@ -390,8 +390,9 @@ class Trainer:
         display = ProgressDisplay(self.total_steps, self.step) if self.is_main else None
         note = display.note if display else (lambda line: None)
         defer_reads = self.device.type in DEFERRED_READ_DEVICES
-        queued: QueuedStep | None = None  # a step whose numbers are still on the device
+        self._queued: QueuedStep | None = None  # a step whose numbers are still on the device
         self._last_read_at = 0.0
+        saved_at = self.step
         self.model.train()
         try:
             with stop.installed(note):
@@ -403,22 +404,23 @@ class Trainer:
                     step.known = {"step": self.step,
                                   "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
                                   "lr": self.schedule(self.step - 1)}
-                    if queued is not None:  # the step before: done, or being finished while this one waits
-                        self._log_step(queued, started, note, display)
-                    queued = step
+                    self._log_queued(started, note, display)  # the step before: done, or finishing meanwhile
+                    self._queued = step
                     validate = self._due(cfg.step_scheduler.val_every_steps) and self.val_batches
-                    save = self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None
-                    if not defer_reads or validate or save or self.step >= self.total_steps:
-                        self._log_step(queued, started, note, display)
-                        queued = None
+                    if not defer_reads or validate or self.step >= self.total_steps:
+                        self._log_queued(started, note, display)
                     if validate:
                         self._guard_oom(self._validate, note)
-                    if save:
+                    if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
+                        self._log_queued(started, note, display)
                         self._save_checkpoint(started)
+                        saved_at = self.step
+                self._log_queued(started, note, display)
+                if stop.signum is not None and saved_at != self.step:  # the signal came after the check above
+                    self._save_checkpoint(started)
         except BaseException:
-            if queued is not None:  # keep the last finished step's row when a later one fails
-                with contextlib.suppress(Exception):
-                    self._log_step(queued, started, note, display)
+            with contextlib.suppress(Exception):  # keep the last finished step's row when a later one fails
+                self._log_queued(started, note, display)
             raise
         finally:
             if display:
@@ -434,6 +436,12 @@ class Trainer:
                              self.tokens_seen, elapsed)
         self._print_done(result)
         return result
+
+    def _log_queued(self, started: float, note, display: ProgressDisplay | None) -> None:
+        """Write the row of the step still on the device, if there is one (reading it waits for the device)."""
+        if self._queued is not None:
+            step, self._queued = self._queued, None
+            self._log_step(step, started, note, display)
 
     def _log_step(self, step: QueuedStep, started: float, note, display: ProgressDisplay | None) -> None:
         """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
