@@ -126,11 +126,14 @@ class LossScore:
 def score_batches(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                   device: torch.device, head: ChunkedHead | None = None) -> LossScore:
     """Loss and token accuracy over every supervised token of `batches`, computed on `device`.
-    The sums are what several processes would all-reduce before dividing."""
-    total, correct, tokens = 0.0, 0, 0
+    The sums are what several processes would all-reduce before dividing. They stay on the device (float64,
+    as Python's float would add them) and are read once at the end, so the GPU never waits between batches."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    tokens = 0
     for batch in batches:
         batch_loss, batch_correct = loss_sum(model, batch, device, head)
-        total += float(batch_loss)
-        correct += int(batch_correct)
+        total += batch_loss.double()
+        correct += batch_correct
         tokens += supervised_tokens(batch)
-    return LossScore(total, correct, tokens)
+    return LossScore(float(total), int(correct), tokens)
