@@ -309,11 +309,19 @@ def test_activation_checkpointing_trains_like_keeping_activations(tiny_model_dir
         torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=1e-4)
 
 
-def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokenizer, tmp_path, monkeypatch, dtype):
     """Where a step is queued rather than done when it returns (CUDA), its loss and gradient norm are read after
     the next step is queued. Forced on CPU here: every row, validation and checkpoint is what immediate reads
-    give, rows are written one step late except where validation, a checkpoint or the end needs them."""
+    give, rows are written one step late except where validation, a checkpoint or the end needs them. In float16
+    (LoRA, loss scaling from a scale that overflows at first, so it changes from step to step) each row keeps
+    its own step's loss scale."""
+    import functools
+
     from chatft.train import loop
+
+    if dtype == "float16":
+        monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**30))
 
     data = helpers.prepared(helpers.chat_rows(tokenizer, 16))
     logged_while_at = {}
@@ -328,7 +336,8 @@ def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokeniz
         monkeypatch.setattr(loop, "DEFERRED_READ_DEVICES", devices)
         monkeypatch.setattr(Trainer, "_log_step", log_step)
         logged_while_at.clear()
-        cfg = helpers.training_config(tiny_model_dir, tmp_path / name, step_scheduler__max_steps=9,
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / name, lora=dtype == "float16",
+                                      model__torch_dtype=dtype, step_scheduler__max_steps=9,
                                       step_scheduler__val_every_steps=4, step_scheduler__ckpt_every_steps=6,
                                       validation_dataset={"path_or_dataset_id": "val.jsonl"})
         result = train(cfg, tmp_path / name, data, data, tokenizer=tokenizer)
@@ -341,6 +350,8 @@ def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokeniz
     assert [{k: v for k, v in r.items() if k not in timing} for r in d_rows] == \
         [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert all(r["tokens_per_s"] > 0 for r in d_rows)
+    if dtype == "float16":
+        assert len({r["loss_scale"] for r in rows}) > 1 and any(r["skipped"] for r in rows)
     assert (d_val, d_ckpt_loss, d_final_loss) == (val, ckpt_loss, final_loss)
     assert at == {s: s for s in range(1, 10)}
     # read late except at validation (4, 8), the checkpoint (6) and the end (9)

@@ -55,11 +55,12 @@ def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_
     bf16 = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="bfloat16",
                                    step_scheduler__local_batch_size=2)
     assert memory.estimate_memory(bf16, skeleton, cpu).weights == params * 2
-    # float16 full SFT: float32 master weights, gradients and moments, plus the float16 copies autocast computes with
+    # float16 full SFT: float32 master weights, gradients and moments, plus the float16 copies autocast computes
+    # with; the residual stream stays float32 under autocast, so activations are counted at 4 bytes
     fp16 = memory.estimate_memory(helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="float16",
                                                           step_scheduler__local_batch_size=2), skeleton, cpu)
     assert (fp16.weights, fp16.gradients, fp16.optimizer) == (params * 6, params * 4, params * 8)
-    assert fp16.activations == memory.estimate_memory(bf16, skeleton, cpu).activations  # 2-byte compute
+    assert fp16.activations == full.activations
 
 
 def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeypatch):
@@ -79,6 +80,8 @@ def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeyp
     assert memory.estimate_memory(config(), skeleton, cpu).logits == 512 * vocab * 4
     # bfloat16: the matmul's output and the gradient cast back, beside the float32 chunk
     assert memory.estimate_memory(config(model__torch_dtype="bfloat16"), skeleton, cuda).logits == 512 * vocab * 8
+    # float16 full SFT: the gradient is cast back to the float32 master weight
+    assert memory.estimate_memory(config(model__torch_dtype="float16"), skeleton, cuda).logits == 512 * vocab * 10
     assert memory.estimate_memory(config(model__trust_remote_code=True), skeleton, cpu).logits == tokens * vocab * 12
     skeleton.config.final_logit_softcapping = 30.0  # Gemma-style soft-capping after the head
     assert memory.estimate_memory(config(), skeleton, cpu).logits == tokens * vocab * 12
@@ -100,15 +103,22 @@ def test_largest_micro_batch_from_the_config_or_the_data(tiny_model_dir, tmp_pat
     assert shape(lengths, packed_sequence__packed_sequence_size=300) == (110, 1, 110, True, True)  # one step's rows
     lengths = [100, 120, 90, 80, 30]
     assert shape(lengths, packed_sequence__packed_sequence_size=300) == (300, 1, 300, True, True)  # a full pack
+    lengths = [400, 20]  # a validation row may outgrow the budget: its micro-batch is that row alone
+    assert shape(lengths, packed_sequence__packed_sequence_size=300) == (400, 1, 400, True, True)
 
 
-def test_estimate_follows_the_data_rows(tiny_model_dir, tmp_path):
+def test_estimate_follows_the_data_rows(tiny_model_dir, tokenizer, tmp_path):
     """Short rows against a long seq_length: the activations are for the longest rows the data holds, the rest of
     the estimate does not change."""
     cfg = helpers.training_config(tiny_model_dir, tmp_path, dataset__seq_length=1024, step_scheduler__local_batch_size=4)
     skeleton, cpu = memory.meta_model(cfg), torch.device("cpu")
     bound = memory.estimate_memory(cfg, skeleton, cpu)
-    measured = memory.estimate_memory(cfg, skeleton, cpu, lengths=[100, 60, 300, 40, 200])
+    train_rows = helpers.prepared(helpers.chat_rows(tokenizer, 5))
+    val_rows = helpers.prepared(helpers.chat_rows(tokenizer, 2, offset=7))
+    lengths = memory.row_lengths(train_rows, None, val_rows)
+    assert lengths == [len(r) for r in train_rows.rows + val_rows.rows]  # validation batches count too
+    lengths = [100, 60, 300, 40, 200]
+    measured = memory.estimate_memory(cfg, skeleton, cpu, lengths=lengths)
     assert measured.activations * 4096 == bound.activations * (300 + 200 + 100 + 60)
     assert (measured.weights, measured.gradients, measured.optimizer) == (bound.weights, bound.gradients,
                                                                           bound.optimizer)

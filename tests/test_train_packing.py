@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatft.errors import ChatftError
-from chatft.train import attention, batching, losses, padding_free
+from chatft.train import attention, batching, losses, memory, padding_free
 from chatft.train.loop import train
 from chatft.train.model import load_model
 
@@ -178,15 +178,25 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
     data = helpers.prepared(helpers.chat_rows(tokenizer, 4))
     cfg = helpers.training_config(tiny_model_dir, tmp_path / "a", step_scheduler__max_steps=1)
     result = train(cfg, tmp_path / "a", data, tokenizer=tokenizer)
-    assert "padded micro-batches: this model does not keep padding-free rows apart" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "padded micro-batches: this model does not keep padding-free rows apart" in out
     manifest = json.loads((result.final_dir / "chatft_manifest.json").read_text())
     assert manifest["metrics"]["padding_free"] is False
+    # the memory estimate is made again for the padded layout it fell back to
+    assert "rows padded to" in out and manifest["metrics"]["memory_estimate_mb"] > 0
 
     packed = helpers.training_config(tiny_model_dir, tmp_path / "b", step_scheduler__max_steps=1,
                                      packed_sequence__packed_sequence_size=512)
     with pytest.raises(ChatftError) as err:
         train(packed, tmp_path / "b", data, tokenizer=tokenizer)
     assert err.value.id == "config_invalid" and "see each other" in err.value.message
+
+    # a run that fits padding-free but not padded is refused after the fallback (an estimate made for 1-token rows)
+    monkeypatch.setattr(memory, "free_memory", lambda device: 1024 * 1024)
+    with pytest.raises(ChatftError) as err:
+        train(helpers.training_config(tiny_model_dir, tmp_path / "c", step_scheduler__max_steps=1, force=False),
+              tmp_path / "c", data, tokenizer=tokenizer, estimate=memory.estimate_memory(cfg, lengths=[1]))
+    assert err.value.id == "oom" and "padded micro-batches, beyond the loaded weights" in err.value.message
 
 
 def test_a_pack_smaller_than_a_row_is_refused(tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ and a `TrainResult`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -217,7 +218,7 @@ class Trainer:
         cfg = self.cfg
         if self.estimate is None:
             self.estimate = memory.estimate_memory(cfg, device=self.device,
-                                                   lengths=[len(row) for row in self.train_data.rows])
+                                                   lengths=memory.row_lengths(self.train_data, self.val_data))
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         model = load_model(cfg.model, self.device, self.precision.weights)
         if cfg.distributed.activation_checkpointing:
@@ -271,7 +272,20 @@ class Trainer:
         self.notes.append(
             f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
             f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")
+        self._estimate_padded()
         return False
+
+    def _estimate_padded(self) -> None:
+        """The estimate was for padding-free rows; padded micro-batches hold more tokens (and, on CPU SDPA,
+        attention scores). Estimated again and checked, counting the weights as already loaded."""
+        cfg = self.cfg
+        padded_layout = cfg.packed_sequence.model_copy(update={"padding_free": False})
+        padded = cfg.model_copy(update={"packed_sequence": padded_layout})
+        self.estimate = memory.estimate_memory(padded, device=self.device,
+                                               lengths=memory.row_lengths(self.train_data, self.val_data))
+        self.notes.append(memory.check_fits(dataclasses.replace(self.estimate, weights=0), self.device, cfg.force,
+                                            what="training with padded micro-batches, beyond the loaded weights,")
+                          or "")
 
     def _micro_batches(self, rows: list) -> list[dict[str, torch.Tensor]]:
         return batching.micro_batches(rows, self.cfg.step_scheduler.local_batch_size, self.pad_id,
@@ -455,10 +469,10 @@ class Trainer:
             "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
         }
         if self.scaler.is_enabled():
-            row.update(loss_scale=self.scaler.get_scale(), skipped=step.skipped)
+            row.update(loss_scale=step.loss_scale, skipped=step.skipped)
             if step.skipped:
                 note(f"step {row['step']}: float16 gradients overflowed; the update was skipped and the "
-                     f"loss scale lowered to {self.scaler.get_scale():g}")
+                     f"loss scale lowered to {step.loss_scale:g}")
         if self.is_main:
             self.metrics.append(row)
             display.update(row)
@@ -485,11 +499,12 @@ class Trainer:
         scale = self.scaler.get_scale()  # 1.0 without a sync when the scaler is off
         self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan (float16 only)
         self.scaler.update()
-        skipped = self.scaler.get_scale() < scale
+        new_scale = self.scaler.get_scale()
+        skipped = new_scale < scale
         self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, queued_at)
+        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, new_scale, queued_at)
 
     def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
         """The loss denominator of a step: supervised tokens in all its micro-batches.
@@ -571,7 +586,7 @@ class Trainer:
             "global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
             "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full",
             "schedule": self.schedule.to_json(),
-            "grad_scaler": self.scaler.state_dict(),  # {} unless float16 LoRA
+            "grad_scaler": self.scaler.state_dict(),  # {} unless float16
             "skipped_steps": self.skipped_steps,
         }
         return checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,

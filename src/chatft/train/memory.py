@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from chatft.config.schema import TrainingConfig
+from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
 from chatft.train.chunked_head import rows_per_chunk
 from chatft.train.precision import precision_for
@@ -105,9 +106,15 @@ class MicroBatchShape:
         return f"{self.tokens:,} tokens, {layout} ({source})"
 
 
+def row_lengths(*datasets: PreparedData | None) -> list[int]:
+    """Token lengths of the rows of the training (and validation) data: validation micro-batches are formed
+    the same way, and a validation row may be longer than any training row."""
+    return [len(row) for data in datasets if data is not None for row in data.rows]
+
+
 def largest_micro_batch(cfg: TrainingConfig, lengths: Sequence[int] | None = None) -> MicroBatchShape:
     """The largest micro-batch training can form: from the config alone (every row `seq_length` tokens), or,
-    given the token lengths of the training rows, from the longest of them, whatever order they come in."""
+    given the token lengths of the rows (`row_lengths`), from the longest of them, whatever order they come in."""
     packing, sched = cfg.packed_sequence, cfg.step_scheduler
     local_batch, seq_length = sched.local_batch_size, cfg.dataset.seq_length
     concatenated = packing.padding_free or packing.packed_sequence_size > 0
@@ -116,8 +123,8 @@ def largest_micro_batch(cfg: TrainingConfig, lengths: Sequence[int] | None = Non
         return MicroBatchShape(tokens, 1, tokens, True, False) if concatenated else \
             MicroBatchShape(tokens, local_batch, seq_length, False, False)
     longest = sorted(lengths, reverse=True)
-    if packing.packed_sequence_size > 0:  # consecutive rows of one step, up to the budget (>= seq_length)
-        tokens = min(packing.packed_sequence_size, sum(longest[:sched.global_batch_size]))
+    if packing.packed_sequence_size > 0:  # consecutive rows of one step up to the budget; a longer row alone
+        tokens = max(longest[0], min(packing.packed_sequence_size, sum(longest[:sched.global_batch_size])))
         return MicroBatchShape(tokens, 1, tokens, True, True)
     rows = min(local_batch, len(longest))
     if concatenated:
@@ -171,7 +178,10 @@ def estimate_memory(
     model = model if model is not None else meta_model(cfg)
     lora = cfg.peft is not None
     precision = precision_for(resolve_dtype(cfg.model.torch_dtype, device), lora)
-    dtype_bytes = _bytes(precision.compute)  # activations and logits: the compute dtype
+    compute_bytes = _bytes(precision.compute)  # matmul outputs
+    # Activations: the residual stream and the norms keep the weights' dtype (float32 for float16 full SFT's
+    # master weights; autocast lowers only the matmuls), so they are counted at that width.
+    activation_bytes = _bytes(precision.weights)
     base = model  # the plain model, before any LoRA wrapping
     total_params = sum(p.numel() for p in base.parameters())
     text = _text_config(base.config)
@@ -195,28 +205,30 @@ def estimate_memory(
         trainable, trainable_bytes = total_params, _bytes(precision.trainable)
         weights = total_params * _bytes(precision.weights)
         if precision.autocast:  # float16 under autocast: the float16 copy of each weight, kept for backward
-            weights += total_params * dtype_bytes
+            weights += total_params * compute_bytes
     shape = largest_micro_batch(cfg, lengths)
     tokens, rows, width = shape.tokens, shape.rows, shape.width
     if cfg.distributed.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
-        activations = tokens * (layers * hidden + per_token_layer) * dtype_bytes
+        activations = tokens * (layers * hidden + per_token_layer) * activation_bytes
     else:
-        activations = tokens * layers * per_token_layer * dtype_bytes
+        activations = tokens * layers * per_token_layer * activation_bytes
     # Attention probabilities (S^2 per head) are kept by eager attention (over the whole row when rows are
     # concatenated) and by CPU SDPA with a padding mask; CUDA SDPA, flash attention and chatft's
     # per-conversation SDPA on padding-free rows (mask-free causal kernels) do not keep them.
     attn = cfg.model.attn_implementation
     if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not shape.concatenated):
-        activations += 2 * rows * heads * width ** 2 * dtype_bytes * (
+        activations += 2 * rows * heads * width ** 2 * compute_bytes * (
             1 if cfg.distributed.activation_checkpointing else layers)
     # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
     # logits): one chunk of at most CHUNK_ELEMENTS logits in float32, plus, below float32, the matmul's output
-    # and the gradient cast back. A model that changes its logits after the head, or whose head LoRA wraps, takes
-    # its own logits for every supervised position: those, a float32 copy and the gradient.
+    # and the gradient cast back to the head weight's dtype. A model that changes its logits after the head, or
+    # whose head LoRA wraps, takes its own logits for every supervised position: those, a float32 copy and the
+    # gradient.
     if _keeps_model_logits(text, cfg, targets):
-        logits = tokens * vocab * (dtype_bytes + 4 + 4)
+        logits = tokens * vocab * (compute_bytes + 4 + 4)
     else:
-        logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 if dtype_bytes == 4 else 4 + 2 * dtype_bytes)
+        below_float32 = 0 if compute_bytes == 4 else compute_bytes + _bytes(precision.weights)
+        logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 + below_float32)
     return MemoryEstimate(
         weights=weights,
         gradients=trainable * trainable_bytes,

@@ -1,11 +1,11 @@
 """Which dtype each part of a training run is in, decided once from `model.torch_dtype` and the kind of run.
 
-| run                         | weights (loaded as)  | trainable: grads, AdamW moments | compute                        |
-|-----------------------------|----------------------|---------------------------------|--------------------------------|
-| full SFT, float32/bfloat16  | the dtype            | the dtype                       | the dtype                      |
-| full SFT, float16           | float32 (master)     | float32                         | float16 under autocast         |
-| LoRA, float32               | float32              | float32 adapters                | float32                        |
-| LoRA, bfloat16/float16      | the dtype, frozen    | float32 adapters                | the dtype under autocast       |
+| run                         | weights (loaded as) | trainable: grads, AdamW moments | compute                  |
+|-----------------------------|---------------------|---------------------------------|--------------------------|
+| full SFT, float32/bfloat16  | the dtype           | the dtype                       | the dtype                |
+| full SFT, float16           | float32 (master)    | float32                         | float16 under autocast   |
+| LoRA, float32               | float32             | float32 adapters                | float32                  |
+| LoRA, bfloat16/float16      | the dtype, frozen   | float32 adapters                | the dtype under autocast |
 
 float16 always comes with dynamic loss scaling (`torch.amp.GradScaler`), which needs float32 gradients to unscale:
 so full SFT in float16 keeps float32 master weights and computes in float16 under autocast, as mixed precision

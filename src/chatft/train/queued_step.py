@@ -23,6 +23,7 @@ class QueuedStep:
     grad_norm: torch.Tensor  # 0-dim, on the device: the gradient norm before clipping
     tokens: int  # input tokens of the step (known on the host)
     skipped: bool  # float16 loss scaling skipped the update (read at once: the scaler has already synced)
+    loss_scale: float  # float16: the scale after this step's update (the next step's would be wrong); else 1.0
     queued_at: float  # time.perf_counter() when the step began to be queued
     known: dict[str, Any] | None = None  # the row's host-side fields (step, epoch, lr), set by the trainer
 

@@ -79,7 +79,7 @@ def run_step(compiled: CompiledConfig) -> None:
     if cfg.validation_dataset is not None:
         val_data = prepare_training_data(cfg.validation_dataset, tokenizer, key="validation_dataset")
     # Activations and logits for the largest micro-batch these rows can form (not rows of seq_length).
-    estimate = memory.estimate_memory(cfg, device=device, lengths=[len(row) for row in train_data.rows])
+    estimate = memory.estimate_memory(cfg, device=device, lengths=memory.row_lengths(train_data, val_data))
     fit_note = memory.check_fits(estimate, device, cfg.force)
 
     trainer = Trainer(cfg, directory, tokenizer, train_data, val_data, estimate=estimate,
