@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.flops import ModelCounts
+from bench.systems import compute_dtype
 
 MEDIAN_KEYS = ("tokens_per_s", "supervised_tokens_per_s", "flops_per_s", "mfu", "peak_mem_mb", "final_loss")
 
@@ -71,6 +72,44 @@ def ratios(systems: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
              for name, other in systems.items() if name != "chatft"}
     ratio = table["trl"]["tokens_per_s"] if "trl" in table else None
     return ratio, table
+
+
+def build(workload: Any, settings: Any, raws: dict[str, list[dict[str, Any]]], failures: dict[str, str],
+          counts: ModelCounts, peaks: dict[str, Any], data_info: dict[str, Any], *, device: str,
+          versions: dict[str, str], command: str, partial: bool) -> dict[str, Any] | None:
+    """The report of the systems that finished at least one run (None until chatft has: every ratio and note is
+    relative to it). `partial`: more runs are still to come; `failures`: system -> why its worker failed."""
+    done = {name: runs for name, runs in raws.items() if runs}
+    if "chatft" not in done:
+        return None
+    summary = {name: summarise_system(runs, settings.warmup, counts, settings.lora,
+                                      peaks[compute_dtype(name, settings)]) for name, runs in done.items()}
+    ratio, ratio_table = ratios(summary)
+    report_notes = notes(workload, settings, summary, done, data_info, counts, peaks)
+    report_notes += [f"FAILED: {why.splitlines()[0]} (the end of its log is in the JSON's `failures`)"
+                     for why in failures.values()]
+    if partial:
+        runs_done = sum(map(len, raws.values()))
+        report_notes.insert(0, f"PARTIAL: written after each finished worker, so that a run stopped early keeps what "
+                               f"it measured; {runs_done} of {settings.repeats * len(raws)} runs done, device peak "
+                               "measured before the runs only.")
+    return {
+        "workload": workload.name,
+        "device": device,
+        "versions": versions,
+        "command": command,
+        "settings": {**settings.to_json(), "global_batch": settings.global_batch, "description": workload.summary,
+                     "lr_schedule": "constant, no warm-up", "data": data_info},
+        "model_counts": counts.__dict__,
+        "flop_formula": counts.formula(settings.lora),
+        "peak_flops": peaks,
+        "systems": summary,
+        "ratio": ratio,
+        "ratios": ratio_table,
+        "notes": report_notes,
+        "partial": partial,
+        "failures": failures,
+    }
 
 
 def _number(value: float | None, digits: int) -> str:

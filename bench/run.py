@@ -57,13 +57,17 @@ def worker_env(settings: RunSettings) -> dict[str, str]:
     return env
 
 
+class WorkerFailed(Exception):
+    """A worker subprocess exited with an error; the message holds the end of its log."""
+
+
 def run_subprocess(args: list[str], log: Path, env: dict[str, str], what: str) -> None:
     with log.open("w") as fh:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], stdout=fh,
                               stderr=subprocess.STDOUT, cwd=ROOT, env=env, check=False)
     if proc.returncode:
         tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise SystemExit(f"{what} failed (rc {proc.returncode}); log {log}:\n{tail}")
+        raise WorkerFailed(f"{what} failed (rc {proc.returncode}); log {log}:\n{tail}")
 
 
 def measure_peaks(settings: RunSettings, dtypes: set[str], work: Path, tag: str) -> tuple[dict[str, Any], str]:
@@ -80,7 +84,8 @@ def measure_peaks(settings: RunSettings, dtypes: set[str], work: Path, tag: str)
     return measured["peaks"], measured["device"]
 
 
-def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg: str | None, work: Path) -> Path:
+def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg: str | None, work: Path,
+                  build_device: str = "cpu") -> Path:
     if workload.model is None:
         return Path(model_arg).resolve() if model_arg else workloads.demo_model_dir()
     from transformers import AutoTokenizer
@@ -92,9 +97,34 @@ def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg
         shape = shape.toy(vocab=-(-vocab // 64) * 64)
     where = work / "model" if settings.quick else workloads.cache_root()
     print(f"model: random {shape} with the tokenizer of {tokenizer_dir}", flush=True)
-    model = workloads.random_model_dir(shape, tokenizer_dir, settings.dtype, where=where)
+    model = workloads.random_model_dir(shape, tokenizer_dir, settings.dtype, where=where, build_device=build_device)
     settings.model_shape = {**shape.__dict__, "tokenizer_from": str(tokenizer_dir)}
     return model
+
+
+def build_model(args: argparse.Namespace) -> None:
+    """--build-model: make (or find) the workload's random model in the cache and exit, initialising it on the
+    GPU where there is one. A GPU session runs this beside other work so that the benchmark finds it built."""
+    workload = WORKLOADS[args.workload]
+    if workload.model is None:
+        raise SystemExit("--build-model is for the gpu-* workloads (the cpu-* ones train a real model)")
+    if args.quick and not args.out:
+        raise SystemExit("--build-model --quick builds the toy model in OUT/<workload>.work/model: give --out")
+    settings = resolve_settings(args, workload)
+    began = time.monotonic()
+    work = Path(args.out or ".").resolve() / f"{workload.name}.work"  # used by --quick only
+    model = prepare_model(workload, settings, args.model, work, build_device=settings.device)
+    print(f"built on {settings.device} in {time.monotonic() - began:.0f}s: {model}", flush=True)
+
+
+def resolve_settings(args: argparse.Namespace, workload: workloads.Workload) -> RunSettings:
+    has_cuda = workload.device == "cuda" and workloads.cuda_available()
+    checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
+    settings = workloads.resolve(workload, quick=args.quick, steps=args.steps, warmup=args.warmup,
+                                 repeats=args.repeats, has_cuda=has_cuda, activation_checkpointing=checkpointing)
+    if settings.warmup >= settings.steps:
+        raise SystemExit("--warmup must be smaller than --steps")
+    return settings
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -106,11 +136,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     if unknown or len(set(chosen)) != len(chosen):
         raise SystemExit(f"--peers: unknown or repeated {unknown or chosen}; choose from "
                          f"{', '.join(s for s in systems.SYSTEMS if s != 'chatft')}")
-    has_cuda = workload.device == "cuda" and workloads.cuda_available()
-    settings = workloads.resolve(workload, quick=args.quick, steps=args.steps, warmup=args.warmup,
-                                 repeats=args.repeats, has_cuda=has_cuda)
-    if settings.warmup >= settings.steps:
-        raise SystemExit("--warmup must be smaller than --steps")
+    settings = resolve_settings(args, workload)
     if settings.threads:
         import torch
 
@@ -134,43 +160,43 @@ def run_benchmark(args: argparse.Namespace) -> None:
     peaks_before, device_name = measure_peaks(settings, dtypes, work, "before")
 
     raws: dict[str, list[dict[str, Any]]] = {s: [] for s in chosen}
+    failures: dict[str, str] = {}  # system -> why its worker failed; it is not run again
+    command = "python bench/run.py " + shlex.join(sys.argv[1:])
+
+    def write_report(peaks: dict[str, Any], partial: bool) -> dict[str, Any] | None:
+        result = report.build(workload, settings, {s: raws[s] for s in chosen}, failures, counts, peaks, rows.info,
+                              device=device_name, versions=versions(), command=command, partial=partial)
+        if result is not None:
+            report.write(result, out)
+        return result
+
     for r in range(settings.repeats):
         order = chosen if r % 2 == 0 else list(reversed(chosen))
-        for system in order:
+        for system in (s for s in order if s not in failures):
             began = time.monotonic()
-            result = work / f"{system}_r{r}.json"
+            result_file = work / f"{system}_r{r}.json"
             run_dir = work / f"run_{system}_r{r}"
-            run_subprocess(["--worker", system, "--job", str(work / "job.json"), "--result", str(result),
-                            "--run-dir", str(run_dir)], work / f"{system}_r{r}.log", worker_env(settings),
-                           f"{system} repeat {r}")
-            raws[system].append(json.loads(result.read_text()))
-            shutil.rmtree(run_dir, ignore_errors=True)  # chatft's final/ is a full model copy
+            try:
+                run_subprocess(["--worker", system, "--job", str(work / "job.json"), "--result", str(result_file),
+                                "--run-dir", str(run_dir)], work / f"{system}_r{r}.log", worker_env(settings),
+                               f"{system} repeat {r}")
+            except WorkerFailed as failure:  # the other systems still run; the exit status reports it
+                failures[system] = str(failure)
+                print(failure, flush=True)
+                continue
+            finally:
+                shutil.rmtree(run_dir, ignore_errors=True)  # chatft's final/ is a full model copy
+            raws[system].append(json.loads(result_file.read_text()))
             print(f"repeat {r} {system}: {time.monotonic() - began:.0f}s wall", flush=True)
+            write_report(flops.merge_peaks([peaks_before]), partial=True)
     peaks_after, _ = measure_peaks(settings, dtypes, work, "after")
-    peaks = flops.merge_peaks([peaks_before, peaks_after])
-
-    summary = {s: report.summarise_system(raws[s], settings.warmup, counts, settings.lora,
-                                          peaks[systems.compute_dtype(s, settings)]) for s in chosen}
-    ratio, ratio_table = report.ratios(summary)
-    result = {
-        "workload": workload.name,
-        "device": device_name,
-        "versions": versions(),
-        "command": "python bench/run.py " + shlex.join(sys.argv[1:]),
-        "settings": {**settings.to_json(), "global_batch": settings.global_batch, "description": workload.summary,
-                     "lr_schedule": "constant, no warm-up", "data": rows.info},
-        "model_counts": counts.__dict__,
-        "flop_formula": counts.formula(settings.lora),
-        "peak_flops": peaks,
-        "systems": summary,
-        "ratio": ratio,
-        "ratios": ratio_table,
-        "notes": report.notes(workload, settings, summary, raws, rows.info, counts, peaks),
-    }
-    json_path, md_path = report.write(result, out)
-    print(f"\n{workload.name}: {json_path} and {md_path}\n")
-    print(report.header_line(result))
-    print("\n".join(report.table_lines(result)))
+    result = write_report(flops.merge_peaks([peaks_before, peaks_after]), partial=False)
+    if result is not None:
+        print(f"\n{workload.name}: {out / workload.name}.json and .md\n")
+        print(report.header_line(result))
+        print("\n".join(report.table_lines(result)))
+    if result is None or failures:
+        raise SystemExit(f"{workload.name}: {len(failures)} system(s) failed: {', '.join(failures)}")
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -180,6 +206,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
         peaks = flops.device_peaks(settings.device, set(args.dtypes.split(",")), settings.threads)
         out = {"peaks": peaks, "device": f"cuda ({torch.cuda.get_device_name()}, torch CUDA {torch.version.cuda})"}
+    elif args.worker in os.environ.get("CHATFT_BENCH_FAIL", "").split(","):  # the harness's own tests
+        raise SystemExit(f"{args.worker}: failing on purpose (CHATFT_BENCH_FAIL)")
     else:
         out = systems.run_system(args.worker, settings, Path(args.run_dir))
     Path(args.result).write_text(json.dumps(out, indent=1))
@@ -200,6 +228,10 @@ def main() -> None:
     parser.add_argument("--model", help="cpu-* workloads: the model dir to train (default: SmolLM2-135M-Instruct); "
                         "gpu-* workloads: the dir whose tokenizer the random model gets")
     parser.add_argument("--out", help="where <workload>.json, <workload>.md and <workload>.work/ go")
+    parser.add_argument("--activation-checkpointing", choices=["on", "off"],
+                        help="override the workload's setting, for every system alike (gpu-8b-lora: on)")
+    parser.add_argument("--build-model", action="store_true",
+                        help="gpu-* workloads: only build (or find) the cached random model, on the GPU if any")
     # worker-only
     parser.add_argument("--worker", choices=[*systems.SYSTEMS, "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -210,9 +242,15 @@ def main() -> None:
     if args.worker:
         run_worker(args)
         return
+    if args.build_model and args.workload:
+        build_model(args)
+        return
     if not args.workload or not args.out:
         parser.error("--workload and --out are required")
-    run_benchmark(args)
+    try:
+        run_benchmark(args)
+    except WorkerFailed as failure:  # the device peak's worker: nothing can be measured without it
+        raise SystemExit(str(failure)) from None
 
 
 if __name__ == "__main__":

@@ -163,8 +163,9 @@ def flash_attention_available() -> bool:
 
 
 def resolve(workload: Workload, *, quick: bool, steps: int | None, warmup: int | None, repeats: int | None,
-            has_cuda: bool) -> RunSettings:
-    """Apply --quick and the machine: where it trains, in which dtype, how long the rows are."""
+            has_cuda: bool, activation_checkpointing: bool | None = None) -> RunSettings:
+    """Apply --quick, the machine and the command line's overrides: where it trains, in which dtype, how long the
+    rows are, and whether activations are recomputed (None: the workload's own setting)."""
     if workload.device == "cuda":
         if has_cuda:
             device = "cuda"
@@ -182,7 +183,9 @@ def resolve(workload: Workload, *, quick: bool, steps: int | None, warmup: int |
         lora_alpha=workload.lora_alpha, lora_targets=list(LORA_TARGETS),
         max_length=QUICK_MAX_LENGTH if quick else workload.max_length,
         local_batch=workload.local_batch, accumulation=workload.accumulation, lr=workload.lr,
-        activation_checkpointing=workload.activation_checkpointing, attn_implementation=attn,
+        activation_checkpointing=(workload.activation_checkpointing if activation_checkpointing is None
+                                  else activation_checkpointing),
+        attn_implementation=attn,
         threads=2 if device == "cpu" else None,
         steps=steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS),
         warmup=warmup if warmup is not None else (QUICK_WARMUP if quick else DEFAULT_WARMUP),
@@ -210,12 +213,16 @@ def cache_root() -> Path:
     return _demo_model_script().cache_dir() / "bench-models"
 
 
-def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, where: Path) -> Path:
+def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, where: Path,
+                     build_device: str = "cpu") -> Path:
     """A model dir with random weights of `shape` (seeded) and the tokenizer of `tokenizer_dir`.
 
     Built once per (shape, tokenizer, dtype, seed) under `where` and reused: an 8B model takes minutes to
-    initialise and write. Writes go to a temporary sibling that is renamed into place, so an interrupted build
-    never looks complete."""
+    initialise on CPU (torch's CPU generator is single-threaded) and seconds on a GPU, then as long again to write.
+    `build_device` "cuda" initialises on the GPU, for a process that then exits (`run.py --build-model`): a CUDA
+    context left in the benchmark's parent would hold GPU memory while the workers are measured. The weights
+    differ from a CPU build (another generator); the work per token does not. Writes go to a temporary sibling
+    that is renamed into place, so an interrupted build never looks complete."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,9 +238,8 @@ def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, wher
     config = shape.config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     torch.manual_seed(SEED)
-    # Built on CPU even on a GPU machine: a CUDA context opened here would stay in the parent process, holding
-    # GPU memory, while the workers it starts are measured.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    with torch.device(build_device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

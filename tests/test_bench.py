@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,19 @@ CPU_PEERS = ["trl", "trl-packed", "trl-padding-free"]
 SAME_TOKENS = ["chatft", "trl", "trl-padding-free"]
 
 
-def run_bench(workload: str, peers: list[str], model: Path, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(BENCH), "--workload", workload, "--quick", "--steps", "2", "--warmup", "1",
-           "--model", str(model), "--peers", ",".join(peers), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads((out / f"{workload}.json").read_text())
+def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600, check=False, env={**os.environ, **(env or {})})
+
+
+def run_bench(workload: str, peers: list[str], model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    args = ["--workload", workload, "--quick", "--steps", "2", "--warmup", "1", "--model", str(model),
+            "--peers", ",".join(peers), "--out", str(out), *extra]
+    proc = bench(*args)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads((out / f"{workload}.json").read_text())
+    assert report["partial"] is False and report["failures"] == {}
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +119,13 @@ def test_markdown_report_has_one_row_per_system(cpu_lora):
 
 
 def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
-    report = run_bench("gpu-small-full", ["trl", "chatft-packed"], tiny_model_dir, tmp_path)
+    # gpu-small-full keeps every activation by default; the override reaches every system alike
+    report = run_bench("gpu-small-full", ["trl", "chatft-packed"], tiny_model_dir, tmp_path,
+                       "--activation-checkpointing", "on")
     assert {"workload", "device", "versions", "settings", "systems", "ratio", "ratios", "notes"} <= set(report)
     settings = report["settings"]
+    assert settings["activation_checkpointing"] is True
+    assert all(system["checks"]["activation_checkpointing"] for system in report["systems"].values())
     assert settings["quick"] and settings["model_shape"]["architecture"] == "qwen2"
     assert settings["model_shape"]["layers"] == 2
     assert settings["max_length"] == 256 and settings["global_batch"] == 16
@@ -128,6 +140,35 @@ def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
     assert report["ratio"] == pytest.approx(systems["chatft"]["tokens_per_s"] / systems["trl"]["tokens_per_s"])
     assert set(report["ratios"]) == {"trl", "chatft-packed"}
     assert (tmp_path / "gpu-small-full.md").exists()
+
+
+def test_a_failing_system_leaves_the_others_measured(tiny_model_dir: Path, tmp_path: Path):
+    """A worker that fails is reported and not retried; the other systems still run and are written up, and the
+    exit status says it failed."""
+    args = ["--workload", "cpu-smollm-lora", "--quick", "--steps", "2", "--warmup", "1", "--repeats", "2",
+            "--model", str(tiny_model_dir), "--peers", "trl", "--out", str(tmp_path)]
+    proc = bench(*args, env={"CHATFT_BENCH_FAIL": "trl"})
+    assert proc.returncode != 0 and "1 system(s) failed: trl" in proc.stderr
+    report = json.loads((tmp_path / "cpu-smollm-lora.json").read_text())
+    assert list(report["systems"]) == ["chatft"] and len(report["systems"]["chatft"]["repeats"]) == 2
+    assert report["partial"] is False and report["ratio"] is None
+    assert "failing on purpose" in report["failures"]["trl"]
+    assert sum(note.startswith("FAILED: trl repeat 0 failed") for note in report["notes"]) == 1
+    assert not list(tmp_path.glob("cpu-smollm-lora.work/trl_r1.*"))  # not tried again
+
+
+def test_build_model_only_builds_the_random_model(tiny_model_dir: Path, tmp_path: Path):
+    proc = bench("--workload", "gpu-8b-lora", "--quick", "--build-model", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built = Path(proc.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert built.parent == tmp_path / "gpu-8b-lora.work" / "model"
+    config = json.loads((built / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2
+    assert (built / "BENCH_MODEL.json").exists() and (built / "model.safetensors").exists()
+    assert (built / "tokenizer_config.json").exists()
+    refused = bench("--workload", "cpu-smollm-lora", "--build-model")
+    assert refused.returncode != 0 and "for the gpu-* workloads" in refused.stderr
 
 
 def test_loss_head_script_compares_both_heads():

@@ -311,7 +311,8 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
     assert manifest["metrics"]["device"] == DEVICE.type and manifest["metrics"]["padding_free"] is True
     assert manifest["metrics"]["loss_head"] == "chunked"
     if dtype == "float16":  # mixed precision: float32 master weights, float16 compute, loss scaling
-        assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16"}
+        assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16",
+                                                    "saved": "float16"}
         assert manifest["metrics"]["loss_scaling"] is True
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

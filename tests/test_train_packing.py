@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, memory, padding_free
 from chatft.train.loop import train
+from chatft.train.memory import MB
 from chatft.train.model import load_model
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
@@ -177,13 +178,18 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
     monkeypatch.setattr(padding_free, "boundary_leak", lambda *args: 0.5)
     data = helpers.prepared(helpers.chat_rows(tokenizer, 4))
     cfg = helpers.training_config(tiny_model_dir, tmp_path / "a", step_scheduler__max_steps=1)
-    result = train(cfg, tmp_path / "a", data, tokenizer=tokenizer)
+    before_loading = dataclasses.replace(memory.estimate_memory(cfg, lengths=[1]), runtime=123 * MB)
+    result = train(cfg, tmp_path / "a", data, tokenizer=tokenizer, estimate=before_loading)
     out = capsys.readouterr().out
     assert "padded micro-batches: this model does not keep padding-free rows apart" in out
     manifest = json.loads((result.final_dir / "chatft_manifest.json").read_text())
     assert manifest["metrics"]["padding_free"] is False
-    # the memory estimate is made again for the padded layout it fell back to
-    assert "rows padded to" in out and manifest["metrics"]["memory_estimate_mb"] > 0
+    # the memory estimate is made again for the padded layout it fell back to, keeping the process size read
+    # before the weights were loaded (read after, it would count them twice)
+    padded = cfg.model_copy(update={"packed_sequence": cfg.packed_sequence.model_copy(update={"padding_free": False})})
+    expected = memory.estimate_memory(padded, lengths=memory.row_lengths(data)).training + 123 * MB
+    assert "rows padded to" in out
+    assert manifest["metrics"]["memory_estimate_mb"] == pytest.approx(expected / MB, abs=0.1)
 
     packed = helpers.training_config(tiny_model_dir, tmp_path / "b", step_scheduler__max_steps=1,
                                      packed_sequence__packed_sequence_size=512)
@@ -196,6 +202,24 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
     with pytest.raises(ChatftError) as err:
         train(helpers.training_config(tiny_model_dir, tmp_path / "c", step_scheduler__max_steps=1, force=False),
               tmp_path / "c", data, tokenizer=tokenizer, estimate=memory.estimate_memory(cfg, lengths=[1]))
+    assert err.value.id == "oom" and "padded micro-batches, beyond the loaded weights" in err.value.message
+
+
+def test_padded_fallback_still_counts_the_float16_copy_autocast_makes(tiny_model_dir, tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """float16 full SFT loads float32 master weights; the float16 copy autocast makes of them does not exist yet
+    when the padded layout is checked, so only the float32 weights are taken off the estimate."""
+    monkeypatch.setattr(padding_free, "boundary_leak", lambda *args: 0.5)
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 4))
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=1, model__torch_dtype="float16",
+                                  force=False)
+    padded = cfg.model_copy(update={"packed_sequence": cfg.packed_sequence.model_copy(update={"padding_free": False})})
+    estimate = memory.estimate_memory(padded, lengths=memory.row_lengths(data))
+    float16_copy = estimate.weights // 3  # float32 master weights (4 bytes) + their float16 copy (2 bytes)
+    # enough for everything but the float16 copy
+    monkeypatch.setattr(memory, "free_memory", lambda device: estimate.training - estimate.weights + float16_copy // 2)
+    with pytest.raises(ChatftError) as err:
+        train(cfg, tmp_path, data, tokenizer=tokenizer, estimate=memory.estimate_memory(cfg, lengths=[1]))
     assert err.value.id == "oom" and "padded micro-batches, beyond the loaded weights" in err.value.message
 
 

@@ -231,4 +231,4 @@ if kit_size > kit_limit * mib:
 if kit_size + tree > travel_limit * mib:
     sys.exit(f"kit.sh: error: .gpukit plus the working tree is {(kit_size + tree) / mib:.1f} MiB, over {travel_limit:.0f}")
 PYEOF
-echo "ready: carry [\".gpukit\"] and run 'bash bench/device/session.sh tests quick' on the device (bench/README.md)"
+echo "ready: one device call, 'bash bench/device/session.sh' with carry [\".gpukit\"] and timeout_s 600 (bench/README.md)"

@@ -78,9 +78,9 @@ def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
 
 def _memory_estimate(cfg: TrainingConfig, data: PreparedData) -> dict[str, Any]:
     """The training engine's estimate for this config and these rows on the device training would use."""
-    from chatft.train.memory import estimate_memory
+    from chatft.train.memory import estimate_memory, row_lengths
 
-    estimate = estimate_memory(cfg, lengths=[len(row) for row in data.rows])
+    estimate = estimate_memory(cfg, lengths=row_lengths(data))
     return {"training_mb": round(estimate.training / 2**20), "total_mb": round(estimate.total / 2**20),
             "device": estimate.device, "lora": estimate.lora, "summary": " ".join(estimate.lines())}
 

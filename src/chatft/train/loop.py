@@ -242,6 +242,7 @@ class Trainer:
         # float16 gradients underflow without loss scaling (`precision`: the trained parameters are float32 then, so
         # their gradients can be unscaled). Disabled, the scaler passes everything through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.loss_scaling)
+        self._loss_scale = self.scaler.get_scale()  # after the last update; the initial one is read without a sync
         self.skipped_steps = 0
         if self.scaler.is_enabled():
             master = "" if self.lora else "float32 master weights computed in float16 under autocast, "
@@ -277,13 +278,18 @@ class Trainer:
 
     def _estimate_padded(self) -> None:
         """The estimate was for padding-free rows; padded micro-batches hold more tokens (and, on CPU SDPA,
-        attention scores). Estimated again and checked, counting the weights as already loaded."""
+        attention scores). Estimated again and checked against what is free now, without the parameters already
+        loaded (what autocast has yet to make, float16 full SFT's float16 copy, is still counted)."""
         cfg = self.cfg
         padded_layout = cfg.packed_sequence.model_copy(update={"padding_free": False})
         padded = cfg.model_copy(update={"packed_sequence": padded_layout})
-        self.estimate = memory.estimate_memory(padded, device=self.device,
-                                               lengths=memory.row_lengths(self.train_data, self.val_data))
-        self.notes.append(memory.check_fits(dataclasses.replace(self.estimate, weights=0), self.device, cfg.force,
+        estimate = memory.estimate_memory(padded, device=self.device,
+                                          lengths=memory.row_lengths(self.train_data, self.val_data))
+        # The process's size before loading, as the first estimate read it: now it would count the weights twice.
+        self.estimate = dataclasses.replace(estimate, runtime=self.estimate.runtime)
+        loaded = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        beyond_loaded = dataclasses.replace(self.estimate, weights=max(0, self.estimate.weights - loaded))
+        self.notes.append(memory.check_fits(beyond_loaded, self.device, cfg.force,
                                             what="training with padded micro-batches, beyond the loaded weights,")
                           or "")
 
@@ -371,6 +377,7 @@ class Trainer:
         self.last_train_loss = state.get("train_loss")
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
+            self._loss_scale = self.scaler.get_scale()
         self.skipped_steps = state.get("skipped_steps", 0)
         if self.is_main:  # rows logged after the checkpoint are repeated now
             self.metrics.truncate_after(self.step)
@@ -481,7 +488,8 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> QueuedStep:
         """One optimizer step over its micro-batches. Nothing in it waits for the device (except float16 loss
-        scaling, whose skip decision does): its loss and gradient norm are returned as device tensors."""
+        scaling: one read of the scale the scaler chose): its loss and gradient norm are returned as device
+        tensors."""
         queued_at = time.perf_counter()
         num_supervised = self._step_supervised_tokens(micro_batches)
         total_loss = torch.zeros((), device=self.device)
@@ -496,15 +504,16 @@ class Trainer:
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        scale = self.scaler.get_scale()  # 1.0 without a sync when the scaler is off
         self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan (float16 only)
         self.scaler.update()
-        new_scale = self.scaler.get_scale()
-        skipped = new_scale < scale
+        # The scale only drops when the update was skipped, so one read after the update tells both (1.0 without
+        # a device read when the scaler is off).
+        previous_scale, self._loss_scale = self._loss_scale, self.scaler.get_scale()
+        skipped = self._loss_scale < previous_scale
         self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, new_scale, queued_at)
+        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, self._loss_scale, queued_at)
 
     def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
         """The loss denominator of a step: supervised tokens in all its micro-batches.
@@ -612,8 +621,8 @@ class Trainer:
         if not self.lora:
             model.config.use_cache = True  # off while training; on for whoever loads the artifact
             self._set_generation_eos(model)
-            if self.precision.weights != self.dtype:  # float16 full SFT: written in float16, as the config asks
-                model.to(self.dtype)
+            if self.precision.saved != self.precision.weights:  # float16 full SFT: written in float16, as asked
+                model.to(self.precision.saved)
         with quiet_hub_progress():
             model.save_pretrained(tmp)  # full: weights + config + generation_config; LoRA: the adapter only
         self.tokenizer.save_pretrained(tmp)
