@@ -192,8 +192,12 @@ def notes(workload: Any, settings: Any, systems: dict[str, Any], raws: dict[str,
     out.append(f"precision: {s.dtype} weights and compute for every system"
                + (" except chatft-bf16 (bfloat16)" if "chatft-bf16" in systems else "")
                + "; LoRA adapters are float32 in both chatft and TRL/PEFT. TRL gets bf16="
-               + str(s.dtype == "bfloat16") + f"; activation checkpointing {s.activation_checkpointing} for every "
-               "system (non-reentrant); attention " + s.attn_implementation + " for every system.")
+               + str(s.dtype == "bfloat16") + "; attention " + s.attn_implementation + " for every system.")
+    recomputation = {name: sys_["checks"].get("activation_checkpointing") for name, sys_ in systems.items()}
+    out.append(f"activation checkpointing (non-reentrant) per system: {recomputation}. The workload sets "
+               f"{s.activation_checkpointing}; where it sets False, chatft keeps its own default (auto: 'selective' "
+               "for full SFT on CPU, recomputing only pointwise ops, norms and casts in the backward, with the same "
+               "losses; TRL has no counterpart), and chatft-keep-all recomputes nothing.")
     if workload.model is not None:
         shape = s.model_shape or {}
         sizes = {k: shape.get(k) for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tied")}

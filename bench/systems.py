@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.workloads import RunSettings
 
-CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile", "chatft-packed")
+CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile", "chatft-packed", "chatft-keep-all")
 TRL_SYSTEMS = ("trl", "trl-packed", "trl-padding-free")
 SYSTEMS = CHATFT_SYSTEMS + TRL_SYSTEMS
 IGNORE_INDEX = -100
@@ -94,7 +94,9 @@ def chatft_tree(system: str, settings: RunSettings, run_dir: Path) -> dict[str, 
         "lr_scheduler": {"lr_warmup_steps": 0, "lr_decay_style": "constant"},
         "clip_grad_norm": {"max_norm": opt["max_grad_norm"]},
         "checkpoint": {"checkpoint_dir": str(run_dir), "enabled": False, "overwrite": True},
-        "distributed": {"activation_checkpointing": s.activation_checkpointing},
+        # Where the workload recomputes nothing, chatft keeps its default (auto: selective recomputation of cheap
+        # ops for full SFT on CPU, which TRL has no counterpart of); chatft-keep-all turns that off too.
+        "distributed": {"activation_checkpointing": True if s.activation_checkpointing else "auto"},
         "peft": ({"dim": s.lora_r, "alpha": s.lora_alpha, "dropout": 0.0, "target_modules": list(s.lora_targets)}
                  if s.lora else None),
         "force": True,  # the memory estimate is chatft's own guess; the benchmark wants the real number
@@ -105,6 +107,8 @@ def chatft_tree(system: str, settings: RunSettings, run_dir: Path) -> dict[str, 
         tree["compile"] = {"enabled": True}
     if system == "chatft-packed":
         tree["packed_sequence"] = {"packed_sequence_size": s.local_batch * s.max_length}
+    if system == "chatft-keep-all" and not s.activation_checkpointing:
+        tree["distributed"] = {"activation_checkpointing": False}
     return tree
 
 
@@ -154,7 +158,7 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
         "dtype": compute_dtype(system, settings),
         "threads": torch.get_num_threads(),
         "checks": {"packed_sequence": cfg.packed_sequence.model_dump(),
-                   "activation_checkpointing": cfg.distributed.activation_checkpointing,
+                   "activation_checkpointing": trainer.recompute or False,
                    "model_dtype": str(next(trainer.model.parameters()).dtype),
                    "attn_implementation": cfg.model.attn_implementation, "device": str(trainer.device),
                    "model_checkpointing_after_train": checkpointing_on(trainer.model)},

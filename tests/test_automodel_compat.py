@@ -9,6 +9,7 @@ import pytest
 
 from chatft.config.automodel import translate
 from chatft.config.compile import compile_config
+from chatft.config.schema import DistributedSection
 from chatft.errors import ChatftError
 from chatft.steps.registry import resolve_step
 
@@ -130,10 +131,11 @@ def test_values_matching_chatft_are_dropped_silently():
     assert cfg == {"distributed": {}, "checkpoint": {}, "compile": {"enabled": False}}  # compile is chatft's too
 
 
-def test_selective_activation_checkpointing_becomes_full_with_a_warning():
-    cfg, warnings = translate({"distributed": {"activation_checkpointing": "selective"}}, "training")
-    assert cfg["distributed"]["activation_checkpointing"] is True
-    assert len(warnings) == 1 and "selective" in warnings[0]
+@pytest.mark.parametrize(("value", "expected"), [("selective", "selective"), ("full", True), ("none", False)])
+def test_activation_checkpointing_words_are_taken_as_they_are(value, expected):
+    cfg, warnings = translate({"distributed": {"activation_checkpointing": value}}, "training")
+    assert warnings == []
+    assert DistributedSection.model_validate(cfg["distributed"]).activation_checkpointing == expected
 
 
 def test_foreign_launcher_sections_warn_once_each():

@@ -288,25 +288,32 @@ def test_compiled_layers_train_like_eager(tiny_model_dir, tokenizer, tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_activation_checkpointing_trains_like_keeping_activations(tiny_model_dir, tokenizer, tmp_path, lora):
-    """Recomputing each layer in the backward (the memory knob) changes nothing but memory: same losses,
-    gradient norms and weights, with padding-free rows and the chunked loss head."""
+    """Recomputing each layer in the backward, whole or its cheap ops only (the memory knobs), changes nothing but
+    memory: same losses, gradient norms and weights, with padding-free rows and the chunked loss head. The default
+    (auto) is selective for full SFT on CPU and off for LoRA."""
     data = helpers.prepared(helpers.chat_rows(tokenizer, 8))
     outcome = {}
-    for name, checkpointing in (("kept", False), ("recomputed", True)):
+    for name, checkpointing in (("kept", False), ("full", True), ("selective", "selective"), ("default", None)):
+        overrides = {} if checkpointing is None else {"distributed__activation_checkpointing": checkpointing}
         cfg = helpers.training_config(tiny_model_dir, tmp_path / name, lora=lora, step_scheduler__max_steps=3,
-                                      dataloader__shuffle=False, distributed__activation_checkpointing=checkpointing)
+                                      dataloader__shuffle=False, **overrides)
         result = train(cfg, tmp_path / name, data, tokenizer=tokenizer)
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         weights = load_file(str(result.final_dir / ("adapter_model.safetensors" if lora else "model.safetensors")))
         metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
         outcome[name] = (rows, weights, metrics)
-    (kept_rows, kept_weights, kept_metrics), (rows, weights, metrics) = outcome["kept"], outcome["recomputed"]
-    assert metrics["loss_head"] == kept_metrics["loss_head"] == "chunked" and metrics["padding_free"]
-    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in kept_rows], rel=1e-5)
-    assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in kept_rows], rel=1e-4)
-    assert weights.keys() == kept_weights.keys()
-    for name, tensor in kept_weights.items():
-        torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=1e-4)
+    kept_rows, kept_weights, kept_metrics = outcome["kept"]
+    assert kept_metrics["activation_checkpointing"] == "off"
+    assert outcome["default"][2]["activation_checkpointing"] == ("off" if lora else "selective")
+    for mode in ("full", "selective"):
+        rows, weights, metrics = outcome[mode]
+        assert metrics["activation_checkpointing"] == mode
+        assert metrics["loss_head"] == kept_metrics["loss_head"] == "chunked" and metrics["padding_free"]
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in kept_rows], rel=1e-5)
+        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in kept_rows], rel=1e-4)
+        assert weights.keys() == kept_weights.keys()
+        for name, tensor in kept_weights.items():
+            torch.testing.assert_close(weights[name], tensor, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -279,13 +279,6 @@ def _translate_training(tr: Translation) -> None:
             if not matches(value):
                 tr.warn(path, value, instead)
 
-    present_ac, ac = tr.get("distributed.activation_checkpointing")
-    if present_ac and isinstance(ac, str):
-        mapped = {"full": True, "selective": True, "none": False}.get(ac.lower(), ac)
-        if ac.lower() == "selective":
-            tr.warn("distributed.activation_checkpointing", ac, "chatft checkpoints every decoder layer (full)")
-        tr.set("distributed.activation_checkpointing", mapped)
-
     present, strategy = tr.get("distributed.strategy")
     if present and strategy == "megatron_fsdp":
         tr.warn("distributed.strategy", strategy, "chatft uses torch FSDP2 (strategy fsdp2)")

@@ -134,12 +134,22 @@ class DistributedSection(Section):
     strategy: Literal["fsdp2", "ddp"] | None = Field(None, description="None: fsdp2 for full SFT, ddp for LoRA")
     # AutoModel writes `dp_size: none` for "all remaining ranks"; None means the same here.
     dp_size: int | None = Field(None, ge=1)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["selective", "auto"] = Field(
+        "auto", description="false | true (full: each layer run again) | selective (cheap ops run again) | auto "
+                            "(selective for full SFT on CPU, else false): `train/recompute.py`")
 
     @field_validator("dp_size", mode="before")
     @classmethod
     def _none_string(cls, value: Any) -> Any:
         return None if isinstance(value, str) and value.lower() == "none" else value
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_words(cls, value: Any) -> Any:
+        # AutoModel writes full | selective | none as well as booleans.
+        if isinstance(value, str):
+            return {"full": True, "true": True, "none": False, "false": False}.get(value.lower(), value.lower())
+        return value
 
 
 class PackedSequenceSection(Section):

@@ -5,12 +5,21 @@ metrics, resumable checkpoints and `final/`, a plain Hugging Face artifact (full
 adapter) with `chatft_manifest.json`.
 
 Modules, in the order a run uses them:
-  model.py        device, dtype, model + tokenizer loading, LoRA wrapping, parameter counts
-  memory.py       the memory estimate and the `oom` error with its advice ladder
-  batching.py     epoch order (shardable, optionally length-grouped), micro-batches, collate
-  schedule.py     the learning-rate schedule (a pure function of the step)
-  checkpoints.py  resumable checkpoints: atomic save, LATEST, keep_last, loading without pickle
-  metrics.py      metrics.jsonl / validation.jsonl, loss.png, TensorBoard, progress display
-  loop.py         the Trainer: setup, then the whole loop in one readable method
-  step.py         `run_step(compiled)`: the entry point `chatft run` dispatches to
+  precision.py     which dtype weights, trained parameters, compute and the artifact get
+  model.py         device, dtype, model + tokenizer loading, LoRA wrapping, parameter counts
+  recompute.py     activation checkpointing modes: full, or selective (cheap ops recomputed)
+  memory.py        the memory estimate and the `oom` error with its advice ladder
+  batching.py      epoch order (shardable, optionally length-grouped), micro-batches, collate
+  padding_free.py  the check that padding-free rows keep conversations apart on the loaded model
+  attention.py     per-conversation attention for padding-free rows (SDPA loop, varlen flash on GPU)
+  losses.py        summed loss and token accuracy at supervised positions (training and eval)
+  chunked_head.py  the output head + cross-entropy a chunk of positions at a time
+  cross_entropy.py the summed cross-entropy both loss heads share
+  layer_compile.py `compile.enabled`: torch.compile per decoder layer
+  schedule.py      the learning-rate schedule (a pure function of the step)
+  queued_step.py   a step's loss and gradient norm kept on the device until logged
+  checkpoints.py   resumable checkpoints: atomic save, LATEST, keep_last, loading without pickle
+  metrics.py       metrics.jsonl / validation.jsonl, loss.png, TensorBoard, progress display
+  loop.py          the Trainer: setup, then the whole loop in one readable method
+  step.py          `run_step(compiled)`: the entry point `chatft run` dispatches to
 """

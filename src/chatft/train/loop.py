@@ -27,7 +27,7 @@ from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free
+from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
 from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
                                   TensorBoard, format_duration, plot_losses)
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
@@ -206,6 +206,8 @@ class Trainer:
         self.device = pick_device()
         self.dtype = resolve_dtype(self.cfg.model.torch_dtype, self.device)
         self.precision = precision_for(self.dtype, self.lora)
+        self.recompute = recompute.mode_for(self.cfg.distributed.activation_checkpointing, self.lora, self.device,
+                                            compiled=self.cfg.compile.enabled)
         self.notes: list[str] = list(notes or [])
         self._setup_model()
         self._setup_optimizer()
@@ -221,8 +223,9 @@ class Trainer:
                                                    lengths=memory.row_lengths(self.train_data, self.val_data))
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         model = load_model(cfg.model, self.device, self.precision.weights)
-        if cfg.distributed.activation_checkpointing:
-            enable_activation_checkpointing(model)
+        if self.recompute:
+            enable_activation_checkpointing(model, self.recompute)
+            self.notes.append(f"activation checkpointing: {recompute.DESCRIPTIONS[self.recompute]}")
         if self.lora:
             model = apply_lora(model, cfg.peft, cfg.seed)
             if self.precision.autocast:
@@ -668,6 +671,7 @@ class Trainer:
             "attention": attention.implementation(self.model),
             "loss_head": "chunked" if self.loss_head else "logits",
             "precision": self.precision.to_json(),
+            "activation_checkpointing": self.recompute or "off",
         }
         if self.scaler.is_enabled():
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)

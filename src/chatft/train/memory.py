@@ -28,6 +28,7 @@ from torch import nn
 from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
+from chatft.train import recompute
 from chatft.train.chunked_head import rows_per_chunk
 from chatft.train.precision import precision_for
 
@@ -208,8 +209,12 @@ def estimate_memory(
             weights += total_params * compute_bytes
     shape = largest_micro_batch(cfg, lengths)
     tokens, rows, width = shape.tokens, shape.rows, shape.width
-    if cfg.distributed.activation_checkpointing:  # layer inputs kept, one layer recomputed at a time
+    checkpointing = recompute.mode_for(cfg.distributed.activation_checkpointing, lora, device, cfg.compile.enabled)
+    if checkpointing == "full":  # layer inputs kept, one layer recomputed at a time
         activations = tokens * (layers * hidden + per_token_layer) * activation_bytes
+    elif checkpointing == "selective":  # matmul and attention outputs kept; the rest made again a layer at a time
+        kept = per_token_layer - (10 * hidden + 4 * ffn) + 6 * hidden + 2 * ffn
+        activations = tokens * (layers * kept + per_token_layer - kept) * activation_bytes
     else:
         activations = tokens * layers * per_token_layer * activation_bytes
     # Attention probabilities (S^2 per head) are kept by eager attention (over the whole row when rows are
@@ -218,7 +223,7 @@ def estimate_memory(
     attn = cfg.model.attn_implementation
     if attn == "eager" or (device.type == "cpu" and attn == "sdpa" and not shape.concatenated):
         activations += 2 * rows * heads * width ** 2 * compute_bytes * (
-            1 if cfg.distributed.activation_checkpointing else layers)
+            1 if checkpointing == "full" else layers)
     # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
     # logits): one chunk of at most CHUNK_ELEMENTS logits in float32, plus, below float32, the matmul's output
     # and the gradient cast back to the head weight's dtype. A model that changes its logits after the head, or

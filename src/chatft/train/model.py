@@ -22,6 +22,7 @@ from torch import nn
 
 from chatft.config.schema import LoraSection, ModelSection
 from chatft.errors import ChatftError
+from chatft.train import recompute
 from chatft.train.precision import dtype_name
 
 
@@ -142,14 +143,15 @@ def probe_vocab_size(tokenizer: Any, model: nn.Module) -> int:
     return min(len(tokenizer), model.config.get_text_config().vocab_size)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in the backward (non-reentrant checkpoints). Recent transformers releases
-    name this `activation_checkpointing_enable` and deprecate `gradient_checkpointing_enable`, the only name
-    older ones have."""
+def enable_activation_checkpointing(model: nn.Module, mode: recompute.Mode = "full") -> None:
+    """Recompute each decoder layer in the backward, whole or its cheap ops only (`recompute`). Recent
+    transformers releases name this `activation_checkpointing_enable` and deprecate
+    `gradient_checkpointing_enable`, the only name older ones have."""
+    options = recompute.checkpoint_options(mode)
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 # --------------------------------------------------------------------------- LoRA
