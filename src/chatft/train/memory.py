@@ -192,7 +192,7 @@ def estimate_memory(
     heads = getattr(text, "num_attention_heads", None) or 1
     vocab = getattr(text, "vocab_size", None) or base.get_input_embeddings().num_embeddings
 
-    per_token_layer = 10 * hidden + 4 * ffn
+    dropout_inputs = 0  # LoRA with dropout: each wrapped layer keeps its dropped-out input for backward
     targets: list[str] = []
     if lora:
         targets = resolve_lora_targets(base, cfg.peft)
@@ -200,8 +200,8 @@ def estimate_memory(
         trainable = sum(cfg.peft.dim * (modules[t].in_features + modules[t].out_features) for t in targets)
         trainable_bytes = _bytes(precision.trainable)  # float32 adapters
         weights = total_params * _bytes(precision.weights) + trainable * trainable_bytes
-        if cfg.peft.dropout > 0:  # each wrapped layer keeps its dropped-out input for backward
-            per_token_layer += sum(modules[t].in_features for t in targets) // max(1, layers)
+        if cfg.peft.dropout > 0:
+            dropout_inputs = sum(modules[t].in_features for t in targets) // max(1, layers)
     else:
         trainable, trainable_bytes = total_params, _bytes(precision.trainable)
         weights = total_params * _bytes(precision.weights)
@@ -209,11 +209,12 @@ def estimate_memory(
             weights += total_params * compute_bytes
     shape = largest_micro_batch(cfg, lengths)
     tokens, rows, width = shape.tokens, shape.rows, shape.width
+    per_token_layer = 10 * hidden + 4 * ffn + dropout_inputs  # what a layer keeps for backward, per token
     checkpointing = recompute.mode_for(cfg.distributed.activation_checkpointing, lora, device, cfg.compile.enabled)
     if checkpointing == "full":  # layer inputs kept, one layer recomputed at a time
         activations = tokens * (layers * hidden + per_token_layer) * activation_bytes
     elif checkpointing == "selective":  # matmul and attention outputs kept; the rest made again a layer at a time
-        kept = per_token_layer - (10 * hidden + 4 * ffn) + 6 * hidden + 2 * ffn
+        kept = 6 * hidden + 2 * ffn + dropout_inputs
         activations = tokens * (layers * kept + per_token_layer - kept) * activation_bytes
     else:
         activations = tokens * layers * per_token_layer * activation_bytes
