@@ -16,7 +16,6 @@ recomputation saves. On a GPU, pointwise ops are a larger share of the step and 
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
