@@ -108,3 +108,25 @@ def test_preview_reports_padding_and_pack_fill_on_real_data(tmp_path, tiny_model
     assert human.returncode == 0, human.stderr
     assert (f"batching: padding-free rows, no padding computed (padded micro-batches of 4 would be "
             f"{batching['padding_fraction']:.1%} padding)") in human.stdout
+
+
+def test_preview_counts_validation_rows_and_sizes_the_estimate_for_them(data_dir, tiny_model_dir):
+    """Training sizes its memory estimate for validation micro-batches too; preview must say the same."""
+    val = [{"messages": [{"role": "user", "content": "a longer validation question " * 30},
+                         {"role": "assistant", "content": "a longer validation answer " * 30}]},
+           {"messages": [{"role": "user", "content": "no answer"}]}]
+    (data_dir / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    common = ("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+              "dataset.path_or_dataset_id=train.jsonl", "dataset.seq_length=1024")
+    alone = preview(*common, "--json", cwd=data_dir)
+    both = preview(*common, "validation_dataset.path_or_dataset_id=val.jsonl", "--json", cwd=data_dir)
+    assert alone.returncode == 0 and both.returncode == 0, alone.stderr + both.stderr
+    alone_stats, both_stats = json.loads(alone.stdout)["stats"], json.loads(both.stdout)["stats"]
+    assert alone_stats["validation"] is None
+    assert both_stats["validation"]["rows_in"] == 2 and both_stats["validation"]["rows_used"] == 1
+    assert both_stats["validation"]["dropped_by_reason"] == {"no_assistant": 1}
+    # The validation row is longer than every training row, so the largest micro-batch (and the estimate) grows.
+    assert both_stats["memory_estimate"]["training_mb"] > alone_stats["memory_estimate"]["training_mb"]
+    human = preview(*common, "validation_dataset.path_or_dataset_id=val.jsonl", cwd=data_dir)
+    assert human.returncode == 0, human.stderr
+    assert "validation rows: 2 in, 1 used, 1 no_assistant; 0 over seq_length" in human.stdout

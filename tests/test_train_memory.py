@@ -80,11 +80,57 @@ def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeyp
     assert memory.estimate_memory(config(), skeleton, cpu).logits == 512 * vocab * 4
     # bfloat16: the matmul's output and the gradient cast back, beside the float32 chunk
     assert memory.estimate_memory(config(model__torch_dtype="bfloat16"), skeleton, cuda).logits == 512 * vocab * 8
-    # float16 full SFT: the gradient is cast back to the float32 master weight
-    assert memory.estimate_memory(config(model__torch_dtype="float16"), skeleton, cuda).logits == 512 * vocab * 10
+    # float16 full SFT: the float32 chunk becomes the gradient in place (the master weight is float32 too), and
+    # autocast casts it to float16 for the next matmul: 2 + 4 + 2 bytes, as for bfloat16
+    assert memory.estimate_memory(config(model__torch_dtype="float16"), skeleton, cuda).logits == 512 * vocab * 8
     assert memory.estimate_memory(config(model__trust_remote_code=True), skeleton, cpu).logits == tokens * vocab * 12
     skeleton.config.final_logit_softcapping = 30.0  # Gemma-style soft-capping after the head
     assert memory.estimate_memory(config(), skeleton, cpu).logits == tokens * vocab * 12
+
+
+def _bytes_per_logit_the_chunked_head_makes(weight_dtype: torch.dtype, autocast: torch.dtype | None) -> float:
+    """New storages of (positions x vocab) that one chunk of `ChunkedHead.cross_entropy` makes, per logit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chatft.train import chunked_head
+
+    positions, vocab, hidden = 64, 1000, 32
+    made: dict[int, int] = {}
+
+    class Storages(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.numel() == positions * vocab:
+                    storage = tensor.untyped_storage()
+                    made[storage.data_ptr()] = storage.nbytes()
+            return out
+
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(weight_dtype)
+    states = torch.randn(positions, hidden, dtype=weight_dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (positions,))
+    enabled = autocast is not None
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=enabled), Storages():
+        chunked_head.ChunkedHead(decoder=None, head=head).cross_entropy(states, labels)
+    return sum(made.values()) / (positions * vocab)
+
+
+@pytest.mark.parametrize("dtype, weights, autocast", [
+    ("float32", torch.float32, None),
+    ("bfloat16", torch.bfloat16, None),  # bfloat16 full SFT and LoRA's bfloat16 base: no autocast at the head
+    ("float16", torch.float32, torch.float16),  # float16 full SFT: float32 master weights under autocast
+])
+def test_the_chunked_head_term_counts_what_the_head_allocates(dtype, weights, autocast, tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    from chatft.train import chunked_head
+
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype=dtype, dataset__seq_length=1024,
+                                  step_scheduler__local_batch_size=8, step_scheduler__global_batch_size=8)
+    skeleton = memory.meta_model(cfg)
+    vocab = skeleton.config.vocab_size
+    monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 512 * vocab)
+    counted = memory.estimate_memory(cfg, skeleton, torch.device("cuda")).logits / (512 * vocab)
+    assert counted == _bytes_per_logit_the_chunked_head_makes(weights, autocast)
 
 
 def test_largest_micro_batch_from_the_config_or_the_data(tiny_model_dir, tmp_path):

@@ -186,8 +186,7 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
     assert manifest["metrics"]["padding_free"] is False
     # the memory estimate is made again for the padded layout it fell back to, keeping the process size read
     # before the weights were loaded (read after, it would count them twice)
-    padded = cfg.model_copy(update={"packed_sequence": cfg.packed_sequence.model_copy(update={"padding_free": False})})
-    expected = memory.estimate_memory(padded, lengths=memory.row_lengths(data)).training + 123 * MB
+    expected = memory.estimate_memory(cfg.padded(), lengths=memory.row_lengths(data)).training + 123 * MB
     assert "rows padded to" in out
     assert manifest["metrics"]["memory_estimate_mb"] == pytest.approx(expected / MB, abs=0.1)
 
@@ -213,7 +212,7 @@ def test_padded_fallback_still_counts_the_float16_copy_autocast_makes(tiny_model
     data = helpers.prepared(helpers.chat_rows(tokenizer, 4))
     cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=1, model__torch_dtype="float16",
                                   force=False)
-    padded = cfg.model_copy(update={"packed_sequence": cfg.packed_sequence.model_copy(update={"padding_free": False})})
+    padded = cfg.padded()
     estimate = memory.estimate_memory(padded, lengths=memory.row_lengths(data))
     float16_copy = estimate.weights // 3  # float32 master weights (4 bytes) + their float16 copy (2 bytes)
     # enough for everything but the float16 copy

@@ -3,8 +3,9 @@
 In: a compiled training config. Out (stdout): N rows with the supervised tokens marked, per-row
 supervised/total token counts, the dataset's token-length quantiles, how many rows exceed
 `dataset.seq_length` and what the truncation policy does with them, how the first epoch fills micro-batches
-(the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), and the
-memory estimate.
+(the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), the
+validation rows' counts when `validation_dataset` is set, and the memory estimate (sized, as training sizes it,
+for the longest training and validation rows).
 `--json` prints `{rows: [{input_ids, labels_mask, text}], stats: {...}}`.
 """
 
@@ -40,7 +41,17 @@ def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
     return segments
 
 
-def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any]) -> dict[str, Any]:
+def _validation_stats(data: PreparedData | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    report = data.report
+    return {"rows_in": report.rows_in, "rows_used": report.rows_used, "dropped_by_reason": report.dropped_by_reason,
+            "over_seq_length": report.over_length, "truncated": report.truncated,
+            "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens}
+
+
+def _stats(data: PreparedData, val_data: PreparedData | None, cfg: TrainingConfig,
+           memory: dict[str, Any]) -> dict[str, Any]:
     report = data.report
     return {
         "rows_in": report.rows_in,
@@ -57,6 +68,7 @@ def _stats(data: PreparedData, cfg: TrainingConfig, memory: dict[str, Any]) -> d
         "template_source": report.template_source,
         "mask_method": report.mask_method,
         "batching": _batching(data, cfg),
+        "validation": _validation_stats(val_data),
         "memory_estimate": memory,
     }
 
@@ -76,13 +88,19 @@ def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
     return {"layout": layout, "local_batch_size": sched.local_batch_size, **stats}
 
 
-def _memory_estimate(cfg: TrainingConfig, data: PreparedData) -> dict[str, Any]:
-    """The training engine's estimate for this config and these rows on the device training would use."""
+def _memory_estimate(cfg: TrainingConfig, data: PreparedData, val_data: PreparedData | None) -> dict[str, Any]:
+    """The training engine's estimate for this config and these rows (validation micro-batches included, as
+    training sizes it) on the device training would use."""
     from chatft.train.memory import estimate_memory, row_lengths
 
-    estimate = estimate_memory(cfg, lengths=row_lengths(data))
+    estimate = estimate_memory(cfg, lengths=row_lengths(data, val_data))
     return {"training_mb": round(estimate.training / 2**20), "total_mb": round(estimate.total / 2**20),
             "device": estimate.device, "lora": estimate.lora, "summary": " ".join(estimate.lines())}
+
+
+def _reporting(section: Any) -> Any:
+    """Preview reports over-length rows instead of stopping at the first, as truncation=error would."""
+    return section.model_copy(update={"truncation": "drop"}) if section.truncation == "error" else section
 
 
 def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
@@ -90,11 +108,11 @@ def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     from chatft.train.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    section = cfg.dataset
-    if section.truncation == "error":  # preview reports over-length rows instead of stopping at the first
-        section = section.model_copy(update={"truncation": "drop"})
-    data = prepare_training_data(section, tokenizer)
-    stats = _stats(data, cfg, _memory_estimate(cfg, data))
+    data = prepare_training_data(_reporting(cfg.dataset), tokenizer)
+    val_data = None
+    if cfg.validation_dataset is not None:
+        val_data = prepare_training_data(_reporting(cfg.validation_dataset), tokenizer, key="validation_dataset")
+    stats = _stats(data, val_data, cfg, _memory_estimate(cfg, data, val_data))
     shown = data.rows[:rows]
     if as_json:
         payload = {
@@ -146,6 +164,11 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
         _batching_line(stats["batching"]),
     ]
+    if stats["validation"] is not None:
+        val = stats["validation"]
+        lines.append(f"validation rows: {val['rows_in']} in, {val['rows_used']} used"
+                     + "".join(f", {n} {reason}" for reason, n in val["dropped_by_reason"].items())
+                     + f"; {val['over_seq_length']} over seq_length")
     lines.append(stats["memory_estimate"]["summary"])
     for line in lines:
         print(line, file=sys.stdout)

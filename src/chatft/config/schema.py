@@ -281,6 +281,11 @@ class TrainingConfig(Section):
         sched = self.step_scheduler
         return sched.global_batch_size // (sched.local_batch_size * self.data_parallel_size())
 
+    def padded(self) -> TrainingConfig:
+        """This config with padded micro-batches instead of padding-free ones (what training falls back to)."""
+        layout = self.packed_sequence.model_copy(update={"padding_free": False})
+        return self.model_copy(update={"packed_sequence": layout})
+
 
 # --------------------------------------------------------------------------- data prep
 

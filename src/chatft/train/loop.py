@@ -284,9 +284,7 @@ class Trainer:
         attention scores). Estimated again and checked against what is free now, without the parameters already
         loaded (what autocast has yet to make, float16 full SFT's float16 copy, is still counted)."""
         cfg = self.cfg
-        padded_layout = cfg.packed_sequence.model_copy(update={"padding_free": False})
-        padded = cfg.model_copy(update={"packed_sequence": padded_layout})
-        estimate = memory.estimate_memory(padded, device=self.device,
+        estimate = memory.estimate_memory(cfg.padded(), device=self.device,
                                           lengths=memory.row_lengths(self.train_data, self.val_data))
         # The process's size before loading, as the first estimate read it: now it would count the weights twice.
         self.estimate = dataclasses.replace(estimate, runtime=self.estimate.runtime)

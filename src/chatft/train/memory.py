@@ -226,14 +226,15 @@ def estimate_memory(
         activations += 2 * rows * heads * width ** 2 * compute_bytes * (
             1 if checkpointing == "full" else layers)
     # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
-    # logits): one chunk of at most CHUNK_ELEMENTS logits in float32, plus, below float32, the matmul's output
-    # and the gradient cast back to the head weight's dtype. A model that changes its logits after the head, or
-    # whose head LoRA wraps, takes its own logits for every supervised position: those, a float32 copy and the
-    # gradient.
+    # logits): one chunk of at most CHUNK_ELEMENTS logits in float32 (made into their gradient in place), plus,
+    # below float32, the matmul's output and the gradient in the matmul's dtype (cast to the head weight's dtype,
+    # or, for float16 full SFT's float32 master weights, by autocast for the next matmul). A model that changes
+    # its logits after the head, or whose head LoRA wraps, takes its own logits for every supervised position:
+    # those, a float32 copy and the gradient.
     if _keeps_model_logits(text, cfg, targets):
         logits = tokens * vocab * (compute_bytes + 4 + 4)
     else:
-        below_float32 = 0 if compute_bytes == 4 else compute_bytes + _bytes(precision.weights)
+        below_float32 = 0 if compute_bytes == 4 else 2 * compute_bytes
         logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 + below_float32)
     return MemoryEstimate(
         weights=weights,
