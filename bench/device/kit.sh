@@ -32,6 +32,10 @@ TRL_VERSION=$(sed -n 's/^bench = \["trl==\([^"]*\)"\]/\1/p' pyproject.toml)
 # What the GPU image lacks or holds too old for chatft and the bench; each at this venv's version.
 # typing-extensions: pydantic 2.14 needs >= 4.16; fsspec: datasets caps it (<= 2026.9.0). The image holds both
 # at versions nobody has read, so they travel too.
+# pyarrow never travels, though datasets 5.2 asks for >= 24 and the image's version is unread: datasets and TRL
+# were checked to build and train the bench's rows with pyarrow 21 and 23 (TRL's floor is 21), while a pyarrow
+# installed into --target /tmp/site (outside sys.prefix) makes dill pickle the module itself and breaks
+# datasets' fingerprinting (`Can't pickle <class 'MonthDayNano'>`) at any version.
 CARRY=(transformers peft trl datasets dill multiprocess omegaconf pydantic pydantic-core annotated-types
        typing-inspection typing-extensions fsspec)
 
