@@ -4,13 +4,20 @@ Both end the same way: `messages` JSONL rows passed through chatft's own row gua
 (so no system drops or truncates anything later), the first `global batch x steps` of them written as the rows
 every matched system trains in that order, and, when TRL's packing is measured, a longer prefix of the same
 rows, long enough to fill its packs for every step.
+
+Synthetic rows take a while to make (each is tokenized until it lands on its drawn length: about 50 s for
+gpu-small-full's trl-packed pool on 2 cores), so they are kept in a cache keyed by everything they depend on
+(`data_cache_dir`); bench/device/kit.sh fills it on the dev machine so the GPU session spends no lease on them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import ROOT
+from bench.workloads import ROOT, cache_root
 
 ALPACA_NAME = "alpaca_en_demo.json"
 
@@ -28,6 +35,8 @@ SYNTHETIC_MEDIAN = 350
 SYNTHETIC_P95 = 1500
 SYNTHETIC_SIGMA = math.log(SYNTHETIC_P95 / SYNTHETIC_MEDIAN) / 1.6448536269514722
 SYNTHETIC_REFERENCE_LENGTH = 2048  # the distribution is defined for this limit; toy runs scale it down
+# Text that tells tokenizers apart by how they split it (cache keys of the synthetic rows).
+TOKENIZER_PROBE = "Hello world, it's 2024!\n\n  Caf\u00e9 na\u00efve \u4f60\u597d 12345  tabs\tand\u00a0spaces  \U0001f600 x=y+1;"
 # Rows are aimed this many tokens under the limit, so a system that renders a token more than chatft
 # (a trailing newline, say) still never truncates.
 LENGTH_MARGIN = 4
@@ -202,9 +211,71 @@ def length_summary(lengths: list[int]) -> dict[str, Any]:
             "p90": quantile(0.9), "p95": quantile(0.95), "max": ordered[-1]}
 
 
+def data_cache_dir() -> Path:
+    """Where prepared synthetic rows are kept: $CHATFT_BENCH_DATA, else beside the bench's random models."""
+    return Path(os.environ.get("CHATFT_BENCH_DATA") or cache_root().parent / "bench-data")
+
+
+def _cache_key(settings: Any, tokenizer: Any, data_kind: str, want_pool: bool) -> str:
+    """Everything the prepared rows depend on: the run's shape, the tokenizer, this file and chatft's row
+    guards (the code under chatft/data)."""
+    import chatft.data
+
+    # The tokenizer by what it does (its serialisation can change with the tokenizers release): its vocabulary,
+    # how it splits a probe text (normaliser, pre-tokenizer, merges) and its chat template.
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+    split = json.dumps(tokenizer(TOKENIZER_PROBE, add_special_tokens=True)["input_ids"])
+    digest = hashlib.sha256()
+    for part in (type(tokenizer).__name__, vocabulary, split, str(tokenizer.chat_template or ""),
+                 json.dumps([data_kind, settings.global_batch, settings.steps, settings.max_length, settings.seed,
+                             want_pool])):
+        digest.update(part.encode())
+    for source in [Path(__file__), *sorted(Path(chatft.data.__file__).parent.glob("*.py"))]:
+        digest.update(source.read_bytes())
+    return f"{data_kind}-{digest.hexdigest()[:16]}"
+
+
+def _save(prepared: PreparedRows, entry: Path) -> None:
+    partial = entry.with_name(entry.name + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True)
+    shutil.copy(prepared.rows, partial / prepared.rows.name)
+    if prepared.pool is not None:
+        shutil.copy(prepared.pool, partial / prepared.pool.name)
+    (partial / "prepared.json").write_text(json.dumps({
+        "rows": prepared.rows.name, "pool": prepared.pool.name if prepared.pool else None, "lengths": prepared.lengths,
+        "info": prepared.info, "pool_rows": prepared.pool_rows, "packs_needed": prepared.packs_needed}))
+    try:
+        partial.rename(entry)  # whole or not at all; another process may have made the same entry meanwhile
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _load(entry: Path, work: Path) -> PreparedRows:
+    saved = json.loads((entry / "prepared.json").read_text())
+    rows = Path(shutil.copy(entry / saved["rows"], work / saved["rows"]))
+    pool = Path(shutil.copy(entry / saved["pool"], work / saved["pool"])) if saved["pool"] else None
+    return PreparedRows(rows, saved["lengths"], saved["info"], pool, saved["pool_rows"], saved["packs_needed"])
+
+
 def prepare(settings: Any, tokenizer: Any, work: Path, data_kind: str, want_pool: bool,
             log: Callable[[str], None] = print) -> PreparedRows:
-    """The matched rows (global batch x steps) and, if asked, the trl-packed pool."""
+    """The matched rows (global batch x steps) and, if asked, the trl-packed pool; synthetic ones from the
+    cache when they were made before."""
+    if data_kind == "alpaca":  # a few seconds: chatft's guards over one file
+        prepared = _prepare(settings, tokenizer, work, data_kind, want_pool)
+    else:
+        entry = data_cache_dir() / _cache_key(settings, tokenizer, data_kind, want_pool)
+        if (entry / "prepared.json").exists():
+            prepared = _load(entry, work)
+            log(f"data: made before, from {entry}")
+        else:
+            prepared = _prepare(settings, tokenizer, work, data_kind, want_pool)
+            _save(prepared, entry)
+    log(f"data: {json.dumps(prepared.info)}")
+    return prepared
+
+
+def _prepare(settings: Any, tokenizer: Any, work: Path, data_kind: str, want_pool: bool) -> PreparedRows:
     needed = settings.global_batch * settings.steps
     packs_needed = needed  # a packed TRL step takes as many packs as the others take conversations
     if data_kind == "alpaca":
@@ -259,5 +330,4 @@ def prepare(settings: Any, tokenizer: Any, work: Path, data_kind: str, want_pool
         prepared.pool_rows, prepared.packs_needed = size, packs_needed
         info["trl_packed_pool"] = {"rows": size, "packs_needed": packs_needed,
                                    "row_lengths": length_summary(lengths[:size])}
-    log(f"data: {json.dumps(info)}")
     return prepared

@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,9 @@ def measure_peaks(settings: RunSettings, dtypes: set[str], work: Path, tag: str)
     return measured["peaks"], measured["device"]
 
 
-def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg: str | None, work: Path,
-                  build_device: str = "cpu") -> Path:
-    if workload.model is None:
-        return Path(model_arg).resolve() if model_arg else workloads.demo_model_dir()
+def random_model_shape(workload: workloads.Workload, settings: RunSettings,
+                       model_arg: str | None) -> tuple[workloads.ModelShape, Path]:
+    """A gpu-* workload's model shape (toy-sized for --quick) and the dir whose tokenizer it gets."""
     from transformers import AutoTokenizer
 
     tokenizer_dir = Path(model_arg).resolve() if model_arg else workloads.demo_model_dir()
@@ -95,6 +95,14 @@ def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg
     if settings.quick:
         vocab = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
         shape = shape.toy(vocab=-(-vocab // 64) * 64)
+    return shape, tokenizer_dir
+
+
+def prepare_model(workload: workloads.Workload, settings: RunSettings, model_arg: str | None, work: Path,
+                  build_device: str = "cpu") -> Path:
+    if workload.model is None:
+        return Path(model_arg).resolve() if model_arg else workloads.demo_model_dir()
+    shape, tokenizer_dir = random_model_shape(workload, settings, model_arg)
     where = work / "model" if settings.quick else workloads.cache_root()
     print(f"model: random {shape} with the tokenizer of {tokenizer_dir}", flush=True)
     model = workloads.random_model_dir(shape, tokenizer_dir, settings.dtype, where=where, build_device=build_device)
@@ -117,8 +125,26 @@ def build_model(args: argparse.Namespace) -> None:
     print(f"built on {settings.device} in {time.monotonic() - began:.0f}s: {model}", flush=True)
 
 
-def resolve_settings(args: argparse.Namespace, workload: workloads.Workload) -> RunSettings:
-    has_cuda = workload.device == "cuda" and workloads.cuda_available()
+def prepare_data(args: argparse.Namespace) -> None:
+    """--prepare-data: make (or find) a gpu-* workload's synthetic rows in the data cache and exit, on any machine
+    (the rows depend on the tokenizer and the run's shape, not on the device): bench/device/kit.sh makes them
+    here so the GPU session finds them made."""
+    workload = WORKLOADS[args.workload]
+    if workload.model is None:
+        raise SystemExit("--prepare-data is for the gpu-* workloads (the cpu-* ones read Alpaca in seconds)")
+    settings = resolve_settings(args, workload, assume_cuda=True)
+    tokenizer = workloads.model_dir_tokenizer(*random_model_shape(workload, settings, args.model))
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory() as work:
+        prepared = data.prepare(settings, tokenizer, Path(work), workload.data,
+                                want_pool="trl-packed" in (args.peers or "").split(","))
+    print(f"{workload.name}: {len(prepared.lengths)} rows (trl-packed pool: {prepared.pool_rows}) in "
+          f"{data.data_cache_dir()}, {time.monotonic() - began:.0f}s", flush=True)
+
+
+def resolve_settings(args: argparse.Namespace, workload: workloads.Workload,
+                     assume_cuda: bool = False) -> RunSettings:
+    has_cuda = workload.device == "cuda" and (assume_cuda or workloads.cuda_available())
     checkpointing = None if args.activation_checkpointing is None else args.activation_checkpointing == "on"
     settings = workloads.resolve(workload, quick=args.quick, steps=args.steps, warmup=args.warmup,
                                  repeats=args.repeats, has_cuda=has_cuda, activation_checkpointing=checkpointing)
@@ -232,6 +258,9 @@ def main() -> None:
                         help="override the workload's setting, for every system alike (gpu-8b-lora: on)")
     parser.add_argument("--build-model", action="store_true",
                         help="gpu-* workloads: only build (or find) the cached random model, on the GPU if any")
+    parser.add_argument("--prepare-data", action="store_true",
+                        help="gpu-* workloads: only make (or find) the cached synthetic rows for these --steps and "
+                        "--peers (trl-packed adds its pool), on any machine")
     # worker-only
     parser.add_argument("--worker", choices=[*systems.SYSTEMS, "peak"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
@@ -244,6 +273,9 @@ def main() -> None:
         return
     if args.build_model and args.workload:
         build_model(args)
+        return
+    if args.prepare_data and args.workload:
+        prepare_data(args)
         return
     if not args.workload or not args.out:
         parser.error("--workload and --out are required")

@@ -118,6 +118,7 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
 
     from chatft.config.schema import TrainingConfig
     from chatft.data.pipeline import prepare_training_data
+    from chatft.train import attention
     from chatft.train.loop import Trainer, prepare_run_dir
     from chatft.train.model import load_tokenizer
 
@@ -161,6 +162,7 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
                    "activation_checkpointing": trainer.recompute or False,
                    "model_dtype": str(next(trainer.model.parameters()).dtype),
                    "attn_implementation": cfg.model.attn_implementation, "device": str(trainer.device),
+                   "attention_kernels": attention.kernel_use() if attention.uses_segment_sdpa(trainer.model) else None,
                    "model_checkpointing_after_train": checkpointing_on(trainer.model)},
     }
 

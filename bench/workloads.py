@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,24 @@ def cache_root() -> Path:
     return _demo_model_script().cache_dir() / "bench-models"
 
 
+def _model_config(shape: ModelShape, tokenizer: Any) -> Any:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return shape.config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+
+
+def model_dir_tokenizer(shape: ModelShape, tokenizer_dir: Path) -> Any:
+    """The tokenizer as the benchmark loads it from `random_model_dir`, without building the model.
+    AutoTokenizer reads the dir's config.json too: a qwen2 config turns a generic tokenizer into Qwen2Tokenizer,
+    with Qwen's normaliser and pre-tokenizer, so it can split text unlike the tokenizer at `tokenizer_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        _model_config(shape, tokenizer).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
 def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, where: Path,
                      build_device: str = "cpu") -> Path:
     """A model dir with random weights of `shape` (seeded) and the tokenizer of `tokenizer_dir`.
@@ -234,8 +253,7 @@ def random_model_dir(shape: ModelShape, tokenizer_dir: Path, dtype: str, *, wher
     marker = out / "BENCH_MODEL.json"
     if marker.exists():
         return out
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = shape.config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+    config = _model_config(shape, tokenizer)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     torch.manual_seed(SEED)
     with torch.device(build_device):

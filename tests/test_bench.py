@@ -36,7 +36,7 @@ def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 def run_bench(workload: str, peers: list[str], model: Path, out: Path, *extra: str) -> dict[str, Any]:
     args = ["--workload", workload, "--quick", "--steps", "2", "--warmup", "1", "--model", str(model),
             "--peers", ",".join(peers), "--out", str(out), *extra]
-    proc = bench(*args)
+    proc = bench(*args, env={"CHATFT_BENCH_DATA": str(out / "bench-data")})  # not the user's cache
     assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads((out / f"{workload}.json").read_text())
     assert report["partial"] is False and report["failures"] == {}
@@ -119,9 +119,21 @@ def test_markdown_report_has_one_row_per_system(cpu_lora):
 
 
 def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
+    # The synthetic rows made ahead by --prepare-data (what bench/device/kit.sh does on a machine without a GPU)
+    # are the ones the run then finds in the cache.
+    cache = tmp_path / "bench-data"
+    made = bench("--workload", "gpu-small-full", "--quick", "--prepare-data", "--steps", "2", "--peers",
+                 "trl,chatft-packed", "--model", str(tiny_model_dir), env={"CHATFT_BENCH_DATA": str(cache)})
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "gpu-small-full: 32 rows (trl-packed pool: 0)" in made.stdout
     # gpu-small-full keeps every activation by default; the override reaches every system alike
     report = run_bench("gpu-small-full", ["trl", "chatft-packed"], tiny_model_dir, tmp_path,
                        "--activation-checkpointing", "on")
+    entries = list(cache.iterdir())
+    assert len(entries) == 1, entries  # the run's key is the one --prepare-data made: no second entry
+    rows = (tmp_path / "gpu-small-full.work" / "rows.jsonl").read_bytes()
+    assert rows == (entries[0] / "rows.jsonl").read_bytes()
+    assert report["settings"]["data"] == json.loads((entries[0] / "prepared.json").read_text())["info"]
     assert {"workload", "device", "versions", "settings", "systems", "ratio", "ratios", "notes"} <= set(report)
     settings = report["settings"]
     assert settings["activation_checkpointing"] is True

@@ -230,6 +230,8 @@ def test_loss_sum_makes_no_host_device_sync(tiny_model_dir, tokenizer, rows, dty
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert loss.device.type == "cuda" and bool(torch.isfinite(loss)) and int(correct) >= 0
+    # a sync inside the varlen kernel would be caught as a refusal and the loop run instead: not a pass
+    assert attention.kernel_use()["varlen_refused"] is None, attention.kernel_use()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full-bfloat16", "lora-bfloat16"])
@@ -240,18 +242,22 @@ def test_optimizer_step_makes_no_host_device_sync(tiny_model_dir, tokenizer, tmp
                                   step_scheduler__max_steps=3, clip_grad_norm__max_norm=1.0)
     trainer = Trainer(cfg, tmp_path, tokenizer, helpers.prepared(helpers.chat_rows(tokenizer, 12)))
     trainer.setup()
-    trainer._optimizer_step(trainer._next_micro_batches())  # warm-up: optimizer state, kernels' first-call set-up
+    clock = trainer._clock
+    # warm-up: optimizer state, kernels' first-call set-up
+    trainer._optimizer_step(trainer._next_micro_batches(), clock.mark())
+    began = clock.mark()
     micro_batches = trainer._next_micro_batches()
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step = trainer._optimizer_step(micro_batches)
+        step = trainer._optimizer_step(micro_batches, began)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert step.loss.device.type == "cuda" and step.grad_norm.device.type == "cuda"
-    loss, grad_norm, _, _ = step.read(0.0)
+    loss, grad_norm, seconds, since_began = step.read(clock, began)
     assert math.isfinite(loss) and grad_norm is not None and grad_norm > 0
+    assert 0 < seconds == pytest.approx(since_began)  # CUDA events: the step's own time on the GPU
 
 
 # --------------------------------------------------------------------------- the CLI on the GPU
@@ -299,7 +305,11 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
-    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics), metrics
+    # a float16 step whose gradients overflowed is skipped and logs no gradient norm
+    assert all(math.isfinite(m["loss"]) and (m.get("skipped") or math.isfinite(m["grad_norm"])) for m in metrics), \
+        metrics
+    ends = [m["elapsed_s"] for m in metrics]  # each row stamped when its own step ended on the GPU
+    assert all(a < b for a, b in zip(ends, ends[1:])) and all(m["tokens_per_s"] > 0 for m in metrics), metrics
     assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
     assert all(m["peak_mem_mb"] > 0 for m in metrics)
     validation = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
@@ -310,6 +320,9 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
     assert manifest["kind"] == ("lora" if lora else "full")
     assert manifest["metrics"]["device"] == DEVICE.type and manifest["metrics"]["padding_free"] is True
     assert manifest["metrics"]["loss_head"] == "chunked"
+    kernels = manifest["metrics"]["attention_kernels"]
+    if dtype != "float16" and attention.VARLEN_KERNEL is not None:  # bfloat16: every layer call is one varlen call
+        assert kernels["varlen_calls"] > 0 and kernels["per_conversation_calls"] == 0, kernels
     if dtype == "float16":  # mixed precision: float32 master weights, float16 compute, loss scaling
         assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16",
                                                     "saved": "float16"}
@@ -389,7 +402,7 @@ def test_segment_sdpa_uses_the_varlen_kernel_in_bfloat16(tiny_model_dir, rows, m
     batch = batching.collate_packed(rows)
     monkeypatch.setattr(attention, "VARLEN_KERNEL", counted)
     fused, _, fused_grads = loss_and_grads(model, batch)
-    assert len(calls) == model.config.num_hidden_layers
+    assert len(calls) == model.config.num_hidden_layers, attention.kernel_use()  # names a refusal, if any
     monkeypatch.setattr(attention, "VARLEN_KERNEL", None)
     loop, _, loop_grads = loss_and_grads(model, batch)
     torch.testing.assert_close(fused, loop, rtol=2e-2, atol=0)

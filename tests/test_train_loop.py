@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -363,3 +364,28 @@ def test_deferred_reads_log_the_same_rows_one_step_later(tiny_model_dir, tokeniz
     assert at == {s: s for s in range(1, 10)}
     # read late except at validation (4, 8), the checkpoint (6) and the end (9)
     assert d_at == {s: s if s in (4, 6, 8, 9) else s + 1 for s in range(1, 10)}
+
+
+def test_a_step_read_late_is_timed_as_it_ran(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """A deferred read waits for the next step too; the row's seconds and elapsed_s must still be the step's own
+    (the bench times from them). Here collating each step's micro-batches takes 0.2 s on the host: every step
+    includes its own 0.2 s, and no row is stamped with the time its successor finished."""
+    from chatft.train import loop
+
+    monkeypatch.setattr(loop, "DEFERRED_READ_DEVICES", ("cpu",))
+    original = Trainer._next_micro_batches
+
+    def slow_collation(self):
+        time.sleep(0.2)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_next_micro_batches", slow_collation)
+    cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=5)
+    train(cfg, tmp_path, helpers.prepared(helpers.chat_rows(tokenizer, 10)), tokenizer=tokenizer)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["tokens"] / r["tokens_per_s"] for r in rows]
+    assert all(0.2 <= s < 5 for s in seconds), seconds  # read late, the last one would be near 0
+    ends = [r["elapsed_s"] for r in rows]
+    assert ends[0] >= seconds[0] - 0.002
+    for before, after, own in zip(ends, ends[1:], seconds[1:]):
+        assert after - before >= own - 0.002, ends  # stamped at its successor's end, these would be equal

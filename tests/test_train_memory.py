@@ -78,41 +78,53 @@ def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 512 * vocab)  # 512 positions a chunk: the bound bites
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert memory.estimate_memory(config(), skeleton, cpu).logits == 512 * vocab * 4
-    # bfloat16: the matmul's output and the gradient cast back, beside the float32 chunk
-    assert memory.estimate_memory(config(model__torch_dtype="bfloat16"), skeleton, cuda).logits == 512 * vocab * 8
-    # float16 full SFT: the float32 chunk becomes the gradient in place (the master weight is float32 too), and
-    # autocast casts it to float16 for the next matmul: 2 + 4 + 2 bytes, as for bfloat16
-    assert memory.estimate_memory(config(model__torch_dtype="float16"), skeleton, cuda).logits == 512 * vocab * 8
+    # bfloat16: beside the float32 chunk, the matmul's output, then (once that is freed) the gradient cast back
+    assert memory.estimate_memory(config(model__torch_dtype="bfloat16"), skeleton, cuda).logits == 512 * vocab * 6
+    # float16 full SFT: the same, with autocast making the float16 gradient for the next matmul
+    assert memory.estimate_memory(config(model__torch_dtype="float16"), skeleton, cuda).logits == 512 * vocab * 6
     assert memory.estimate_memory(config(model__trust_remote_code=True), skeleton, cpu).logits == tokens * vocab * 12
     skeleton.config.final_logit_softcapping = 30.0  # Gemma-style soft-capping after the head
     assert memory.estimate_memory(config(), skeleton, cpu).logits == tokens * vocab * 12
 
 
-def _bytes_per_logit_the_chunked_head_makes(weight_dtype: torch.dtype, autocast: torch.dtype | None) -> float:
-    """New storages of (positions x vocab) that one chunk of `ChunkedHead.cross_entropy` makes, per logit."""
+def _peak_bytes_per_logit_of_the_chunked_head(weight_dtype: torch.dtype, autocast: torch.dtype | None) -> float:
+    """The most bytes of (positions x vocab) tensors alive at once while one chunk of
+    `ChunkedHead.cross_entropy` runs, per logit: op outputs in new storage (not in place, not a view of an input),
+    counted from the op that makes them until the tensor is freed."""
+    import weakref
+
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
 
     from chatft.train import chunked_head
 
     positions, vocab, hidden = 64, 1000, 32
-    made: dict[int, int] = {}
+    live = {"now": 0, "peak": 0}
 
-    class Storages(TorchDispatchMode):
+    def freed(nbytes: int) -> None:
+        live["now"] -= nbytes
+
+    class LiveLogits(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
             out = func(*args, **(kwargs or {}))
-            for tensor in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(tensor, torch.Tensor) and tensor.numel() == positions * vocab:
-                    storage = tensor.untyped_storage()
-                    made[storage.data_ptr()] = storage.nbytes()
+            for tensor in tree_leaves(out):
+                if (isinstance(tensor, torch.Tensor) and tensor.numel() == positions * vocab
+                        and tensor.untyped_storage().data_ptr() not in inputs):
+                    nbytes = tensor.untyped_storage().nbytes()
+                    live["now"] += nbytes
+                    live["peak"] = max(live["peak"], live["now"])
+                    weakref.finalize(tensor, freed, nbytes)
             return out
 
     head = torch.nn.Linear(hidden, vocab, bias=False).to(weight_dtype)
     states = torch.randn(positions, hidden, dtype=weight_dtype, requires_grad=True)
     labels = torch.randint(0, vocab, (positions,))
     enabled = autocast is not None
-    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=enabled), Storages():
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=enabled), LiveLogits():
         chunked_head.ChunkedHead(decoder=None, head=head).cross_entropy(states, labels)
-    return sum(made.values()) / (positions * vocab)
+    return live["peak"] / (positions * vocab)
 
 
 @pytest.mark.parametrize("dtype, weights, autocast", [
@@ -130,7 +142,7 @@ def test_the_chunked_head_term_counts_what_the_head_allocates(dtype, weights, au
     vocab = skeleton.config.vocab_size
     monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 512 * vocab)
     counted = memory.estimate_memory(cfg, skeleton, torch.device("cuda")).logits / (512 * vocab)
-    assert counted == _bytes_per_logit_the_chunked_head_makes(weights, autocast)
+    assert counted == _peak_bytes_per_logit_of_the_chunked_head(weights, autocast)
 
 
 def test_largest_micro_batch_from_the_config_or_the_data(tiny_model_dir, tmp_path):

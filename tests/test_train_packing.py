@@ -332,6 +332,12 @@ def test_trainer_picks_the_attention(tiny_model_dir, sliding_window_model_dir, t
     result = train(cfg, tmp_path, helpers.prepared(helpers.chat_rows(tokenizer, 4)), tokenizer=tokenizer)
     metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
     assert metrics["padding_free"] is True and metrics["attention"] == expected
+    if expected == attention.SEGMENT_SDPA:  # CPU: every layer call runs the per-conversation loop
+        kernels = metrics["attention_kernels"]
+        assert kernels["varlen_calls"] == 0 and kernels["varlen_refused"] is None
+        assert kernels["per_conversation_calls"] >= cfg.step_scheduler.max_steps * 2  # 2 layers, forward at least
+    else:
+        assert metrics["attention_kernels"] is None
     assert f"padding-free ({expected} attention)" in capsys.readouterr().out
     saved = json.loads((result.final_dir / "config.json").read_text())
     assert saved.get("_attn_implementation") in (None, "sdpa")  # the saved model never names chatft's attention
@@ -431,6 +437,7 @@ def test_a_refusing_varlen_kernel_falls_back_to_the_loop_once(monkeypatch):
     monkeypatch.setattr(attention, "VARLEN_DEVICES", ("cpu",))
     monkeypatch.setattr(attention, "VARLEN_KERNEL", refusing)
     monkeypatch.setattr(attention, "_varlen_refused", [])
+    attention.reset_kernel_use()
     generator = torch.Generator().manual_seed(5)
     query, key, value = (torch.randn(1, 2, 12, 16, generator=generator, dtype=torch.bfloat16) for _ in range(3))
     module = torch.nn.Module()
@@ -439,6 +446,9 @@ def test_a_refusing_varlen_kernel_falls_back_to_the_loop_once(monkeypatch):
         first, _ = attention.segment_sdpa_forward(module, query, key, value, None, **segments)
     second, _ = attention.segment_sdpa_forward(module, query, key, value, None, **segments)
     assert len(calls) == 1 and torch.equal(first, second)  # tried once, then the loop
+    # what the manifest records: the fallback is visible, not only warned about
+    assert attention.kernel_use() == {"varlen_calls": 0, "per_conversation_calls": 2,
+                                      "varlen_refused": "FlashAttention only supports Ampere GPUs or newer."}
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

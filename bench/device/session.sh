@@ -8,8 +8,11 @@
 # `all` (tests small 8b) is planned as ONE call of under 10 minutes: `run` with carry [".gpukit"] and timeout_s 600.
 # Step limits (each step is stopped there and the next still runs; estimates for one H200, not yet measured):
 #   set-up  the wheels into /tmp/site, versions, nvidia-smi, pip check                     ~20-40 s
-#   build   gpu-8b-lora's 16 GB random model, initialised on the GPU (`run.py --build-model`), in the background
-#           while the tests run (they need the GPU little), so the 8b step finds it built      ~30-60 s
+#   build   gpu-small-full's 1 GB and gpu-8b-lora's 16 GB random models, initialised on the GPU (`run.py
+#           --build-model`), in the background while the tests run (they need the GPU little), so the benchmark
+#           steps find them built                                                          ~30-60 s
+#   (data)  the gpu-* workloads' synthetic rows come made, in .gpukit/bench-data (kit.sh makes them for the
+#           default steps and peers; GPUKIT_* overrides that change them make them here, ~30-50 s)
 #   tests   pytest tests/test_cuda.py                                                      limit 130 s
 #   small   gpu-small-full: chatft vs trl, trl-packed, chatft-packed, trl-padding-free (in that order), 20 steps
 #           (3 untimed), 1 repeat: 5 worker processes of ~20-30 s + the device peak twice  limit 180 s
@@ -36,10 +39,8 @@ PY=${PYTHON:-python3}
 SITE=${GPUKIT_SITE:-/tmp/site}
 OUT=${OUT:-$ROOT/gpukit-out}
 BENCH_OUT=${GPUKIT_BENCH_OUT:-/tmp/gpukit-bench}
-SMALL_STEPS=${GPUKIT_SMALL_STEPS:-20} SMALL_WARMUP=${GPUKIT_SMALL_WARMUP:-3} SMALL_REPEATS=${GPUKIT_SMALL_REPEATS:-1}
-B8_STEPS=${GPUKIT_8B_STEPS:-8} B8_WARMUP=${GPUKIT_8B_WARMUP:-2} B8_REPEATS=${GPUKIT_8B_REPEATS:-1}
-SMALL_PEERS=${GPUKIT_SMALL_PEERS:-trl,trl-packed,chatft-packed,trl-padding-free}
-B8_PEERS=${GPUKIT_8B_PEERS:-trl,chatft-packed} B8_CHECKPOINTING=${GPUKIT_8B_CHECKPOINTING:-off}
+# shellcheck source=bench/device/defaults.sh
+source "$ROOT/bench/device/defaults.sh"
 LIMIT_TESTS=${GPUKIT_LIMIT_TESTS:-130} LIMIT_QUICK=${GPUKIT_LIMIT_QUICK:-240}
 LIMIT_SMALL=${GPUKIT_LIMIT_SMALL:-180} LIMIT_8B=${GPUKIT_LIMIT_8B:-210}
 
@@ -83,6 +84,7 @@ fi
 export PYTHONPATH="$SITE:$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export MPLBACKEND=Agg CHATFT_CACHE_DIR=${CHATFT_CACHE_DIR:-$HOME/.cache/chatft}
+export CHATFT_BENCH_DATA=$KIT/bench-data  # the gpu-* workloads' synthetic rows, made by kit.sh
 
 # bench/data.py and the tests read ../shared/data beside the checkout, else /work/shared/data: point one at the kit.
 shared=$(dirname "$ROOT")/shared/data
@@ -203,23 +205,32 @@ export -f bench quick_benches small_bench big_bench
 export PY KIT BENCH_OUT SMALL_STEPS SMALL_WARMUP SMALL_REPEATS B8_STEPS B8_WARMUP B8_REPEATS SMALL_PEERS B8_PEERS \
     B8_CHECKPOINTING
 
-# gpu-8b-lora's random model is built in the background from the start, beside the steps before 8b; the 8b step
-# waits for it (a second build started by the benchmark itself would race this one).
+# The gpu-* workloads' random models are built on the GPU in the background from the start, beside the steps
+# before them (gpu-small-full's 1 GB, then gpu-8b-lora's 16 GB). The first benchmark step waits for the build to
+# end: a build beside a benchmark would disturb its timings, and one started by the benchmark itself would race it.
 build_pid=""
-BUILD_LOG=$BENCH_OUT/build-8b.log
-if [[ " ${steps[*]} " == *" 8b "* ]]; then
-    say "== build: gpu-8b-lora's random model, in the background ($BUILD_LOG)"
+BUILD_LOG=$BENCH_OUT/build.log
+BUILD_LIMIT=${GPUKIT_LIMIT_BUILD:-300}  # seconds from the build's start; then it is stopped and 8b builds on CPU
+builds=()
+[[ " ${steps[*]} " == *" small "* ]] && builds+=(gpu-small-full)
+[[ " ${steps[*]} " == *" 8b "* ]] && builds+=(gpu-8b-lora)
+if [ ${#builds[@]} -gt 0 ]; then
+    say "== build: the random models of ${builds[*]}, in the background ($BUILD_LOG)"
     build_began=$SECONDS
-    "$PY" bench/run.py --workload gpu-8b-lora --build-model --model "$KIT/tokenizer" >"$BUILD_LOG" 2>&1 &
+    (
+        for workload in "${builds[@]}"; do
+            "$PY" bench/run.py --workload "$workload" --build-model --model "$KIT/tokenizer" || exit $?
+        done
+    ) >"$BUILD_LOG" 2>&1 &
     build_pid=$!
 fi
-BUILD_LIMIT=${GPUKIT_LIMIT_BUILD:-300}  # seconds from the build's start; then it is stopped and 8b builds on CPU
 wait_for_build() {
     [ -n "$build_pid" ] || return 0
     local rc=0
     while kill -0 "$build_pid" 2>/dev/null && [ $((SECONDS - build_began)) -lt "$BUILD_LIMIT" ]; do sleep 2; done
     if kill -0 "$build_pid" 2>/dev/null; then
         say "build: still running after ${BUILD_LIMIT}s: stopped"
+        pkill -P "$build_pid" 2>/dev/null
         kill "$build_pid" 2>/dev/null
     fi
     wait "$build_pid" || rc=$?
@@ -232,7 +243,7 @@ for step in "${steps[@]}"; do
     case "$step" in
         tests) run_step tests "$LIMIT_TESTS" "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py ;;
         quick) run_step quick "$LIMIT_QUICK" bash -c quick_benches; collect quick gpu-small-full gpu-8b-lora ;;
-        small) run_step small "$LIMIT_SMALL" bash -c small_bench; collect small gpu-small-full ;;
+        small) wait_for_build; run_step small "$LIMIT_SMALL" bash -c small_bench; collect small gpu-small-full ;;
         8b) wait_for_build; run_step 8b "$LIMIT_8B" bash -c big_bench; collect 8b gpu-8b-lora ;;
     esac
 done

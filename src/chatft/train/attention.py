@@ -20,7 +20,9 @@ On a GPU in bfloat16/float16, where torch has the variable-length flash kernel
 (`torch.nn.attention.varlen.varlen_attn`), all conversations of the row go through that one kernel instead of
 one SDPA call each (a Python loop of conversations x layers launches, which on a GPU can cost as much as the
 attention itself). CPU runs, float32 and older torch keep the loop; `VARLEN_KERNEL` and `VARLEN_DEVICES` are
-the seams the CPU tests use to run this path with a reference kernel.
+the seams the CPU tests use to run this path with a reference kernel. A kernel that refuses the inputs once is
+not tried again in the process; `kernel_use` counts which path ran (the manifest records it), so a run that
+fell back to the loop says so.
 
 `attn_implementation="flash_attention_2"` needs none of this: transformers reads the boundaries from the
 position ids itself. The function is registered under its own name, so the saved `config.json` and anything
@@ -29,6 +31,7 @@ loading the model later never see it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -93,13 +96,16 @@ def segment_sdpa_forward(
     window = kwargs.pop("sliding_window", None)
     if varlen_applies(query, kwargs, segments, window):
         try:
-            return varlen_forward(query, key, value, segments, window, kwargs.get("scaling")), None
+            output = varlen_forward(query, key, value, segments, window, kwargs.get("scaling"))
+            _calls["varlen"] += 1
+            return output, None
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as exc:  # this GPU or shape: the loop instead
             _varlen_refused.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             warnings.warn(f"torch's varlen attention kernel refused these inputs ({_varlen_refused[0]}); attention "
                           "runs one conversation at a time instead", stacklevel=2)
+    _calls["per_conversation"] += 1
     outputs = []
     for start, end in itertools.pairwise(segments.bounds):
         piece = slice(start, end)
@@ -124,6 +130,18 @@ def _flash_capable(device: torch.device) -> bool:
 
 
 _varlen_refused: list[str] = []  # why the kernel failed once in this process; then it is not tried again
+_calls: collections.Counter[str] = collections.Counter()  # padding-free rows' attention calls by path
+
+
+def reset_kernel_use() -> None:
+    _calls.clear()
+
+
+def kernel_use() -> dict[str, Any]:
+    """How the attention calls of padding-free rows ran since `reset_kernel_use`: layer calls through the varlen
+    kernel and through the per-conversation loop, and why the kernel was refused (it is then not tried again)."""
+    return {"varlen_calls": _calls["varlen"], "per_conversation_calls": _calls["per_conversation"],
+            "varlen_refused": _varlen_refused[0] if _varlen_refused else None}
 
 
 def varlen_applies(query: torch.Tensor, kwargs: dict[str, Any], segments: Segments, window: int | None) -> bool:

@@ -34,7 +34,7 @@ from chatft.train.model import (apply_lora, count_parameters, enable_activation_
                                 load_tokenizer, model_location, pick_device, probe_vocab_size, quiet_hub_progress,
                                 resolve_dtype)
 from chatft.train.precision import precision_for
-from chatft.train.queued_step import QueuedStep
+from chatft.train.queued_step import QueuedStep, StepClock
 from chatft.train.schedule import LRSchedule
 
 FINAL = "final"
@@ -204,6 +204,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self.device = pick_device()
+        self._clock = StepClock(self.device)  # times steps as the device runs them (`queued_step`)
         self.dtype = resolve_dtype(self.cfg.model.torch_dtype, self.device)
         self.precision = precision_for(self.dtype, self.lora)
         self.recompute = recompute.mode_for(self.cfg.distributed.activation_checkpointing, self.lora, self.device,
@@ -413,36 +414,38 @@ class Trainer:
         note = display.note if display else (lambda line: None)
         defer_reads = self.device.type in DEFERRED_READ_DEVICES
         self._queued: QueuedStep | None = None  # a step whose numbers are still on the device
-        self._last_read_at = 0.0
+        self._origin = self._clock.mark()
+        attention.reset_kernel_use()  # `started` on the device's timeline: rows' elapsed_s count from it
         saved_at = self.step
         self.model.train()
         try:
             with stop.installed(note):
                 while self.step < self.total_steps and stop.signum is None:
+                    began = self._clock.mark()
                     micro_batches = self._next_micro_batches()
-                    step = self._guard_oom(self._optimizer_step, micro_batches)
+                    step = self._guard_oom(self._optimizer_step, micro_batches, began)
                     self.step += 1
                     self.tokens_seen += step.tokens
                     step.known = {"step": self.step,
                                   "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
                                   "lr": self.schedule(self.step - 1)}
-                    self._log_queued(started, note, display)  # the step before: done, or finishing meanwhile
+                    self._log_queued(note, display)  # the step before: done, or finishing meanwhile
                     self._queued = step
                     validate = self._due(cfg.step_scheduler.val_every_steps) and self.val_batches
                     if not defer_reads or validate or self.step >= self.total_steps:
-                        self._log_queued(started, note, display)
+                        self._log_queued(note, display)
                     if validate:
                         self._guard_oom(self._validate, note)
                     if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
-                        self._log_queued(started, note, display)
+                        self._log_queued(note, display)
                         self._save_checkpoint(started)
                         saved_at = self.step
-                self._log_queued(started, note, display)
+                self._log_queued(note, display)
                 if stop.signum is not None and saved_at != self.step:  # the signal came after the check above
                     self._save_checkpoint(started)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the last finished step's row when a later one fails
-                self._log_queued(started, note, display)
+                self._log_queued(note, display)
             raise
         finally:
             if display:
@@ -459,22 +462,22 @@ class Trainer:
         self._print_done(result)
         return result
 
-    def _log_queued(self, started: float, note, display: ProgressDisplay | None) -> None:
+    def _log_queued(self, note, display: ProgressDisplay | None) -> None:
         """Write the row of the step still on the device, if there is one (reading it waits for the device)."""
         if self._queued is not None:
             step, self._queued = self._queued, None
-            self._log_step(step, started, note, display)
+            self._log_step(step, note, display)
 
-    def _log_step(self, step: QueuedStep, started: float, note, display: ProgressDisplay | None) -> None:
+    def _log_step(self, step: QueuedStep, note, display: ProgressDisplay | None) -> None:
         """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
-        loss, grad_norm, seconds, self._last_read_at = step.read(self._last_read_at)
+        loss, grad_norm, seconds, since_started = step.read(self._clock, self._origin)
         self.last_train_loss = loss
         row = {
             "step": step.known["step"], "epoch": step.known["epoch"], "loss": loss, "lr": step.known["lr"],
             "grad_norm": grad_norm, "tokens": step.tokens,
             "tokens_per_s": step.tokens / seconds if seconds > 0 else 0.0,
             "peak_mem_mb": self._peak_memory() / MB,
-            "elapsed_s": round(self.elapsed_before + time.monotonic() - started, 3),
+            "elapsed_s": round(self.elapsed_before + since_started, 3),
         }
         if self.scaler.is_enabled():
             row.update(loss_scale=step.loss_scale, skipped=step.skipped)
@@ -487,11 +490,10 @@ class Trainer:
             if self.tensorboard:
                 self.tensorboard.log("train", row)
 
-    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> QueuedStep:
-        """One optimizer step over its micro-batches. Nothing in it waits for the device (except float16 loss
-        scaling: one read of the scale the scaler chose): its loss and gradient norm are returned as device
-        tensors."""
-        queued_at = time.perf_counter()
+    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], began: Any) -> QueuedStep:
+        """One optimizer step over its micro-batches (collated after the clock mark `began`). Nothing in it
+        waits for the device (except float16 loss scaling: one read of the scale the scaler chose): its loss
+        and gradient norm are returned as device tensors."""
         num_supervised = self._step_supervised_tokens(micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
@@ -514,7 +516,8 @@ class Trainer:
         self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, self._loss_scale, queued_at)
+        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, self._loss_scale, began,
+                          self._clock.mark())
 
     def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
         """The loss denominator of a step: supervised tokens in all its micro-batches.
@@ -667,6 +670,7 @@ class Trainer:
             "device": self.device.type,
             "padding_free": self.padding_free,
             "attention": attention.implementation(self.model),
+            "attention_kernels": attention.kernel_use() if attention.uses_segment_sdpa(self.model) else None,
             "loss_head": "chunked" if self.loss_head else "logits",
             "precision": self.precision.to_json(),
             "activation_checkpointing": self.recompute or "off",

@@ -227,14 +227,14 @@ def estimate_memory(
             1 if checkpointing == "full" else layers)
     # The loss head. Chunked (`chunked_head`, what the trainer uses when decoder + head reproduce the model's
     # logits): one chunk of at most CHUNK_ELEMENTS logits in float32 (made into their gradient in place), plus,
-    # below float32, the matmul's output and the gradient in the matmul's dtype (cast to the head weight's dtype,
-    # or, for float16 full SFT's float32 master weights, by autocast for the next matmul). A model that changes
-    # its logits after the head, or whose head LoRA wraps, takes its own logits for every supervised position:
-    # those, a float32 copy and the gradient.
+    # below float32, one chunk in the matmul's dtype: first the matmul's output (freed once copied to float32),
+    # then the gradient cast back for the next matmul (to the head weight's dtype, or, for float16 full SFT's
+    # float32 master weights, by autocast). A model that changes its logits after the head, or whose head LoRA
+    # wraps, takes its own logits for every supervised position: those, a float32 copy and the gradient.
     if _keeps_model_logits(text, cfg, targets):
         logits = tokens * vocab * (compute_bytes + 4 + 4)
     else:
-        below_float32 = 0 if compute_bytes == 4 else 2 * compute_bytes
+        below_float32 = 0 if compute_bytes == 4 else compute_bytes
         logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 + below_float32)
     return MemoryEstimate(
         weights=weights,

@@ -1,10 +1,14 @@
-"""An optimizer step whose numbers stay on the device until its log row is written.
+"""An optimizer step whose numbers stay on the device until its log row is written, and the clock it is timed by.
 
 On CUDA, Python runs ahead of the GPU: when the trainer's step method returns, the step is queued, not done.
 Reading its loss or gradient norm there (`float(tensor)`) would make Python wait for the GPU, and the GPU would then
 sit idle while Python collates the next micro-batches and queues their kernels. So the trainer keeps a step's
 loss and gradient norm as device tensors and reads them once the next step is queued behind it (`Trainer.train`);
 on CPU a step is done when it returns, and it is read at once.
+
+A step read late must not be timed late: the read waits for everything queued so far, the next step included.
+So a step's start and end are marks on the device's own timeline (`StepClock`): CUDA events recorded on the
+stream, which fire when the GPU gets there; on CPU, the host clock.
 """
 
 from __future__ import annotations
@@ -17,6 +21,29 @@ from typing import Any
 import torch
 
 
+class StepClock:
+    """Points of the training loop as the device reaches them, and the seconds between two of them."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+
+    def mark(self) -> Any:
+        """Now, on the device's timeline: a recorded CUDA event (it fires once the work queued before it is
+        done), or the host clock where work is done when the call that queued it returns."""
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds from mark `start` to mark `end`; waits for the device to reach `end`."""
+        if self.events:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end - start
+
+
 @dataclass
 class QueuedStep:
     loss: torch.Tensor  # 0-dim, on the device: the step's mean loss per supervised token
@@ -24,14 +51,13 @@ class QueuedStep:
     tokens: int  # input tokens of the step (known on the host)
     skipped: bool  # float16 loss scaling skipped the update (read at once: the scaler has already synced)
     loss_scale: float  # float16: the scale after this step's update (the next step's would be wrong); else 1.0
-    queued_at: float  # time.perf_counter() when the step began to be queued
+    began: Any  # StepClock mark taken before the step's micro-batches were collated
+    done: Any  # StepClock mark taken after its optimizer update was queued
     known: dict[str, Any] | None = None  # the row's host-side fields (step, epoch, lr), set by the trainer
 
-    def read(self, previous_read_at: float) -> tuple[float, float | None, float, float]:
-        """(loss, grad norm or None when it overflowed, seconds, read_at). Waits for the device to finish
-        the step. Its seconds run from when the device could start it: when it was queued, or when the step
-        before it was read (the device was busy with that one until then), whichever is later."""
+    def read(self, clock: StepClock, origin: Any) -> tuple[float, float | None, float, float]:
+        """(loss, grad norm or None when it overflowed, the step's seconds, seconds from `origin` to its end).
+        Waits for the device to finish the step, and only for that."""
+        seconds, since_origin = clock.seconds(self.began, self.done), clock.seconds(origin, self.done)
         loss, grad_norm = float(self.loss), float(self.grad_norm)
-        read_at = time.perf_counter()
-        seconds = read_at - max(self.queued_at, previous_read_at)
-        return loss, grad_norm if math.isfinite(grad_norm) else None, seconds, read_at
+        return loss, grad_norm if math.isfinite(grad_norm) else None, seconds, since_origin
