@@ -5,7 +5,7 @@ Both end the same way: `messages` JSONL rows passed through chatft's own row gua
 every matched system trains in that order, and, when TRL's packing is measured, a longer prefix of the same
 rows, long enough to fill its packs for every step.
 
-Synthetic rows take a while to make (each is tokenized until it lands on its drawn length: about 50 s for
+Synthetic rows take a while to make (each is tokenized until it lands on its drawn length: about 40 s for
 gpu-small-full's trl-packed pool on 2 cores), so they are kept in a cache keyed by everything they depend on
 (`data_cache_dir`); bench/device/kit.sh fills it on the dev machine so the GPU session spends no lease on them.
 """

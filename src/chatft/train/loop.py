@@ -414,8 +414,8 @@ class Trainer:
         note = display.note if display else (lambda line: None)
         defer_reads = self.device.type in DEFERRED_READ_DEVICES
         self._queued: QueuedStep | None = None  # a step whose numbers are still on the device
-        self._origin = self._clock.mark()
-        attention.reset_kernel_use()  # `started` on the device's timeline: rows' elapsed_s count from it
+        self._origin = self._clock.mark()  # `started` on the device's timeline: rows' elapsed_s count from it
+        attention.reset_kernel_use()  # the manifest's attention_kernels are this run's
         saved_at = self.step
         self.model.train()
         try:
