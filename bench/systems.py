@@ -162,7 +162,7 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
                    "activation_checkpointing": trainer.recompute or False,
                    "model_dtype": str(next(trainer.model.parameters()).dtype),
                    "attn_implementation": cfg.model.attn_implementation, "device": str(trainer.device),
-                   "attention_kernels": attention.kernel_use() if attention.uses_segment_sdpa(trainer.model) else None,
+                   "attention_kernels": attention.kernel_use_of(trainer.model),
                    "model_checkpointing_after_train": checkpointing_on(trainer.model)},
     }
 

@@ -41,10 +41,8 @@ def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
     return segments
 
 
-def _validation_stats(data: PreparedData | None) -> dict[str, Any] | None:
-    if data is None:
-        return None
-    report = data.report
+def _row_counts(report: Any) -> dict[str, Any]:
+    """What a dataset's rows came to: the counts preview reports for training and validation data alike."""
     return {"rows_in": report.rows_in, "rows_used": report.rows_used, "dropped_by_reason": report.dropped_by_reason,
             "over_seq_length": report.over_length, "truncated": report.truncated,
             "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens}
@@ -54,21 +52,15 @@ def _stats(data: PreparedData, val_data: PreparedData | None, cfg: TrainingConfi
            memory: dict[str, Any]) -> dict[str, Any]:
     report = data.report
     return {
-        "rows_in": report.rows_in,
-        "rows_used": report.rows_used,
-        "dropped_by_reason": report.dropped_by_reason,
+        **_row_counts(report),
         "first_rows_by_reason": report.examples_by_reason,
         "token_length_quantiles": report.token_length_quantiles,
         "seq_length": cfg.dataset.seq_length,
-        "over_seq_length": report.over_length,
         "truncation": cfg.dataset.truncation,
-        "truncated": report.truncated,
-        "supervised_tokens": report.supervised_tokens,
-        "total_tokens": report.total_tokens,
         "template_source": report.template_source,
         "mask_method": report.mask_method,
         "batching": _batching(data, cfg),
-        "validation": _validation_stats(val_data),
+        "validation": _row_counts(val_data.report) if val_data else None,
         "memory_estimate": memory,
     }
 
@@ -136,6 +128,11 @@ def _batching_line(batching: dict[str, Any]) -> str:
     return f"batching: {padded} (packed_sequence.padding_free=true computes none)"
 
 
+def _rows_line(label: str, counts: dict[str, Any]) -> str:
+    return (f"{label}: {counts['rows_in']} in, {counts['rows_used']} used"
+            + "".join(f", {n} {reason}" for reason, n in counts["dropped_by_reason"].items()))
+
+
 def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -156,8 +153,7 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
     quantiles = stats["token_length_quantiles"]
     lines = [
         f"supervised tokens: {legend}; masks by {stats['mask_method']}, template from {stats['template_source']}",
-        f"rows: {stats['rows_in']} in, {stats['rows_used']} used"
-        + "".join(f", {n} {reason}" for reason, n in stats["dropped_by_reason"].items()),
+        _rows_line("rows", stats),
         "token lengths: " + ", ".join(f"{k} {v}" for k, v in quantiles.items()),
         f"over seq_length={stats['seq_length']}: {stats['over_seq_length']} rows, "
         f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
@@ -166,9 +162,7 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
     ]
     if stats["validation"] is not None:
         val = stats["validation"]
-        lines.append(f"validation rows: {val['rows_in']} in, {val['rows_used']} used"
-                     + "".join(f", {n} {reason}" for reason, n in val["dropped_by_reason"].items())
-                     + f"; {val['over_seq_length']} over seq_length")
+        lines.append(_rows_line("validation rows", val) + f"; {val['over_seq_length']} over seq_length")
     lines.append(stats["memory_estimate"]["summary"])
     for line in lines:
         print(line, file=sys.stdout)

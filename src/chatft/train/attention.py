@@ -144,6 +144,11 @@ def kernel_use() -> dict[str, Any]:
             "varlen_refused": _varlen_refused[0] if _varlen_refused else None}
 
 
+def kernel_use_of(model: torch.nn.Module) -> dict[str, Any] | None:
+    """`kernel_use` for a model that runs chatft's per-conversation SDPA; None for any other attention."""
+    return kernel_use() if uses_segment_sdpa(model) else None
+
+
 def varlen_applies(query: torch.Tensor, kwargs: dict[str, Any], segments: Segments, window: int | None) -> bool:
     """The flash varlen kernel exists and takes these inputs: an Ampere+ GPU, half precision, a head size that
     is a multiple of 8 up to 256, no attention dropout, and a sliding window only where this torch's kernel has

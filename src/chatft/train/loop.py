@@ -670,7 +670,7 @@ class Trainer:
             "device": self.device.type,
             "padding_free": self.padding_free,
             "attention": attention.implementation(self.model),
-            "attention_kernels": attention.kernel_use() if attention.uses_segment_sdpa(self.model) else None,
+            "attention_kernels": attention.kernel_use_of(self.model),
             "loss_head": "chunked" if self.loss_head else "logits",
             "precision": self.precision.to_json(),
             "activation_checkpointing": self.recompute or "off",
