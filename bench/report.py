@@ -270,6 +270,12 @@ def notes(workload: Any, settings: Any, systems: dict[str, Any], raws: dict[str,
         out.append(f"{name} settings as seen inside its trainer: {systems[name]['checks']}")
     for name in (n for n in systems if n.startswith("chatft")):
         out.append(f"{name} settings as seen inside its trainer: {systems[name]['checks']}")
+        estimate = systems[name]["checks"].get("memory_estimate_mb")
+        if estimate:
+            peak_mb = systems[name]["peak_mem_mb"]
+            out.append(f"{name} memory estimate (made before loading, as `chatft preview` and the oom check make it): "
+                       f"{estimate:,.0f} MB against the measured peak of {peak_mb:,.0f} MB, "
+                       f"{estimate / peak_mb - 1:+.0%}.")
     probe = raws["trl"][0].get("assistant_only_loss_probe") if "trl" in raws else None
     if probe:
         out.append(f"TRL assistant_only_loss=True on the messages rows with this tokenizer's template: {probe}")

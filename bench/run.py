@@ -53,6 +53,9 @@ def versions() -> dict[str, str]:
 
 def worker_env(settings: RunSettings) -> dict[str, str]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # TRL loads with transformers' defaults, which on a GPU swap layers for kernels fetched from the Hub (and stop
+    # offline); chatft loads without them. Both systems run the same model code.
+    env.setdefault("USE_HUB_KERNELS", "NO")
     if settings.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # chatft takes a GPU whenever it sees one; a CPU workload must not
     return env

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import profile
 from bench.workloads import RunSettings
 
 CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile", "chatft-packed", "chatft-keep-all")
@@ -141,7 +142,8 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
     # What chatft's `train()` does, kept in reach so the trained model and its layout can be read afterwards.
     trainer = Trainer(cfg, run_dir, tokenizer, data)
     trainer.setup(prepare_run_dir(cfg, run_dir))
-    result = trainer.train()
+    with profile.training_window(settings.workload, system, settings.device):
+        result = trainer.train()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     logged_tokens = [m["tokens"] for m in metrics]
     padding_free = getattr(trainer, "padding_free", None)
@@ -163,7 +165,10 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
                    "model_dtype": str(next(trainer.model.parameters()).dtype),
                    "attn_implementation": cfg.model.attn_implementation, "device": str(trainer.device),
                    "attention_kernels": attention.kernel_use_of(trainer.model),
-                   "model_checkpointing_after_train": checkpointing_on(trainer.model)},
+                   "model_checkpointing_after_train": checkpointing_on(trainer.model),
+                   # chatft's own guess before loading (force only skips the refusal); the report sets it
+                   # against the measured peak
+                   "memory_estimate_mb": round(trainer.estimate.total / MB, 1) if trainer.estimate else None},
     }
 
 
@@ -279,7 +284,8 @@ def run_trl(system: str, settings: RunSettings, run_dir: Path) -> dict[str, Any]
               "max_length": trainer.args.max_length, "completion_only_loss": trainer.completion_only_loss,
               "attn_implementation": trainer.model.config._attn_implementation,
               "device": str(trainer.args.device), "columns": prepared.column_names}
-    trainer.train()
+    with profile.training_window(s.workload, system, s.device):
+        trainer.train()
     checks["model_checkpointing_after_train"] = checkpointing_on(trainer.model)
     # TRL logs `num_tokens`, its own running count of tokens fed to the model (attention-mask tokens when
     # padded, the flattened row length when padding-free): kept per step as a check on the counts above.

@@ -152,6 +152,10 @@ def test_gpu_workload_runs_at_toy_size(tiny_model_dir: Path, tmp_path: Path):
     assert report["ratio"] == pytest.approx(systems["chatft"]["tokens_per_s"] / systems["trl"]["tokens_per_s"])
     assert set(report["ratios"]) == {"trl", "chatft-packed"}
     assert (tmp_path / "gpu-small-full.md").exists()
+    # chatft's own memory estimate is set against the peak it reached
+    for name in ("chatft", "chatft-packed"):
+        assert systems[name]["checks"]["memory_estimate_mb"] > 0
+        assert sum(note.startswith(f"{name} memory estimate") for note in report["notes"]) == 1
 
 
 def test_a_failing_system_leaves_the_others_measured(tiny_model_dir: Path, tmp_path: Path):
@@ -159,8 +163,13 @@ def test_a_failing_system_leaves_the_others_measured(tiny_model_dir: Path, tmp_p
     exit status says it failed."""
     args = ["--workload", "cpu-smollm-lora", "--quick", "--steps", "2", "--warmup", "1", "--repeats", "2",
             "--model", str(tiny_model_dir), "--peers", "trl", "--out", str(tmp_path)]
-    proc = bench(*args, env={"CHATFT_BENCH_FAIL": "trl"})
+    profiles = tmp_path / "profiles"
+    proc = bench(*args, env={"CHATFT_BENCH_FAIL": "trl", "CHATFT_BENCH_PROFILE": str(profiles)})
     assert proc.returncode != 0 and "1 system(s) failed: trl" in proc.stderr
+    # CHATFT_BENCH_PROFILE: each worker that trained leaves where its training steps' time went
+    assert [p.name for p in profiles.iterdir()] == ["cpu-smollm-lora-chatft-profile.txt"]
+    profile = (profiles / "cpu-smollm-lora-chatft-profile.txt").read_text()
+    assert "window of training steps" in profile and "\nmatmul " in profile and "aten::mm" in profile
     report = json.loads((tmp_path / "cpu-smollm-lora.json").read_text())
     assert list(report["systems"]) == ["chatft"] and len(report["systems"]["chatft"]["repeats"]) == 2
     assert report["partial"] is False and report["ratio"] is None

@@ -367,12 +367,13 @@ def test_a_real_cuda_out_of_memory_becomes_error_oom(tiny_model_dir, tokenizer, 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(DEVICE).total_memory
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(DEVICE) + 12 * 2**20) / total, DEVICE)
+    index = torch.cuda.current_device()  # the cap wants an index: torch.device("cuda") alone is refused
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(DEVICE) + 12 * 2**20) / total, index)
     try:
         with pytest.raises(ChatftError) as err:
             train(cfg, tmp_path / "run", helpers.prepared(rows), tokenizer=tokenizer)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         torch.cuda.empty_cache()
     assert err.value.id == "oom", err.value.render()
     assert "out of memory at step 1 of 2 (cuda)" in err.value.message

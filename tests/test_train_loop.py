@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -197,6 +198,21 @@ def test_lora_targets_exclude_the_output_head_unless_named(tiny_model_dir, tmp_p
     with pytest.raises(ChatftError) as err:
         targets(match_all_linear=False, target_modules=["qkv_proj"])
     assert err.value.id == "config_invalid" and "q_proj" in err.value.hint
+
+
+def test_models_load_without_kernels_from_the_hub(tiny_model_dir, tmp_path, monkeypatch):
+    """transformers 5.x swaps layers for kernels downloaded from the Hub, at load and again at `model.train()` on a
+    GPU: unrecorded code, and on an offline GPU machine a traceback at the first step. chatft loads with them off
+    and leaves the environment as it found it; a user who sets USE_HUB_KERNELS keeps their choice."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    cfg = helpers.training_config(tiny_model_dir, tmp_path)
+    model = load_model(cfg.model, torch.device("cpu"), torch.float32)
+    assert getattr(model, "use_kernels", False) is False
+    assert "USE_HUB_KERNELS" not in os.environ
+    if not hasattr(model, "set_use_kernels"):
+        return  # a transformers without Hub kernels: nothing more to check
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    assert load_model(cfg.model, torch.device("cpu"), torch.float32).use_kernels is True
 
 
 def test_lora_weights_stay_float32_on_a_bfloat16_base(tiny_model_dir, tmp_path):

@@ -209,6 +209,10 @@ CHATFT_BENCH_DATA=$KIT/bench-data "$PY" bench/run.py --workload gpu-small-full -
     --steps "$SMALL_STEPS" --peers "$SMALL_PEERS" --model "$KIT/tokenizer" | tail -n 1
 CHATFT_BENCH_DATA=$KIT/bench-data "$PY" bench/run.py --workload gpu-8b-lora --prepare-data \
     --steps "$B8_STEPS" --peers "$B8_PEERS" --model "$KIT/tokenizer" | tail -n 1
+for workload in gpu-8b-lora gpu-small-full; do  # the profile step's shorter runs
+    CHATFT_BENCH_DATA=$KIT/bench-data "$PY" bench/run.py --workload "$workload" --prepare-data \
+        --steps "$PROFILE_STEPS" --peers "$PROFILE_PEERS" --model "$KIT/tokenizer" | tail -n 1
+done
 
 # ------------------------------------------------------------------ data (what bench/data.py reads)
 SHARED=$("$PY" -c 'import sys; sys.path.insert(0, "."); from bench.data import shared_data_dir; print(shared_data_dir())')

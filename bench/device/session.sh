@@ -2,34 +2,40 @@
 # The GPU checks and benchmarks on a lent GPU machine, from the repo root there, with .gpukit carried
 # (built here by bench/device/kit.sh). Offline: nothing is fetched.
 #
-#   bash bench/device/session.sh [STEP ...]      STEP: tests | small | 8b | quick | all (default: all)
+#   bash bench/device/session.sh [STEP ...]    STEP: tests | small | 8b | profile | quick | all (default: all)
 #
 # The device lends one GPU for 15 minutes of a session, start-up included, and one command may run 10 minutes; so
-# `all` (tests small 8b) is planned as ONE call of under 10 minutes: `run` with carry [".gpukit"] and timeout_s 600.
-# Step limits (each step is stopped there and the next still runs; estimates for one H200, not yet measured):
-#   set-up  the wheels into /tmp/site, versions, nvidia-smi, pip check                     ~20-40 s
+# `all` (tests small 8b profile) is planned as ONE call of under 10 minutes: `run` with carry [".gpukit"] and
+# timeout_s 600. Step limits (each step is stopped there and the next still runs); the times measured on one H200
+# on 2026-12-04 (machine start about 30 s more):
+#   set-up  the wheels into /tmp/site, versions, nvidia-smi, pip check                     14-17 s
 #   build   gpu-small-full's 1 GB and gpu-8b-lora's 16 GB random models, initialised on the GPU (`run.py
 #           --build-model`), in the background while the tests run (they need the GPU little), so the benchmark
-#           steps find them built                                                          ~30-60 s
+#           steps find them built                                                          58 s (beside tests)
 #   (data)  the gpu-* workloads' synthetic rows come made, in .gpukit/bench-data (kit.sh makes them for the
 #           default steps and peers; GPUKIT_* overrides that change them make them here, ~30-50 s)
-#   tests   pytest tests/test_cuda.py                                                      limit 130 s
+#   tests   pytest tests/test_cuda.py                                                      58 s, limit 90 s
 #   small   gpu-small-full: chatft vs trl, trl-packed, chatft-packed, trl-padding-free (in that order), 20 steps
-#           (3 untimed), 1 repeat: 5 worker processes of ~20-30 s + the device peak twice  limit 180 s
+#           (3 untimed), 1 repeat: 5 worker processes of 20-39 s + the device peak twice 159 s, limit 175 s
 #   8b      gpu-8b-lora: chatft vs trl, chatft-packed, 8 steps (2 untimed), 1 repeat, activation checkpointing
 #           off (the H200's 141 GB hold a 2 x 4096 micro-batch's activations; on means recomputing a third of the
-#           forward, which model-FLOPs MFU does not count)                                limit 210 s
+#           forward, which model-FLOPs MFU does not count)                               121 s, limit 150 s
+#   profile chatft and chatft-packed under torch.profiler (bench/profile.py: kernels only, over the training
+#           steps only), 4 steps (1 untimed) of gpu-8b-lora then gpu-small-full; profile-work.tgz holds
+#           <workload>-<system>-profile.txt: kernel time by kind, the busy share of the steps' wall clock and
+#           the top kernels                                                        not yet measured, limit 150 s
 #   quick   (not in `all`) both GPU workloads at toy size, to check the harness             limit 240 s
 # The benchmark writes its report after every finished worker, so a step stopped at its limit keeps the systems
 # that finished (`"partial": true` in the JSON); a system that fails is reported and the others still run.
-# Override: GPUKIT_{SMALL,8B}_{STEPS,WARMUP,REPEATS,PEERS}, GPUKIT_8B_CHECKPOINTING (on|off),
-# GPUKIT_LIMIT_{TESTS,QUICK,SMALL,8B,BUILD} (seconds), PYTHON.
+# Override: GPUKIT_{SMALL,8B}_{STEPS,WARMUP,REPEATS,PEERS}, GPUKIT_PROFILE_STEPS, GPUKIT_8B_CHECKPOINTING (on|off),
+# GPUKIT_LIMIT_{TESTS,QUICK,SMALL,8B,PROFILE,BUILD} (seconds), PYTHON.
 #
 # Output, in $OUT (the device's output folder; ./gpukit-out when unset), at most 8 files, what the device sends
 # back: session.txt (machine, versions, the model build's log, step results), STEP.log for each step, and for each
-# benchmark WORKLOAD.json plus STEP-work.tgz (WORKLOAD.md and the worker logs and raw records of WORKLOAD.work/,
-# without rows or run dirs). The benchmarks write to $GPUKIT_BENCH_OUT (/tmp/gpukit-bench) first: a .work dir
-# holds more files than the device sends back. The exit status says whether every step passed.
+# benchmark step STEP-work.tgz (WORKLOAD.json, WORKLOAD.md and the worker logs and raw records of WORKLOAD.work/,
+# without rows or run dirs; the profile step's also the profiles). The benchmarks write to $GPUKIT_BENCH_OUT
+# (/tmp/gpukit-bench) first: a .work dir holds more files than the device sends back. The exit status says
+# whether every step passed.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -41,8 +47,8 @@ OUT=${OUT:-$ROOT/gpukit-out}
 BENCH_OUT=${GPUKIT_BENCH_OUT:-/tmp/gpukit-bench}
 # shellcheck source=bench/device/defaults.sh
 source "$ROOT/bench/device/defaults.sh"
-LIMIT_TESTS=${GPUKIT_LIMIT_TESTS:-130} LIMIT_QUICK=${GPUKIT_LIMIT_QUICK:-240}
-LIMIT_SMALL=${GPUKIT_LIMIT_SMALL:-180} LIMIT_8B=${GPUKIT_LIMIT_8B:-210}
+LIMIT_TESTS=${GPUKIT_LIMIT_TESTS:-90} LIMIT_QUICK=${GPUKIT_LIMIT_QUICK:-240}
+LIMIT_SMALL=${GPUKIT_LIMIT_SMALL:-175} LIMIT_8B=${GPUKIT_LIMIT_8B:-150} LIMIT_PROFILE=${GPUKIT_LIMIT_PROFILE:-150}
 
 mkdir -p "$OUT" "$BENCH_OUT"
 SESSION=$OUT/session.txt
@@ -52,9 +58,9 @@ say() { echo "$*" | tee -a "$SESSION"; }
 steps=()
 for arg in "${@:-all}"; do
     case "$arg" in
-        all) steps+=(tests small 8b) ;;
-        tests|quick|small|8b) steps+=("$arg") ;;
-        *) echo "session.sh: unknown step '$arg' (tests, quick, small, 8b, all)" >&2; exit 2 ;;
+        all) steps+=(tests small 8b profile) ;;
+        tests|quick|small|8b|profile) steps+=("$arg") ;;
+        *) echo "session.sh: unknown step '$arg' (tests, quick, small, 8b, profile, all)" >&2; exit 2 ;;
     esac
 done
 
@@ -162,17 +168,14 @@ run_step() {  # NAME LIMIT_S COMMAND...: output to stdout and $OUT/NAME.log; kil
     [ "$rc" = 0 ] || failed=1
 }
 
-collect() {  # STEP WORKLOAD...: bring back each WORKLOAD.json, and one STEP-work.tgz of their .md and .work logs
-    local step=$1 workload items=()
-    shift
-    for workload in "$@"; do
-        [ -f "$BENCH_OUT/$workload.json" ] && [ "$step" != quick ] && cp "$BENCH_OUT/$workload.json" "$OUT/"
-        for item in "$workload.json" "$workload.md" "$workload.work"; do
-            [ -e "$BENCH_OUT/$item" ] && items+=("$item")
-        done
+collect() {  # STEP DIR ITEM...: one $OUT/STEP-work.tgz of DIR's ITEMs (WORKLOAD.json, .md, .work/, profiles)
+    local step=$1 dir=$2 item items=()
+    shift 2
+    for item in "$@"; do
+        [ -e "$dir/$item" ] && items+=("$item")
     done
     [ ${#items[@]} -gt 0 ] || return 0
-    tar -czf "$OUT/$step-work.tgz" -C "$BENCH_OUT" --exclude='run_*' --exclude='*.jsonl' --exclude='model' \
+    tar -czf "$OUT/$step-work.tgz" -C "$dir" --exclude='run_*' --exclude='*.jsonl' --exclude='model' \
         --exclude='probe' --exclude='*.safetensors' "${items[@]}"
     if [ "$(stat -c %s "$OUT/$step-work.tgz")" -gt $((15 * 1024 * 1024)) ]; then
         rm -f "$OUT/$step-work.tgz"
@@ -180,12 +183,12 @@ collect() {  # STEP WORKLOAD...: bring back each WORKLOAD.json, and one STEP-wor
     fi
 }
 
-bench() {  # WORKLOAD PEERS [bench/run.py options...]
-    local workload=$1 peers=$2
+bench() {  # WORKLOAD PEERS [bench/run.py options...]; into $BENCH_DIR ($BENCH_OUT unless set)
+    local workload=$1 peers=$2 dir=${BENCH_DIR:-$BENCH_OUT}
     shift 2
-    rm -rf "$BENCH_OUT/$workload.json" "$BENCH_OUT/$workload.md" "$BENCH_OUT/$workload.work"
-    echo "+ $PY bench/run.py --workload $workload --peers $peers --model $KIT/tokenizer --out $BENCH_OUT $*"
-    "$PY" bench/run.py --workload "$workload" --peers "$peers" --model "$KIT/tokenizer" --out "$BENCH_OUT" "$@"
+    rm -rf "$dir/$workload.json" "$dir/$workload.md" "$dir/$workload.work"
+    echo "+ $PY bench/run.py --workload $workload --peers $peers --model $KIT/tokenizer --out $dir $*"
+    "$PY" bench/run.py --workload "$workload" --peers "$peers" --model "$KIT/tokenizer" --out "$dir" "$@"
 }
 quick_benches() {  # both workloads at toy size; both run even if the first fails
     local rc=0
@@ -196,13 +199,24 @@ quick_benches() {  # both workloads at toy size; both run even if the first fail
 small_bench() {
     bench gpu-small-full "$SMALL_PEERS" --steps "$SMALL_STEPS" --warmup "$SMALL_WARMUP" --repeats "$SMALL_REPEATS"
 }
+profile_benches() {  # chatft's default and packed layouts under torch.profiler, the big workload first
+    local rc=0 workload
+    rm -rf "$PROFILE_OUT"
+    mkdir -p "$PROFILE_OUT/profiles"
+    for workload in gpu-8b-lora gpu-small-full; do
+        BENCH_DIR=$PROFILE_OUT CHATFT_BENCH_PROFILE=$PROFILE_OUT/profiles bench "$workload" "$PROFILE_PEERS" \
+            --steps "$PROFILE_STEPS" --warmup 1 --repeats 1 || rc=1
+    done
+    return $rc
+}
 big_bench() {
     bench gpu-8b-lora "$B8_PEERS" --steps "$B8_STEPS" --warmup "$B8_WARMUP" --repeats "$B8_REPEATS" \
         --activation-checkpointing "$B8_CHECKPOINTING"
 }
 # `timeout` runs programs, not shell functions: the steps run in a child bash that gets these.
-export -f bench quick_benches small_bench big_bench
-export PY KIT BENCH_OUT SMALL_STEPS SMALL_WARMUP SMALL_REPEATS B8_STEPS B8_WARMUP B8_REPEATS SMALL_PEERS B8_PEERS \
+export -f bench quick_benches small_bench big_bench profile_benches
+PROFILE_OUT=$BENCH_OUT/profile
+export PY KIT BENCH_OUT PROFILE_OUT PROFILE_STEPS PROFILE_PEERS SMALL_STEPS SMALL_WARMUP SMALL_REPEATS B8_STEPS B8_WARMUP B8_REPEATS SMALL_PEERS B8_PEERS \
     B8_CHECKPOINTING
 
 # The gpu-* workloads' random models are built on the GPU in the background from the start, beside the steps
@@ -213,7 +227,8 @@ BUILD_LOG=$BENCH_OUT/build.log
 BUILD_LIMIT=${GPUKIT_LIMIT_BUILD:-300}  # seconds from the build's start; then it is stopped and 8b builds on CPU
 builds=()
 [[ " ${steps[*]} " == *" small "* ]] && builds+=(gpu-small-full)
-[[ " ${steps[*]} " == *" 8b "* ]] && builds+=(gpu-8b-lora)
+[[ " ${steps[*]} " == *" 8b "* || " ${steps[*]} " == *" profile "* ]] && builds+=(gpu-8b-lora)
+[[ " ${steps[*]} " == *" profile "* && ! " ${builds[*]} " == *" gpu-small-full "* ]] && builds+=(gpu-small-full)
 if [ ${#builds[@]} -gt 0 ]; then
     say "== build: the random models of ${builds[*]}, in the background ($BUILD_LOG)"
     build_began=$SECONDS
@@ -242,9 +257,13 @@ wait_for_build() {
 for step in "${steps[@]}"; do
     case "$step" in
         tests) run_step tests "$LIMIT_TESTS" "$PY" -m pytest -q -rA -p no:cacheprovider tests/test_cuda.py ;;
-        quick) run_step quick "$LIMIT_QUICK" bash -c quick_benches; collect quick gpu-small-full gpu-8b-lora ;;
-        small) wait_for_build; run_step small "$LIMIT_SMALL" bash -c small_bench; collect small gpu-small-full ;;
-        8b) wait_for_build; run_step 8b "$LIMIT_8B" bash -c big_bench; collect 8b gpu-8b-lora ;;
+        quick) run_step quick "$LIMIT_QUICK" bash -c quick_benches
+               collect quick "$BENCH_OUT" gpu-small-full.{json,md,work} gpu-8b-lora.{json,md,work} ;;
+        small) wait_for_build; run_step small "$LIMIT_SMALL" bash -c small_bench
+               collect small "$BENCH_OUT" gpu-small-full.{json,md,work} ;;
+        8b) wait_for_build; run_step 8b "$LIMIT_8B" bash -c big_bench; collect 8b "$BENCH_OUT" gpu-8b-lora.{json,md,work} ;;
+        profile) wait_for_build; run_step profile "$LIMIT_PROFILE" bash -c profile_benches
+                 collect profile "$PROFILE_OUT" profiles gpu-8b-lora.{json,md,work} gpu-small-full.{json,md,work} ;;
     esac
 done
 

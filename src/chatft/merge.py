@@ -448,7 +448,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
 
     from chatft.config.secrets import redact
     from chatft.run import package_versions
-    from chatft.train.model import load_errors
+    from chatft.train.model import load_errors, no_hub_kernels
 
     for line in plan.warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -459,7 +459,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     model_args = {"dtype": torch.float32, **({"device_map": cfg.device_map} if cfg.device_map else {})}
 
     _say(f"merging {plan.adapter_dir}\n   into {plan.base}\n   -> {plan.output} ({dtype}, safetensors)")
-    with _progress(cfg.show_progress), load_errors("base_hf_path", plan.base):
+    with _progress(cfg.show_progress), no_hub_kernels(), load_errors("base_hf_path", plan.base):
         tokenizer = AutoTokenizer.from_pretrained(plan.base, **load_args)
         base_model = AutoModelForCausalLM.from_pretrained(plan.base, **load_args, **model_args)
     base_model.eval()
@@ -492,7 +492,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
         del model, merged, base_model
         gc.collect()
 
-        with _progress(cfg.show_progress), load_errors("output_hf_path", str(tmp)):
+        with _progress(cfg.show_progress), no_hub_kernels(), load_errors("output_hf_path", str(tmp)):
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=cfg.trust_remote_code,
                                                             **model_args).eval()
         diff = _max_abs_diff(_logits(reloaded, rows), reference)

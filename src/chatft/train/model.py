@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import re
 import sys
 import warnings
@@ -80,6 +81,29 @@ def quiet_hub_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+HUB_KERNELS_ENV = "USE_HUB_KERNELS"
+
+
+@contextlib.contextmanager
+def no_hub_kernels() -> Iterator[None]:
+    """Load a model that runs the code chatft tested and records, not kernels fetched from the Hub.
+
+    Recent transformers releases swap layers (rotary embeddings, norms, ...) for kernels downloaded from the Hub
+    when a model is loaded and again at `model.train()` on a GPU, unless `USE_HUB_KERNELS` says no. That code is
+    not recorded anywhere, changes the numerics, and stops the first training step with a traceback when the Hub
+    is offline (seen on a GPU with transformers 5.25). The choice is fixed at load (`model.use_kernels`), so it
+    is made here; a user who sets `USE_HUB_KERNELS` themselves keeps their own choice."""
+
+    if HUB_KERNELS_ENV in os.environ:
+        yield
+        return
+    os.environ[HUB_KERNELS_ENV] = "NO"
+    try:
+        yield
+    finally:
+        os.environ.pop(HUB_KERNELS_ENV, None)
+
+
 @contextlib.contextmanager
 def load_errors(key: str, value: str, revision: str | None = None) -> Iterator[None]:
     """A model, tokenizer or adapter that cannot be found or read is a refusal naming the config key, not a
@@ -126,7 +150,7 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
     check_attn_implementation(section.attn_implementation)
     if section.trust_remote_code:
         print("warning: model.trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
-    with quiet_hub_progress(), model_load_errors(section, key):
+    with quiet_hub_progress(), no_hub_kernels(), model_load_errors(section, key):
         model = AutoModelForCausalLM.from_pretrained(
             model_location(section),
             revision=section.revision,
