@@ -189,9 +189,13 @@ def notes(workload: Any, settings: Any, systems: dict[str, Any], raws: dict[str,
     out.append("peak_mem_mb: " + ("torch.cuda.max_memory_allocated of the worker process." if s.device == "cuda" else
                                   "peak RSS (ru_maxrss) of the worker process, model load and data preparation "
                                   "included."))
-    out.append(f"precision: {s.dtype} weights and compute for every system"
-               + (" except chatft-bf16 (bfloat16)" if "chatft-bf16" in systems else "")
-               + "; LoRA adapters are float32 in both chatft and TRL/PEFT. TRL gets bf16="
+    if s.lora or s.dtype == "float32":
+        weights = f"{s.dtype} weights and compute for every system" + (
+            " except chatft-bf16 (a bfloat16 base)" if "chatft-bf16" in systems else "")
+    else:  # bfloat16 full SFT
+        weights = ("float32 master weights with bfloat16 compute under autocast for every system (chatft "
+                   "optimizer.master_weights=auto; TRL loads the model in float32 with bf16=True)")
+    out.append(f"precision: {weights}; LoRA adapters are float32 in both chatft and TRL/PEFT. TRL gets bf16="
                + str(s.dtype == "bfloat16") + "; attention " + s.attn_implementation + " for every system.")
     recomputation = {name: sys_["checks"].get("activation_checkpointing") for name, sys_ in systems.items()}
     out.append(f"activation checkpointing (non-reentrant) per system: {recomputation}. The workload sets "

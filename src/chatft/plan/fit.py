@@ -122,6 +122,8 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     else:
         weights, gradients, optimizer = raw.weights * scale, raw.gradients * scale, raw.optimizer * scale
     shards = layout.world if strategy == "fsdp2" else 1
+    if strategy != "fsdp2":  # FSDP2 casts a layer as it gathers it (`gathered`); alone, autocast keeps every copy
+        weights += raw.compute_copies * scale
     return GpuEstimate(lora, strategy, seq_length, local_batch_size, activation_checkpointing,
                        int(weights / shards), int(gradients / shards), int(optimizer / shards),
                        raw.activations, raw.logits, layout.slack, layout.memory,

@@ -166,6 +166,11 @@ def resolve_resume_path(value: str) -> Path:
     )
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The trainer state of the checkpoint at `path` (state.json), without loading any tensor."""
+    return json.loads((path / STATE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states from `path`; return the trainer state."""
     weights = load_file(str(path / WEIGHTS), device=str(device))
@@ -186,7 +191,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    state = read_state(path)
     version, internal, gauss = state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))
     return state
