@@ -334,7 +334,7 @@ def test_local_model_estimate_is_the_training_engines_own(tiny_model_dir):
             "dataset": {"path_or_dataset_id": "x", "seq_length": 256},
             "step_scheduler": {"global_batch_size": 2, "local_batch_size": 2}, "peft": "lora" if lora else None})
         engine = memory.estimate_memory(cfg, skeleton, torch.device("cuda"))
-        assert planned.total == int(engine.training * memory.CUDA_SLACK)
+        assert abs(planned.total - engine.training) <= 1  # the allocator's slack is in both, rounded apart
     sharded = estimate(facts, Layout(4, 1, 80 * GB), lora=False, seq_length=256, local_batch_size=2)
     single = estimate(facts, Layout(1, 1, 80 * GB), lora=False, seq_length=256, local_batch_size=2)
     assert sharded.optimizer == single.optimizer // 4 and sharded.activations == single.activations

@@ -107,3 +107,17 @@ def test_known_paths_cover_nested_sections():
     paths = known_paths(TrainingConfig)
     for path in ("step_scheduler.global_batch_size", "peft.dim", "validation_dataset.seq_length", "run.env.nodes"):
         assert path in paths
+
+
+def test_validation_rows_follow_the_training_settings_unless_given():
+    """A 512-token training config validates on 512-token rows rendered the same way, not on the 2048 default."""
+    cfg = TrainingConfig.model_validate({**MINIMAL, "dataset": {"path_or_dataset_id": "t.jsonl", "seq_length": 512,
+                                                             "train_on": "last_assistant", "truncation": "truncate"},
+                                         "validation_dataset": {"path_or_dataset_id": "v.jsonl"}})
+    validation = cfg.validation_dataset
+    assert (validation.seq_length, validation.train_on, validation.truncation) == (512, "last_assistant", "truncate")
+    assert validation.path_or_dataset_id == "v.jsonl" and validation.num_samples_limit is None
+    given = TrainingConfig.model_validate({**MINIMAL, "dataset": {"path_or_dataset_id": "t.jsonl", "seq_length": 512},
+                                           "validation_dataset": {"path_or_dataset_id": "v.jsonl", "seq_length": 1024}})
+    assert given.validation_dataset.seq_length == 1024
+    assert TrainingConfig.model_validate(cfg.model_dump()).validation_dataset == validation  # stable when re-read

@@ -187,8 +187,8 @@ def test_estimate_follows_the_data_rows(tiny_model_dir, tokenizer, tmp_path):
     bound = memory.estimate_memory(cfg, skeleton, cpu)
     train_rows = helpers.prepared(helpers.chat_rows(tokenizer, 5))
     val_rows = helpers.prepared(helpers.chat_rows(tokenizer, 2, offset=7))
-    lengths = memory.row_lengths(train_rows, None, val_rows)
-    assert lengths == [len(r) for r in train_rows.rows + val_rows.rows]  # validation batches count too
+    lengths = memory.row_lengths(train_rows, val_rows)
+    assert lengths == memory.RowLengths([len(r) for r in train_rows.rows], [len(r) for r in val_rows.rows])
     lengths = [100, 60, 300, 40, 200]
     measured = memory.estimate_memory(cfg, skeleton, cpu, lengths=lengths)
     assert measured.activations * 4096 == bound.activations * (300 + 200 + 100 + 60)
@@ -203,6 +203,35 @@ def test_estimate_follows_the_data_rows(tiny_model_dir, tokenizer, tmp_path):
     assert measured.heap == int(memory.CPU_HEAP_SLACK * (measured.activations + measured.logits))
     assert memory.estimate_memory(cfg, skeleton, torch.device("cuda")).heap == 0
     assert "+ heap " in measured.lines()[0]
+
+
+def test_the_estimate_plans_the_micro_batches_the_run_forms(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    """Given the rows, the estimate finds the largest micro-batch of the run's own order (shuffled from the seed,
+    `max_steps` long, validation included), which is the largest one the trainer then forms."""
+    from chatft.train import batching
+
+    rows = helpers.chat_rows(tokenizer, 24)
+    lengths = [len(r) for r in rows]
+    formed: list[int] = []
+    real = batching.micro_batches
+
+    def spy(group_rows, *args, **kwargs):
+        batches = real(group_rows, *args, **kwargs)
+        formed.extend(int(b["input_ids"].numel()) for b in batches)
+        return batches
+
+    monkeypatch.setattr(batching, "micro_batches", spy)
+    for overrides in ({}, {"packed_sequence__packed_sequence_size": 300},
+                      {"packed_sequence__padding_free": False, "dataloader__shuffle": False}):
+        formed.clear()
+        cfg = helpers.training_config(tiny_model_dir, tmp_path / str(len(overrides)) / "run",
+                                      step_scheduler__max_steps=3, **overrides)
+        planned = memory.largest_micro_batch(cfg, memory.RowLengths(lengths, lengths[:3]))
+        train(cfg, tmp_path / str(len(overrides)) / "run", helpers.prepared(rows), helpers.prepared(rows[:3]),
+              tokenizer=tokenizer)
+        assert planned.planned and planned.tokens == max(formed), overrides
+        assert planned.tokens <= memory.largest_micro_batch(cfg, lengths).tokens  # never above the worst case
+    assert "the largest this run forms" in planned.describe()
 
 
 def test_predicted_oom_stops_with_the_advice_ladder(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
@@ -246,10 +275,17 @@ def test_estimate_and_measured_peak_are_recorded(tiny_model_dir, tokenizer, data
     result = train(helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__max_steps=1), tmp_path, data,
                    tokenizer=tokenizer)
     out = capsys.readouterr().out
-    assert "memory estimate (full SFT, cpu): " in out and "the data's longest rows" in out
+    assert "memory estimate (full SFT, cpu): " in out and "the largest this run forms" in out
     assert "peak memory" in out and "(estimate" in out
     metrics = json.loads((result.final_dir / "chatft_manifest.json").read_text())["metrics"]
     assert metrics["memory_estimate_mb"] > 0 and metrics["peak_mem_mb"] > 0
+    # one estimate: the start-up line, the end line and the manifest give the same number, and nothing else
+    # prints a second figure for it
+    estimate_line = next(line for line in out.splitlines() if line.startswith("memory estimate"))
+    figure = estimate_line.split(": ", 1)[1].split(" = ")[0]
+    assert f"(estimate {figure})" in out
+    assert abs(float(figure.removesuffix(" MB").replace(",", "")) - metrics["memory_estimate_mb"]) <= 0.6
+    assert "needed" not in out and "the estimate fits" in out
 
 
 def test_free_memory_reads_the_machine():

@@ -75,7 +75,7 @@ def test_run_step_decides_fit_on_the_data_rows(tiny_model_dir, tmp_path, fake_pi
     assert measured.training < bound.training
     monkeypatch.setattr(memory, "free_memory", lambda device: (measured.training + bound.training) // 2)
     run_step(compiled)
-    assert "the data's longest rows" in capsys.readouterr().out
+    assert "the largest this run forms" in capsys.readouterr().out
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
     monkeypatch.setattr(memory, "free_memory", lambda device: bound.weights_and_optimizer().training // 2)

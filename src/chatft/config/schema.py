@@ -10,7 +10,7 @@ sit beside them in the same sections (CONTRACT.md lists them).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,7 +75,10 @@ class DatasetSection(Section):
 
 
 class ValidationDatasetSection(DatasetSection):
-    pass
+    """Rows are rendered, cut and masked as the training rows are unless set here (`INHERITED`)."""
+
+    INHERITED: ClassVar[tuple[str, ...]] = ("seq_length", "chat_template", "truncation", "train_on",
+                                            "mask_generation_prompt")
 
 
 class DataloaderSection(Section):
@@ -268,6 +271,17 @@ class TrainingConfig(Section):
                 f"step_scheduler.global_batch_size ({sched.global_batch_size}) must be a multiple of "
                 f"local_batch_size ({sched.local_batch_size}) x data-parallel size ({dp})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_follows_training(self) -> TrainingConfig:
+        # A validation set scored under other rules (a 2048-token limit beside training's 512, another template)
+        # would measure something else, and size the memory estimate for rows training never makes.
+        validation = self.validation_dataset
+        if validation is not None:
+            for name in validation.INHERITED:
+                if name not in validation.model_fields_set:
+                    setattr(validation, name, getattr(self.dataset, name))
         return self
 
     @model_validator(mode="after")

@@ -58,9 +58,18 @@ class MemoryEstimate:
     compute_copies: int = 0
 
     @property
+    def allocator(self) -> int:
+        """CUDA: the caching allocator's fragmentation and the CUDA context, a share of what the run holds."""
+        if self.device != "cuda":
+            return 0
+        held = (self.weights + self.compute_copies + self.gradients + self.optimizer + self.activations
+                + self.logits)
+        return int((CUDA_SLACK - 1) * held)
+
+    @property
     def training(self) -> int:
         return (self.weights + self.compute_copies + self.gradients + self.optimizer + self.activations + self.logits
-                + self.heap)
+                + self.heap + self.allocator)
 
     @property
     def total(self) -> int:
@@ -72,6 +81,7 @@ class MemoryEstimate:
 
         kind = "LoRA" if self.lora else "full SFT"
         heap = f"heap {mb(self.heap)} + " if self.heap else ""
+        heap += f"allocator {mb(self.allocator)} + " if self.allocator else ""
         copies = f" + autocast copies {mb(self.compute_copies)}" if self.compute_copies else ""
         lines = [
             f"memory estimate ({kind}, {self.device}): {mb(self.total)} = weights {mb(self.weights)}{copies} + gradients "
@@ -86,7 +96,8 @@ class MemoryEstimate:
         return {"weights_mb": self.weights / MB, "compute_copies_mb": self.compute_copies / MB,
                 "gradients_mb": self.gradients / MB,
                 "optimizer_mb": self.optimizer / MB, "activations_mb": self.activations / MB,
-                "logits_mb": self.logits / MB, "heap_mb": self.heap / MB, "runtime_mb": self.runtime / MB,
+                "logits_mb": self.logits / MB, "heap_mb": self.heap / MB, "allocator_mb": self.allocator / MB,
+                "runtime_mb": self.runtime / MB,
                 "total_mb": self.total / MB,
                 "device": self.device, "lora": self.lora,
                 "micro_batch": dataclasses.asdict(self.micro_batch) if self.micro_batch else None}
@@ -106,25 +117,46 @@ class MicroBatchShape:
     width: int
     concatenated: bool  # padding-free rows or packs: attention runs per conversation, without a padding mask
     from_data: bool  # measured on the tokenized rows, or the config's bound (every row seq_length long)
+    planned: bool = False  # the largest of the micro-batches the run forms in its own order
 
     def describe(self) -> str:
         layout = "padding-free" if self.concatenated else f"{self.rows} rows padded to {self.width}"
-        source = "the data's longest rows" if self.from_data else "rows of seq_length"
+        source = ("the largest this run forms, in its order" if self.planned else
+                  "the data's longest rows" if self.from_data else "rows of seq_length")
         return f"{self.tokens:,} tokens, {layout} ({source})"
 
 
-def row_lengths(*datasets: PreparedData | None) -> list[int]:
-    """Token lengths of the rows of the training (and validation) data: validation micro-batches are formed
-    the same way, and a validation row may be longer than any training row."""
-    return [len(row) for data in datasets if data is not None for row in data.rows]
+@dataclass(frozen=True)
+class RowLengths:
+    """Token lengths of the rows a run trains on and validates on, in file order."""
+    train: list[int]
+    validation: list[int] = dataclasses.field(default_factory=list)
 
 
-def largest_micro_batch(cfg: TrainingConfig, lengths: Sequence[int] | None = None) -> MicroBatchShape:
-    """The largest micro-batch training can form: from the config alone (every row `seq_length` tokens), or,
-    given the token lengths of the rows (`row_lengths`), from the longest of them, whatever order they come in."""
+def row_lengths(train: PreparedData, validation: PreparedData | None = None) -> RowLengths:
+    return RowLengths([len(row) for row in train.rows],
+                      [len(row) for row in validation.rows] if validation is not None else [])
+
+
+def largest_micro_batch(cfg: TrainingConfig, lengths: RowLengths | Sequence[int] | None = None) -> MicroBatchShape:
+    """The largest micro-batch training can form.
+
+    - no lengths: from the config alone (every row `seq_length` tokens);
+    - `RowLengths`: the micro-batches the run will really form, in the order it will visit the rows (the order of
+      each epoch is a function of the seed, `batching.epoch_order`), for as many steps as it will take, and the
+      validation micro-batches;
+    - a plain sequence of lengths: the longest of them together, whatever order they come in (the worst case)."""
     packing, sched = cfg.packed_sequence, cfg.step_scheduler
     local_batch, seq_length = sched.local_batch_size, cfg.dataset.seq_length
     concatenated = packing.padding_free or packing.packed_sequence_size > 0
+    if isinstance(lengths, RowLengths):
+        groups = planned_micro_batches(cfg, lengths)
+        largest = max(groups, key=lambda group: sum(group) if concatenated else len(group) * max(group), default=None)
+        if largest is not None:
+            if concatenated:
+                return MicroBatchShape(sum(largest), 1, sum(largest), True, True, planned=True)
+            return MicroBatchShape(len(largest) * max(largest), len(largest), max(largest), False, True, planned=True)
+        lengths = None
     if not lengths:
         tokens = packing.packed_sequence_size or local_batch * seq_length
         return MicroBatchShape(tokens, 1, tokens, True, False) if concatenated else \
@@ -138,6 +170,30 @@ def largest_micro_batch(cfg: TrainingConfig, lengths: Sequence[int] | None = Non
         tokens = sum(longest[:rows])
         return MicroBatchShape(tokens, 1, tokens, True, True)
     return MicroBatchShape(rows * longest[0], rows, longest[0], False, True)
+
+
+def planned_micro_batches(cfg: TrainingConfig, lengths: RowLengths) -> list[list[int]]:
+    """The row lengths of every micro-batch the run will form, training steps first, then validation: the same
+    order (`batching.epoch_order`), steps (`max_steps`, `num_epochs`) and grouping (`batching.group_rows`) as the
+    trainer's. A resumed run is planned from its first step."""
+    from chatft.train import batching
+
+    sched, dl = cfg.step_scheduler, cfg.dataloader
+    budget, local = cfg.packed_sequence.packed_sequence_size, sched.local_batch_size
+    groups: list[list[int]] = []
+    per_epoch = batching.steps_per_epoch(len(lengths.train), sched.global_batch_size)
+    total = per_epoch * sched.num_epochs if sched.max_steps is None else min(per_epoch * sched.num_epochs,
+                                                                              sched.max_steps)
+    order: list[int] = []
+    for step in range(total):
+        epoch, step_in_epoch = divmod(step, per_epoch)
+        if step_in_epoch == 0:
+            order = batching.epoch_order(lengths.train, epoch, seed=cfg.seed, shuffle=dl.shuffle,
+                                         group_by_length=dl.group_by_length,
+                                         global_batch_size=sched.global_batch_size)
+        rows = [lengths.train[i] for i in batching.step_rows(order, step_in_epoch, sched.global_batch_size)]
+        groups += batching.group_rows(rows, local, budget, length=int)
+    return groups + batching.group_rows(lengths.validation, local, budget, length=int)
 
 
 def _text_config(config: Any) -> Any:
@@ -326,15 +382,17 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool, what
     free = free_memory(device)
     if free is None:
         return None
-    # `runtime` (what the process holds already) is resident, so only the training share must still fit.
-    needed = int(estimate.training * (CUDA_SLACK if device.type == "cuda" else 1.0))
-    note = f"free {device.type} memory {free / MB:,.0f} MB, needed {needed / MB:,.0f} MB"
+    # `runtime` (what the process holds already) is resident, so only the training share must still fit. The
+    # note names no second estimate: the estimate line above it is the one number to hold the peak against.
+    needed = estimate.training
     if needed <= free:
-        return note
+        return f"free {device.type} memory {free / MB:,.0f} MB: the estimate fits"
+    note = f"free {device.type} memory {free / MB:,.0f} MB: too little for the estimate"
     if force:
         return note + " (force=true: starting anyway)"
+    held = f" beyond the {estimate.runtime / MB:,.0f} MB this process holds" if estimate.runtime else ""
     raise oom_error(
-        f"predicted: {what} needs about {needed / MB:,.0f} MB but the {device.type} has {free / MB:,.0f} MB "
+        f"predicted: {what} needs about {needed / MB:,.0f} MB{held} but the {device.type} has {free / MB:,.0f} MB "
         f"free ({estimate.lines()[0]})",
         estimate.lora,
         predicted=True,
