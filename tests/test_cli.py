@@ -114,6 +114,7 @@ def test_secrets_never_reach_the_terminal_or_job_yaml(tmp_path):
         "run:\n  env:\n    hf_token: ${oc.env:MY_HF_TOKEN}\n"
         "mlflow:\n  experiment_name: exp\n  tags:\n    apiKey: ${oc.env:MY_HF_TOKEN}\n    team: chat\n"
         f"checkpoint:\n  checkpoint_dir: {tmp_path / 'run'}\n"
+        f"model:\n  pretrained_model_name_or_path: {tmp_path}\n"  # a folder that exists: the model is not loaded
     )
     env = {"MY_HF_TOKEN": "s3cr3t-value"}
     args = ["run", "sft/automodel", "-c", str(config), "mlflow.tags.db_password=hunter2"]
@@ -209,3 +210,55 @@ def test_prep_shorthand_compiles_the_data_prep_step(tmp_path):
     assert compiled["input"] == "raw data.json"
     assert compiled["format"] == "sharegpt" and compiled["val_fraction"] == 0.1
     assert_error_block(chatft("prep", "x.json", "-o", "o.jsonl", "--format", "csv", "--dry-run"), "config_invalid")
+
+
+def test_an_output_folder_under_a_regular_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "somefile.txt").write_text("not a folder\n")
+    (tmp_path / "rows.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                         '{"role": "assistant", "content": "hello"}]}\n')
+    for result in (
+        chatft("run", "sft/automodel", "checkpoint.checkpoint_dir=somefile.txt/run",
+               "dataset.path_or_dataset_id=rows.jsonl", f"model.pretrained_model_name_or_path={tmp_path}",
+               cwd=tmp_path),
+        chatft("prep", "rows.jsonl", "-o", "somefile.txt/out.jsonl", cwd=tmp_path),
+        chatft("prep", "rows.jsonl", "-o", "somefile.txt/deeper/out.jsonl", cwd=tmp_path),
+    ):
+        stderr = assert_error_block(result, "config_invalid")
+        assert "somefile.txt/" in stderr and f"{tmp_path / 'somefile.txt'} is a file" in stderr
+    assert (tmp_path / "somefile.txt").read_text() == "not a folder\n"
+
+
+def test_a_missing_local_model_path_is_named_as_a_path_without_asking_the_hub(tmp_path):
+    for value in ("./no/such/dir", "no/such/dir", str(tmp_path / "nope"), "~/no-such-chatft-model"):
+        result = chatft("run", "sft/automodel", f"model.pretrained_model_name_or_path={value}",
+                        f"checkpoint.checkpoint_dir={tmp_path / 'run'}", cwd=tmp_path)
+        stderr = assert_error_block(result, "config_invalid")
+        assert f"model.pretrained_model_name_or_path={value}" in stderr and "does not exist" in stderr
+        assert "Repo id must be" not in stderr and "huggingface.co" not in stderr
+        assert not (tmp_path / "run").exists()  # refused before job.yaml is written
+
+
+def test_an_uncached_hub_model_offline_is_refused_at_once(tmp_path):
+    result = chatft("run", "sft/automodel", "model.pretrained_model_name_or_path=some-org/not-cached-model",
+                    f"checkpoint.checkpoint_dir={tmp_path / 'run'}", cwd=tmp_path,
+                    env={"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub")})
+    stderr = assert_error_block(result, "config_invalid")
+    assert "some-org/not-cached-model" in stderr and "HF_HUB_OFFLINE" in stderr and "not in the local" in stderr
+    assert "Retrying" not in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_hugging_face_trainer_argument_names_get_chatft_keys():
+    stderr = assert_error_block(chatft("run", "sft/automodel", "--dry-run", "learning_rate=1e-4",
+                                       "optimizer.learning_rate=1e-4", "num_train_epochs=2", "output_dir=out",
+                                       "step_scheduler.gradient_accumulation_steps=4", "weight_decay=0.1",
+                                       "mlflow.tags.learning_rate=x"), "config_invalid")
+    assert "unknown key `learning_rate`" in stderr
+    assert "`learning_rate` is `optimizer.lr`" in stderr
+    assert "`optimizer.learning_rate` is `optimizer.lr`" in stderr
+    assert "`num_train_epochs` is `step_scheduler.num_epochs`" in stderr
+    assert "`output_dir` is `checkpoint.checkpoint_dir`" in stderr
+    # accumulation is not a key: it follows from the batch sizes
+    assert "`step_scheduler.gradient_accumulation_steps`" in stderr and "global_batch_size" in stderr
+    assert "unknown key `weight_decay` (did you mean optimizer.weight_decay?)" in stderr  # the schema's own suggestion
+    assert "mlflow.tags.learning_rate" not in stderr  # tags may hold any name

@@ -144,3 +144,20 @@ def test_select_and_plain_references():
     cfg = {"dataset": {"seq_length": 512}, "val": {"n": "${oc.select:dataset.seq_length,64}",
                                                   "m": "${oc.select:missing.key,64}", "k": "${dataset.seq_length}"}}
     assert resolve_interpolations(cfg)["val"] == {"n": 512, "m": 64, "k": 512}
+
+
+def test_invalid_yaml_prints_the_position_and_the_offending_line(tmp_path):
+    with pytest.raises(ChatftError) as caught:
+        load_with_defaults(write(tmp_path / "bad.yaml", "model:\n  name: x\n   bad: 1\noptimizer:\n  lr: 1\n"))
+    message = caught.value.message
+    assert "line 3, column 7: mapping values are not allowed" in message
+    assert "\n     3 |    bad: 1\n       |       ^" in message
+    assert "line 3, column 7" in caught.value.hint
+    with pytest.raises(ChatftError) as caught:  # the problem is found later than where it starts: show both lines
+        load_with_defaults(write(tmp_path / "flow.yaml", "model:\n  dtype: [a, b\nstep_scheduler:\n  max_steps: 3\n"))
+    message = caught.value.message
+    assert "did not find expected ',' or ']'" in message and "while parsing a flow sequence" in message
+    assert "     2 |   dtype: [a, b\n" in message and "     3 | step_scheduler:\n" in message
+    with pytest.raises(ChatftError) as caught:
+        load_with_defaults(write(tmp_path / "tab.yaml", "model:\n\tname: x\n"))
+    assert "tab" in caught.value.hint

@@ -139,7 +139,8 @@ def test_packed_parquet_is_refused_with_the_source_named(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    write_jsonl(tmp_path / "chat.jsonl", [chat("q", "a")])
+    write_jsonl(tmp_path / "train.jsonl", [chat("q", "a")])  # the split's name: plausibly what was packed
+    write_jsonl(tmp_path / "chat.jsonl", [chat("q", "a")])  # an unrelated file beside it is not named
     table = pa.table({"input_ids": [[1, 2, 3]], "loss_mask": [[0, 1, 1]], "seq_start_id": [[0]]})
     split_dir = tmp_path / "splits" / "train"
     split_dir.mkdir(parents=True)
@@ -148,7 +149,8 @@ def test_packed_parquet_is_refused_with_the_source_named(tmp_path, tokenizer):
         with pytest.raises(ChatftError) as err:
             prepare(location, tokenizer)
         assert err.value.id == "packed_parquet_used_with_automodel"
-        assert str(tmp_path / "chat.jsonl") in err.value.hint and "Megatron-Bridge" in err.value.hint
+        assert str(tmp_path / "train.jsonl") in err.value.hint and "Megatron-Bridge" in err.value.hint
+        assert "chat.jsonl" not in err.value.hint
 
 
 def test_rows_without_messages_get_the_prep_command(tmp_path, tokenizer):
@@ -207,3 +209,55 @@ def test_an_end_of_turn_token_other_than_eos_counts_as_supervised(tmp_path, toke
     logs: list[str] = []
     prepare(write_jsonl(tmp_path / "d.jsonl", [chat("hello", "hi")]), tokenizer, logs)
     assert not any(line.startswith("WARNING") for line in logs)
+
+
+def test_messages_that_is_not_a_list_is_named_with_what_it_is(tmp_path, tokenizer):
+    with pytest.raises(ChatftError) as err:
+        prepare(write_jsonl(tmp_path / "d.jsonl", [{"messages": "hello"}, {"messages": "again"}]), tokenizer)
+    assert err.value.id == "messages_missing"
+    assert "`messages` must be a list of {role, content} objects" in err.value.message
+    assert 'row 1 it is a str: "hello"' in err.value.message
+    assert '{"messages": [{"role": "user", "content": ' in err.value.hint
+
+
+def test_unfilled_template_placeholders_are_counted_not_dropped(tmp_path, tokenizer):
+    rows = [chat("Hello {{ name }}, how are you?", "Fine."), chat("plain", "row"), chat("a", "Dear {{user_name}}"),
+            chat("code: {{ 1 + 2 }} and {x}", "not a placeholder")]
+    logs: list[str] = []
+    data = prepare(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, logs)
+    assert data.report.rows_used == 4 and data.report.dropped_by_reason == {}
+    assert data.report.flagged_by_reason == {"template_placeholder": 2}
+    assert data.report.flagged_examples_by_reason == {"template_placeholder": [1, 3]}
+    assert any("2 rows contain an unfilled template placeholder such as {{ name }} (first rows: 1, 3)" in line
+               for line in logs)
+
+
+def test_not_utf8_lines_are_named_with_the_iconv_fix(tmp_path, tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(chat("q", "a")) + "\n" + json.dumps(chat("café", "oui"), ensure_ascii=False)
+                      + "\n").encode("latin-1"))
+    logs: list[str] = []
+    data = prepare(path, tokenizer, logs)
+    assert data.report.dropped_by_reason == {"not_utf8": 1}
+    assert any("not UTF-8" in line and "iconv -f" in line for line in logs)
+
+
+@pytest.mark.parametrize("template", ["tagged", "untagged"])  # masks by generation tags, and by prefix rendering
+def test_transformers_length_warning_is_silenced_where_chatft_counts_long_rows(tmp_path, tiny_model_dir, caplog,
+                                                                               template):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.model_max_length = 16
+    plain = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}[assistant]: {% endif %}")  # a template chatft has no tagged twin of
+    settings = {} if template == "tagged" else {"chat_template": plain}
+    data = prepare(write_jsonl(tmp_path / "d.jsonl", [chat("q", "a"), chat("a long question " * 40, "short")]),
+                   tokenizer, seq_length=64, **settings)
+    assert data.report.dropped_by_reason == {"too_long": 1}  # chatft's own account of the long row
+    assert data.report.mask_method == ("generation_tags" if template == "tagged" else "prefix_rendering")
+
+    def warned() -> bool:
+        return any("Token indices sequence length" in record.getMessage() for record in caplog.records)
+
+    assert not warned()
+    tokenizer("word " * 40)  # elsewhere the warning is transformers' own business, and still shown
+    assert warned()

@@ -193,3 +193,16 @@ def test_unknown_and_ambiguous_shapes_name_the_keys_and_the_choices():
     assert ambiguous.value.id == "config_invalid"
     assert "messages (rows 1)" in ambiguous.value.message and "alpaca (rows 2)" in ambiguous.value.message
     assert "--format" in ambiguous.value.hint
+
+
+def test_messages_of_the_wrong_type_is_named_not_listed_as_missing():
+    with pytest.raises(ChatftError) as caught:
+        detect_format([{"messages": "hello"}], "chosen", "rows.jsonl", numbers=[3])
+    message = caught.value.message
+    assert caught.value.id == "messages_missing"
+    assert "`messages` must be a list of {role, content} objects" in message
+    assert 'row 3 it is a str: "hello"' in message and "none of messages" not in message
+    assert '{"messages": [{"role": "user", "content": ' in caught.value.hint
+    with pytest.raises(ChatftError) as caught:  # a list serialised as a JSON string: say how to decode it
+        detect_format([{"messages": json.dumps([{"role": "user", "content": "hi"}])}], "chosen", "rows.jsonl")
+    assert "JSON text" in caught.value.message and "fromjson" in caught.value.hint

@@ -25,6 +25,10 @@ class Raw(str):
     """A JSONL line written as is (for lines that are not JSON)."""
 
 
+class Latin1(Raw):
+    """A JSONL line written in latin-1, not UTF-8."""
+
+
 def u(content="hi"):
     return {"role": "user", "content": content}
 
@@ -49,6 +53,7 @@ def sg(*turns, **row):
 CASES = [
     ("truncated_line", "messages", Raw('{"messages": [{"role": "user"'), "invalid_json"),
     ("plain_text_line", "messages", Raw("hello there"), "invalid_json"),
+    ("latin1_line", "messages", Latin1(json.dumps(msgs(u("café"), a()), ensure_ascii=False)), "not_utf8"),
     ("array_row", "messages", [u(), a()], "not_an_object"),
     ("string_row", "messages", "just a string", "not_an_object"),
     ("message_not_object", "messages", msgs("hi", a()), "not_an_object"),
@@ -121,7 +126,8 @@ def line(row) -> str:
 
 def prep(tmp_path: Path, fmt: str, bad_row, **settings):
     source = tmp_path / "rows.jsonl"
-    source.write_text(line(GOOD[fmt]) + "\n" + line(bad_row) + "\n", encoding="utf-8")
+    source.write_bytes((line(GOOD[fmt]) + "\n").encode() + line(bad_row).encode(
+        "latin-1" if isinstance(bad_row, Latin1) else "utf-8") + b"\n")
     config = DataPrepConfig(input=str(source), output=str(tmp_path / "out" / "train.jsonl"), format=fmt, **settings)
     return prepare(config)
 

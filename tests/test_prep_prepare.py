@@ -253,3 +253,70 @@ def test_quantiles_are_nearest_rank():
     assert quantiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
     assert quantiles([5]) == {"p50": 5, "p90": 5, "p99": 5, "max": 5}
     assert quantiles([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_a_second_prep_into_the_same_folder_keeps_the_first_report(tmp_path, capsys):
+    from chatft.data.prep import run_step
+
+    out = tmp_path / "out"
+    first = run(tmp_path, FIXTURES / "prompt_completion.jsonl", output=str(out / "train.jsonl"))
+    assert first.outputs["report"] == str(out / REPORT_FILE)
+    second = run(tmp_path, FIXTURES / "hh.jsonl", output=str(out / "extra.jsonl"))
+    assert second.outputs["report"] == str(out / "extra.prep_report.json")
+    reports = {p.name: json.loads(p.read_text()) for p in out.glob("*prep_report.json")}
+    assert reports[REPORT_FILE]["outputs"]["train"] == str(out / "train.jsonl")
+    assert reports["extra.prep_report.json"]["outputs"]["train"] == str(out / "extra.jsonl")
+    assert any("extra.prep_report.json" in w and REPORT_FILE in w for w in second.warnings)
+    again = run(tmp_path, FIXTURES / "prompt_completion.jsonl", output=str(out / "train.jsonl"), limit=1)
+    assert again.outputs["report"] == str(out / REPORT_FILE)  # the same output again: its own report, replaced
+    assert json.loads((out / REPORT_FILE).read_text())["rows_in"] == 1
+
+    class Compiled:  # what `chatft prep` hands run_step
+        validated = DataPrepConfig(input=str(FIXTURES / "hh.jsonl"), output=str(out / "extra.jsonl"))
+
+    run_step(Compiled())
+    printed = capsys.readouterr()
+    assert f"report:      {out / 'extra.prep_report.json'}" in printed.out
+    assert "extra.prep_report.json" in printed.err
+
+
+def test_unfilled_template_placeholders_are_reported_not_dropped(tmp_path):
+    rows = [{"prompt": "Hi {{ name }}!", "completion": "Hello."}, {"prompt": "plain", "completion": "row"},
+            {"prompt": "Write {{product}} copy", "completion": "Buy {{ product }}"},
+            {"prompt": "set {x} and {{ 1 + 1 }}", "completion": "not placeholders"}]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run(tmp_path, source)
+    assert result.rows_out == 4 and result.dropped == {}
+    assert result.flagged == {"template_placeholder": 2}
+    assert result.flagged_first_rows == {"template_placeholder": [1, 3]}
+    assert any("2 rows contain an unfilled template placeholder such as {{ name }} (first at line 1, 3)" in w
+               for w in result.warnings)
+    assert "flagged 2:" in summary(result) and "template_placeholder" in summary(result)
+
+
+def test_a_latin1_file_is_named_as_not_utf8_with_the_iconv_fix(tmp_path):
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes('{"prompt": "a", "completion": "b"}\n{"prompt": "café", "completion": "oui"}\n'
+                       .encode("latin-1"))
+    result = run(tmp_path, source)
+    assert result.dropped == {"not_utf8": 1} and result.dropped_first_rows == {"not_utf8": [2]}
+    warning = next(w for w in result.warnings if "not UTF-8" in w)
+    assert "line 2" in warning and "iconv -f latin1 -t utf-8" in warning and str(source) in warning
+    with pytest.raises(ChatftError) as caught:
+        run(tmp_path, source, strict=True)
+    assert caught.value.id == "bad_row" and "not_utf8: byte 0xe9 at column 16 (file offset 50)" in caught.value.message
+    assert "iconv" in caught.value.hint
+    only_latin1 = tmp_path / "only.jsonl"
+    only_latin1.write_bytes('{"prompt": "café", "completion": "oui"}\n'.encode("latin-1"))
+    with pytest.raises(ChatftError) as caught:
+        run(tmp_path, only_latin1, format="prompt_completion")
+    assert "not_utf8 1" in caught.value.message and "iconv" in caught.value.hint
+
+
+def test_an_output_under_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "somefile.txt").write_text("x")
+    with pytest.raises(ChatftError) as caught:
+        run(tmp_path, FIXTURES / "prompt_completion.jsonl", output=str(tmp_path / "somefile.txt" / "out.jsonl"))
+    assert caught.value.id == "config_invalid"
+    assert f"{tmp_path / 'somefile.txt'} is a file" in caught.value.message

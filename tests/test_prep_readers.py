@@ -53,7 +53,24 @@ def test_jsonl_with_a_byte_order_mark_and_invalid_utf8(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": "\xff"}\n')
     rows = list(open_source(str(path)).rows)
     assert rows[0].value == {"a": 1}
-    assert rows[1].problem == "invalid_json"
+    assert rows[1].problem == "not_utf8"  # not reported as a JSON error: the JSON is fine, the encoding is not
+    assert rows[1].detail == "byte 0xff at column 8 (file offset 19) is not UTF-8"
+
+
+def test_a_latin1_file_names_the_line_and_byte_of_each_undecodable_row(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"a": "plain"}\n{"a": "café"}\n{"a": "naïve"}\n'.encode("latin-1"))
+    rows = list(open_source(str(path)).rows)
+    assert [(row.number, row.problem) for row in rows] == [(1, None), (2, "not_utf8"), (3, "not_utf8")]
+    assert rows[1].detail == "byte 0xe9 at column 11 (file offset 25) is not UTF-8"
+    assert rows[1].snippet == '{"a": "caf\ufffd"}'
+
+
+def test_a_json_array_that_is_not_utf8_names_the_byte_and_iconv(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_bytes('[\n{"a": "x"},\n{"a": "café"}\n]\n'.encode("latin-1"))
+    message = refused("bad_row", str(path))
+    assert "not UTF-8" in message and "line 3" in message and "0xe9" in message and "iconv" in message
 
 
 def test_limit_reads_only_the_first_rows(tmp_path):
@@ -122,6 +139,22 @@ def test_packed_parquet_is_refused(tmp_path):
 
     pq.write_table(pa.Table.from_pylist([{"input_ids": [1, 2], "loss_mask": [0, 1]}]), tmp_path / "packed.parquet")
     refused("packed_parquet_used_with_automodel", str(tmp_path / "packed.parquet"))
+
+
+def test_packed_parquet_hint_names_only_a_jsonl_that_can_be_its_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    packed = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"input_ids": [1, 2], "loss_mask": [0, 1]}]), packed)
+    for unrelated in ("notes.jsonl", "eval_results.jsonl", "other.jsonl"):
+        write(tmp_path / unrelated, '{"a": 1}\n')
+    hint = refused("packed_parquet_used_with_automodel", str(packed)).split("hint:")[1]
+    assert not any(name in hint for name in ("notes.jsonl", "eval_results.jsonl", "other.jsonl"))
+    assert "Megatron-Bridge" in hint and "chatft prep" in hint  # how to find or make the chat data
+    write(tmp_path / "train.jsonl", '{"messages": []}\n')
+    hint = refused("packed_parquet_used_with_automodel", str(packed)).split("hint:")[1]
+    assert str(tmp_path / "train.jsonl") in hint and "notes.jsonl" not in hint
 
 
 def test_broken_parquet_and_binary_files_are_one_error(tmp_path):

@@ -21,6 +21,7 @@ import yaml
 from chatft import __version__
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
+from chatft.errors import ChatftError
 from chatft.steps.registry import resolve_step
 
 JOB_FILE = "job.yaml"
@@ -99,9 +100,48 @@ def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
     }
 
 
+def file_in_the_way(directory: Path) -> Path | None:
+    """The regular file (or other non-folder) at `directory` or above it that stops it being created."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def refuse_file_in_the_way(directory: Path, key: str, value: str) -> None:
+    """The refusal for an output folder that cannot be created (`key=value` named it), instead of the
+    FileExistsError/NotADirectoryError that `mkdir` would raise."""
+    if (blocking := file_in_the_way(directory)) is not None:
+        raise ChatftError(
+            "config_invalid",
+            f"{key}={value} needs the folder {directory}, but {blocking.resolve()} is a file, not a folder",
+            f"choose another {key}, or move {blocking} out of the way",
+        )
+
+
+def make_output_dir(directory: Path, key: str, value: str) -> None:
+    """`mkdir -p` with its failures as refusals naming the config key."""
+    refuse_file_in_the_way(directory, key, value)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # permissions, a read-only file system, ...
+        raise ChatftError("config_invalid", f"{key}={value}: cannot create {directory} ({exc.strerror})",
+                          f"choose another {key}, or fix the permissions of its parent folder") from None
+
+
+def check_training_model(compiled: CompiledConfig) -> None:
+    """A training model that cannot load (a missing path, an uncached Hub id offline) is refused here, before
+    job.yaml is written into a run that cannot start, and before the seconds of importing torch."""
+    if compiled.step.config_schema != "training":
+        return
+    from chatft.data.guards import check_model_location
+
+    check_model_location("model.pretrained_model_name_or_path", compiled.validated.model.pretrained_model_name_or_path)
+
+
 def write_job(compiled: CompiledConfig, argv: list[str]) -> Path:
     directory = run_dir(compiled)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_output_dir(directory, compiled.step.output_key, str(get_path(compiled.effective(), compiled.step.output_key)))
     path = directory / JOB_FILE
     path.write_text(to_yaml(job_record(compiled, argv)))
     return path
@@ -136,5 +176,6 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
         return
     if step.id in PREFLIGHTS:
         _call(PREFLIGHTS[step.id], compiled)
+    check_training_model(compiled)
     write_job(compiled, argv)
     _call(IMPLEMENTATIONS[step.id], compiled)

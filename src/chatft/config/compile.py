@@ -14,9 +14,31 @@ from typing import Any
 
 from chatft.config.automodel import translate
 from chatft.config.loader import deep_merge, load_with_defaults, parse_overrides, resolve_interpolations
-from chatft.config.schema import Section, validate_config
+from chatft.config.schema import SCHEMAS, Section, known_paths, validate_config
 from chatft.errors import ChatftError, did_you_mean
 from chatft.steps.registry import Step
+
+# Hugging Face TrainingArguments (and TRL SFTConfig) names that people carry over, with what chatft calls them.
+# The schema's did-you-mean only finds spellings close to a key; these are far from theirs. A name whose last
+# part is chatft's own (`weight_decay`, `max_steps`, `seed`) needs no entry: the schema already suggests the
+# section it belongs in.
+TRAINER_NAMES: dict[str, str] = {
+    "learning_rate": "`optimizer.lr`",
+    "num_train_epochs": "`step_scheduler.num_epochs`",
+    "per_device_train_batch_size": "`step_scheduler.local_batch_size`",
+    "gradient_accumulation_steps": "not a key: accumulation follows from the batch sizes, so set "
+                                   "`step_scheduler.global_batch_size` = local_batch_size x accumulation steps "
+                                   "x data-parallel size",
+    "max_seq_length": "`dataset.seq_length`",
+    "max_length": "`dataset.seq_length`",
+    "output_dir": "`checkpoint.checkpoint_dir`",
+    "warmup_steps": "`lr_scheduler.lr_warmup_steps`",
+    "lr_scheduler_type": "`lr_scheduler.lr_decay_style`",
+    "save_steps": "`step_scheduler.ckpt_every_steps`",
+    "eval_steps": "`step_scheduler.val_every_steps`",
+    "max_grad_norm": "`clip_grad_norm.max_norm`",
+    "gradient_checkpointing": "`distributed.activation_checkpointing`",
+}
 
 @dataclass
 class CompiledConfig:
@@ -63,8 +85,46 @@ def compile_config(step: Step, config: str | None = None, overrides: list[str] |
     resolved = resolve_interpolations(raw)
     translated, warnings = translate(copy.deepcopy(resolved), step.config_schema)
     source = str(path) + (" with overrides" if overrides else "")
-    validated = validate_config(step.config_schema, translated, source)
+    try:
+        validated = validate_config(step.config_schema, translated, source)
+    except ChatftError as error:
+        raise with_trainer_names(error, translated, step.config_schema) from None
     return CompiledConfig(step, files, overrides, raw, resolved, validated, warnings)
+
+
+def _key_paths(node: Any, prefix: str = "") -> list[str]:
+    paths: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            paths.append(path)
+            paths.extend(_key_paths(value, f"{path}."))
+    return paths
+
+
+def trainer_name_hints(config: dict[str, Any], schema: str) -> list[str]:
+    """'`learning_rate` is `optimizer.lr`' for each TrainingArguments name used as a key of `config`, where the
+    schema has no such key (a free-form mapping such as `mlflow.tags` may hold any name)."""
+    if schema != "training":
+        return []
+    known = set(known_paths(SCHEMAS[schema]))
+    hints = []
+    for path in _key_paths(config):
+        parent, _, leaf = path.rpartition(".")
+        is_section = not parent or any(k.startswith(parent + ".") for k in known)
+        if leaf in TRAINER_NAMES and path not in known and is_section:
+            hints.append(f"`{path}` is {TRAINER_NAMES[leaf]}")
+    return hints
+
+
+def with_trainer_names(error: ChatftError, config: dict[str, Any], schema: str) -> ChatftError:
+    """The validation error, its hint led by chatft's names for the TrainingArguments names it lists."""
+    hints = trainer_name_hints(config, schema)
+    if not hints:
+        return error
+    lines = "\n".join(f"  {hint}" for hint in hints)
+    return ChatftError(error.id, error.message,
+                       f"these are Hugging Face TrainingArguments names; in chatft:\n{lines}\n{error.hint}")
 
 
 def get_path(config: dict[str, Any], dotted: str) -> Any:

@@ -31,17 +31,48 @@ def deep_merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
+def _quoted_lines(lines: list[str], marks: list[Any]) -> str:
+    """The lines of the marks (0-based), numbered, with a caret under the last mark's column."""
+    numbers = sorted({mark.line for mark in marks})
+    shown = []
+    for index, number in enumerate(numbers):
+        if index and number > numbers[index - 1] + 1:
+            shown.append(f"{'':>6} | ...")
+        shown.append(f"{number + 1:>6} | {lines[number] if number < len(lines) else '(end of file)'}")
+    return "\n".join([*shown, f"{'':>6} | {' ' * marks[-1].column}^"])
+
+
+def _yaml_error(path: Path, exc: Exception) -> ChatftError:
+    """Where the YAML parser stopped and why, with the lines in question quoted. A PyYAML MarkedYAMLError has
+    a 0-based `problem_mark` and, for a construct opened earlier (a `[` never closed), a `context_mark`."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:  # no position (an OmegaConf grammar error): its message is all there is
+        return ChatftError("config_invalid", f"{path} is not valid YAML: {str(exc).splitlines()[0]}",
+                           "fix the syntax; YAML needs `key: value` with consistent indentation")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    opened = context and context_mark is not None and context_mark.line < mark.line
+    started = (f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+               if opened else "")
+    has_tab = mark.line < len(lines) and "\t" in lines[mark.line]
+    return ChatftError(
+        "config_invalid",
+        f"{path} is not valid YAML: {where}: {exc.problem}{started}\n"
+        + _quoted_lines(lines, [context_mark, mark] if opened else [mark]),
+        f"fix the syntax at {where}; "
+        + ("YAML indents with spaces, and that line has a tab" if has_tab else
+           "YAML needs `key: value` with consistent indentation, and quotes around values holding `: ` or ` #`"),
+    )
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf  # YAML with OmegaConf's typing (1e-8 is a float, null is None)
 
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as exc:  # yaml.YAMLError and OmegaConf's grammar errors alike
-        raise ChatftError(
-            "config_invalid",
-            f"{path} is not valid YAML: {str(exc).splitlines()[0]}",
-            "fix the syntax at the position above; YAML needs `key: value` with consistent indentation",
-        ) from None
+        raise _yaml_error(path, exc) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

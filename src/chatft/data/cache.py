@@ -19,7 +19,7 @@ import numpy as np
 
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 
-FORMAT_VERSION = 1  # bump when the tokenization or the stored layout changes
+FORMAT_VERSION = 2  # bump when the tokenization, the stored layout or the report's fields change
 
 
 def cache_root() -> Path:

@@ -30,6 +30,7 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh")
 
 DROP_REASONS: dict[str, str] = {
     "invalid_json": "the JSONL line is not valid JSON",
+    "not_utf8": "the JSONL line is not UTF-8 text (the file is in another encoding, e.g. latin-1)",
     "not_an_object": "the row (or one of its messages/turns) is not a JSON object",
     "missing_fields": "the row lacks the format's fields (or one has the wrong type)",
     "missing_role": "a message has no role",
@@ -51,6 +52,14 @@ CHANGES: dict[str, str] = {
     "trailing_turns_trimmed": "turns after the last assistant message were cut",
     "consecutive_user_merged": "consecutive user turns were joined with a blank line",
 }
+
+# Rows that are kept as they are but look wrong; counted (with the first row numbers) and warned about.
+FLAGS: dict[str, str] = {
+    "template_placeholder": "a message holds an unfilled template placeholder such as {{ name }}",
+}
+# `{{ name }}` / `{{user.name}}`: a Jinja/Mustache/Handlebars variable left in the text when a prompt template
+# was not rendered. Only a bare identifier counts, so code and expressions (`{{ 1 + 2 }}`, `{x}`) do not.
+PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_][\w.]*\s*\}\}")
 
 MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES = {
@@ -97,6 +106,15 @@ def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen",
     return Conversation(messages, tools, changes)
 
 
+def unfilled_placeholder(messages: list[dict[str, Any]]) -> str | None:
+    """The first `{{ name }}` placeholder in the messages' content, or None."""
+    for message in messages:
+        found = PLACEHOLDER.search(message["content"])
+        if found:
+            return found.group()
+    return None
+
+
 # --------------------------------------------------------------------------- format detection
 
 
@@ -125,14 +143,17 @@ def detect_format(rows: list[dict[str, Any]], text_field: str, input: str,
     if not rows:
         raise ChatftError("messages_missing", f"{input}: found no JSON object rows to tell the format from",
                           "check the file: rows are JSON objects, one per line (JSONL) or in a JSON array")
+    numbers = numbers or list(range(1, len(rows) + 1))
     seen: dict[str, list[int]] = {}
-    for number, row in zip(numbers or range(1, len(rows) + 1), rows):
+    for number, row in zip(numbers, rows):
         for name in formats_of(row, text_field):
             seen.setdefault(name, []).append(number)
     if len(seen) == 1:
         return next(iter(seen))
     keys = sorted({key for row in rows for key in row})
     shown = ", ".join(keys[:20]) + (", ..." if len(keys) > 20 else "")
+    if not seen and (misshapen := _misshapen_list(rows, numbers, input)) is not None:
+        raise misshapen
     if not seen:
         raise ChatftError(
             "messages_missing",
@@ -149,6 +170,38 @@ def detect_format(rows: list[dict[str, Any]], text_field: str, input: str,
     )
 
 
+# The list fields that name a format, and the objects their items are.
+LIST_FIELDS = {"messages": ("{role, content}", '{"role": "user", "content": "..."}'),
+               "conversations": ("{from, value}", '{"from": "human", "value": "..."}'),
+               "conversation": ("{from, value}", '{"from": "human", "value": "..."}')}
+
+
+def _misshapen_list(rows: list[dict[str, Any]], numbers: list[int], input: str) -> ChatftError | None:
+    """A row whose `messages` (or ShareGPT `conversations`) is there but not a list: say that, not that the
+    format's keys are missing."""
+    for number, row in zip(numbers, rows):
+        for key, (shape, example) in LIST_FIELDS.items():
+            value = row.get(key)
+            if key not in row or isinstance(value, list):
+                continue
+            what = f"a {type(value).__name__}: {_short(value)}"
+            hint = f'write each row as {{"{key}": [{example}, ...]}}'
+            if isinstance(value, str) and isinstance(_json_or_none(value), list):
+                what = f"JSON text holding the list (it was serialised twice): {_short(value)}"
+                hint = f"decode it into the list itself, e.g. jq -c '.{key} |= fromjson' {input} > fixed.jsonl"
+            return ChatftError("messages_missing",
+                               f"{input}: `{key}` must be a list of {shape} objects, but in row {number} it is {what}",
+                               hint)
+    return None
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 # --------------------------------------------------------------------------- pieces shared by the formats
 
 
@@ -162,7 +215,8 @@ def _required(row: dict[str, Any], key: str, kind: type | None = None) -> Any:
     if value is None:
         raise RowDropped("missing_fields", f"no {key!r} field (keys: {', '.join(row) or 'none'})")
     if kind is not None and not isinstance(value, kind):
-        raise RowDropped("missing_fields", f"{key!r} is a {type(value).__name__}, not a {kind.__name__}")
+        raise RowDropped("missing_fields",
+                         f"{key!r} is a {type(value).__name__}, not a {kind.__name__}: {_short(value)}")
     return value
 
 

@@ -123,7 +123,9 @@ def mask_by_prefix_rendering(
 ) -> tuple[list[int], list[bool]]:
     text, spans = supervised_char_spans(tokenizer, template, messages, tools, options)
     # The template writes its own special tokens (BOS included): add none on top.
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: no "Token indices sequence length is longer than ..." from transformers; the length policy
+    # counts and reports over-long rows itself.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return list(encoded["input_ids"]), _mask_from_offsets(encoded["offset_mapping"], spans)
 
 
@@ -160,6 +162,7 @@ def mask_by_generation_tags(
     encoded = tokenizer.apply_chat_template(
         template_messages(messages), tools=tools, chat_template=template, tokenize=True, return_dict=True,
         return_assistant_tokens_mask=True, add_generation_prompt=False,
+        tokenizer_kwargs={"verbose": False},  # chatft reports over-long rows itself: see mask_by_prefix_rendering
     )
     input_ids = list(encoded["input_ids"])
     mask = [bool(flag) for flag in encoded["assistant_masks"]]

@@ -195,6 +195,8 @@ def prepare_training_data(
         supervised_tokens=sum(r.num_supervised for r in rows), total_tokens=sum(len(r) for r in rows),
         examples_by_reason=examples, token_length_quantiles=length_quantiles(lengths),
         over_length=sum(n > section.seq_length for n in lengths), template_source=choice.source, mask_method=choice.method,
+        flagged_by_reason=dict(source.flagged),
+        flagged_examples_by_reason=source.flagged_examples,
     )
     assert report.rows_in == report.rows_used + sum(dropped.values()), "every row is used or counted as dropped"
     if not rows:
@@ -209,10 +211,24 @@ def prepare_training_data(
     log(f"{key}: tokenized {source.rows_in} rows in {elapsed:.1f}s ({source.rows_in / max(elapsed, 1e-9):.0f} rows/s), "
         f"{report.rows_used} used, masks by {choice.method}")
     _warn_about(report, rows, tokenizer, key, log)
+    _warn_about_source(source, section.path_or_dataset_id, key, log)
     data = PreparedData(rows, report)
     if use_cache and source.sha256 is not None:
         cache.save(entry, data)
     return data
+
+
+def _warn_about_source(source: Any, path: str, key: str, log: Callable[[str], None]) -> None:
+    """What the rows themselves suggest is wrong with the file: another encoding, unrendered prompt templates."""
+    from chatft.data.readers import not_utf8_hint
+
+    if count := source.dropped.get("not_utf8"):
+        first = ", ".join(map(str, source.examples["not_utf8"]))
+        log(f"WARNING {key}: {count} rows are not UTF-8 (first rows: {first}) and were dropped: {not_utf8_hint(path)}")
+    if count := source.flagged.get("template_placeholder"):
+        first = ", ".join(map(str, source.flagged_examples["template_placeholder"]))
+        log(f"WARNING {key}: {count} rows contain an unfilled template placeholder such as {source.placeholder} "
+            f"(first rows: {first}); they are trained on as they are")
 
 
 def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, key: str,

@@ -2,11 +2,13 @@
 
 In: a `DataPrepConfig` (config/schema.py). Out, beside `output`: the `messages` JSONL (one
 `{"messages": [...], "tools"?: [...]}` object per line, UTF-8), the validation JSONL when `val_fraction` > 0,
-and `prep_report.json`; `prepare` returns the same account as a `PrepResult`, and `run_step` (what
-`chatft run`/`chatft prep` call) prints a short summary.
+and `prep_report.json` (`<output stem>.prep_report.json` when the folder's prep_report.json is another output's);
+`prepare` returns the same account as a `PrepResult`, and `run_step` (what `chatft run`/`chatft prep` call)
+prints a short summary.
 
 Every source row is written or counted under one drop reason (formats.DROP_REASONS), so
 rows_in == rows_out + sum(dropped) always; with `strict` the first unusable row stops the run instead.
+Rows that are written but look wrong (formats.FLAGS: an unfilled `{{ name }}`) are counted and warned about.
 Files are written to a temporary name in the same folder and renamed, so a reader never sees half a file.
 """
 
@@ -27,8 +29,8 @@ from typing import IO, Any
 
 from chatft import __version__
 from chatft.config.schema import DataPrepConfig
-from chatft.data.formats import Conversation, RowDropped, convert_row, detect_format
-from chatft.data.readers import Source, SourceRow, open_source
+from chatft.data.formats import Conversation, RowDropped, convert_row, detect_format, unfilled_placeholder
+from chatft.data.readers import Source, SourceRow, not_utf8_hint, open_source
 from chatft.errors import ChatftError
 
 REPORT_FILE = "prep_report.json"
@@ -62,6 +64,8 @@ class Account:
     rows_in: int = 0
     dropped: Tally = field(default_factory=Tally)
     changed: Tally = field(default_factory=Tally)
+    flagged: Tally = field(default_factory=Tally)  # kept as they are, but look wrong (formats.FLAGS)
+    placeholder: str | None = None  # the first unfilled placeholder seen, for the warning
     turns: list[int] = field(default_factory=list)  # per written row
     characters: list[int] = field(default_factory=list)  # per written row
 
@@ -88,6 +92,8 @@ class PrepResult:
     dropped_first_rows: dict[str, list[int]]
     changed: dict[str, int]
     changed_first_rows: dict[str, list[int]]
+    flagged: dict[str, int]  # rows kept as they are that look wrong (formats.FLAGS), warned about
+    flagged_first_rows: dict[str, list[int]]
     turns: dict[str, int | None]  # messages per written row: p50, p90, p99, max
     characters: dict[str, int | None]  # characters of content (and tool calls) per written row
     outputs: dict[str, str]  # train, validation (when written), report: absolute paths
@@ -119,6 +125,7 @@ def prepare(config: DataPrepConfig) -> PrepResult:
     """Read, convert, check, split and write; return the account of every row."""
     started = time.perf_counter()
     paths = output_paths(config)
+    _refuse_blocked_folders(config, paths)
     _refuse_overlaps(config.input, paths)
     source = open_source(config.input, split=config.split, name=config.name, limit=config.limit)
     rows, fmt = _rows_and_format(source, config)
@@ -150,12 +157,14 @@ def prepare(config: DataPrepConfig) -> PrepResult:
         dropped_first_rows=dict(sorted(account.dropped.first_rows.items())),
         changed=dict(sorted(account.changed.counts.items())),
         changed_first_rows=dict(sorted(account.changed.first_rows.items())),
+        flagged=dict(sorted(account.flagged.counts.items())),
+        flagged_first_rows=dict(sorted(account.flagged.first_rows.items())),
         turns=quantiles(account.turns),
         characters=quantiles(account.characters),
         outputs={name: str(path.resolve()) for name, path in
                  (("train", paths.train), ("validation", paths.validation), ("report", paths.report)) if path},
         config=config.model_dump(mode="json"),
-        warnings=_warnings(config, account.rows_out),
+        warnings=_warnings(config, source, account, paths),
     )
     result.elapsed_s = round(time.perf_counter() - started, 3)
     with atomic_open(paths.report) as handle:
@@ -169,7 +178,8 @@ def summary(result: PrepResult) -> str:
     lines = [f"prep: {result.rows_in} rows in, {result.rows_out} out  [{result.input}: {result.format}, {how}]"]
     label = "line" if result.row_numbers.startswith("1-based line") else "row"
     for title, counts, first in (("dropped", result.dropped, result.dropped_first_rows),
-                                 ("changed", result.changed, result.changed_first_rows)):
+                                 ("changed", result.changed, result.changed_first_rows),
+                                 ("flagged", result.flagged, result.flagged_first_rows)):
         if counts:
             lines.append(f"  {title} {sum(counts.values())}:")
             for reason, count in counts.items():
@@ -222,6 +232,9 @@ def _convert_all(rows: Iterator[SourceRow], fmt: str, config: DataPrepConfig, so
                 continue
             for change in conversation.changes:
                 account.changed.add(change, source_row.number)
+            if (placeholder := unfilled_placeholder(conversation.messages)) is not None:
+                account.flagged.add("template_placeholder", source_row.number)
+                account.placeholder = account.placeholder or placeholder
             _write_row(handle, conversation.to_row())
             account.turns.append(len(conversation.messages))
             account.characters.append(_characters(conversation))
@@ -230,7 +243,7 @@ def _convert_all(rows: Iterator[SourceRow], fmt: str, config: DataPrepConfig, so
 
 def _convert(source_row: SourceRow, fmt: str, config: DataPrepConfig) -> Conversation:
     if source_row.problem is not None:
-        raise RowDropped(source_row.problem, "the line is not valid JSON")
+        raise RowDropped(source_row.problem, source_row.detail or "the line is not valid JSON")
     if not isinstance(source_row.value, dict):
         raise RowDropped("not_an_object", f"the row is a {type(source_row.value).__name__}, not an object")
     return convert_row(source_row.value, fmt, text_field=config.text_field, consecutive_user=config.consecutive_user)
@@ -248,6 +261,7 @@ def _strict_error(source: Source, source_row: SourceRow, drop: RowDropped) -> Ch
         "bad_row",
         f"{source.row_label} {source_row.number} of {source.input}: {drop.reason}: {drop.detail}\n"
         f"  row: {_snippet(source_row)}",
+        not_utf8_hint(source.input) if drop.reason == "not_utf8" else
         "fix or delete that row, or leave out --strict (strict=false) to drop such rows and count them in "
         "prep_report.json",
     )
@@ -260,12 +274,13 @@ def _nothing_left(source: Source, rows_in: int, dropped: Tally) -> ChatftError:
     reasons = ", ".join(f"{reason} {count} (first at {source.row_label} {dropped.first_rows[reason][0]})"
                         for reason, count in sorted(dropped.counts.items()))
     only_fields = set(dropped.counts) == {"missing_fields"}
+    hint = ("name the right shape with --format (format=...)" if only_fields else
+            "run with --strict (strict=true) to see the first bad row in full; --format names the shape if "
+            "detection picked the wrong one")
     return ChatftError(
         "messages_missing" if only_fields else "bad_row",
         f"none of the {rows_in} rows of {source.input} could be used: {reasons}",
-        "name the right shape with --format (format=...)" if only_fields else
-        "run with --strict (strict=true) to see the first bad row in full; --format names the shape if "
-        "detection picked the wrong one",
+        not_utf8_hint(source.input) if "not_utf8" in dropped.counts else hint,
     )
 
 
@@ -296,12 +311,27 @@ def quantiles(values: list[int]) -> dict[str, int | None]:
     return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": ordered[-1] if ordered else None}
 
 
-def _warnings(config: DataPrepConfig, rows_out: int) -> list[str]:
+def _warnings(config: DataPrepConfig, source: Source, account: Account, paths: OutputPaths) -> list[str]:
     warnings = []
     if config.validation_output and config.val_fraction == 0:
         warnings.append("validation_output is ignored: val_fraction is 0, so nothing is held out")
-    if config.val_fraction > 0 and rows_out < 2:
-        warnings.append(f"only {rows_out} row left: the validation file is empty")
+    if config.val_fraction > 0 and account.rows_out < 2:
+        warnings.append(f"only {account.rows_out} row left: the validation file is empty")
+    label = source.row_label
+    if count := account.dropped.counts.get("not_utf8"):
+        first = ", ".join(map(str, account.dropped.first_rows["not_utf8"]))
+        # Dropping them would quietly remove exactly the rows with accents or non-Latin text.
+        warnings.append(f"{_rows(count)} of {source.input} {'is' if count == 1 else 'are'} not UTF-8 (first at "
+                        f"{label} {first}) and {'was' if count == 1 else 'were'} dropped: "
+                        f"{not_utf8_hint(source.input)}")
+    if count := account.flagged.counts.get("template_placeholder"):
+        first = ", ".join(map(str, account.flagged.first_rows["template_placeholder"]))
+        warnings.append(f"{_rows(count)} {'contains' if count == 1 else 'contain'} an unfilled template placeholder "
+                        f"such as {account.placeholder} (first at {label} {first}): the prompt template was "
+                        "probably not rendered; the rows are kept as they are")
+    if paths.report.name != REPORT_FILE:
+        warnings.append(f"{paths.report.parent / REPORT_FILE} belongs to another output, so this run's report is "
+                        f"{paths.report}")
     return warnings
 
 
@@ -314,7 +344,32 @@ def output_paths(config: DataPrepConfig) -> OutputPaths:
     if config.val_fraction > 0:
         validation = (Path(config.validation_output).expanduser() if config.validation_output
                       else train.with_name(f"{train.stem}.val.jsonl"))
-    return OutputPaths(train, validation, train.parent / REPORT_FILE)
+    return OutputPaths(train, validation, report_path(train))
+
+
+def report_path(train: Path) -> Path:
+    """`prep_report.json` beside the output, unless that file is the report of another output in the same
+    folder (a second prep there): then `<output stem>.prep_report.json`, so no run's account is lost."""
+    shared = train.parent / REPORT_FILE
+    if not shared.exists():
+        return shared
+    try:
+        owner = json.loads(shared.read_text(encoding="utf-8"))["outputs"]["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None  # not a report chatft can read: not ours to overwrite
+    if owner is not None and Path(owner) == train.resolve():
+        return shared
+    return train.with_name(f"{train.stem}.{REPORT_FILE}")
+
+
+def _refuse_blocked_folders(config: DataPrepConfig, paths: OutputPaths) -> None:
+    """An output whose folder cannot exist because a file sits where a folder must be (out.txt/train.jsonl)."""
+    from chatft.run import refuse_file_in_the_way
+
+    for key, value, path in (("output", config.output, paths.train),
+                             ("validation_output", config.validation_output, paths.validation)):
+        if path is not None:
+            refuse_file_in_the_way(path.parent, key, value or str(path))
 
 
 def _refuse_overlaps(input: str, paths: OutputPaths) -> None:

@@ -41,8 +41,9 @@ class SourceRow:
 
     number: int  # 1-based: the line number in a JSONL file, the position everywhere else
     value: Any = None
-    problem: str | None = None  # "invalid_json"
+    problem: str | None = None  # "invalid_json" | "not_utf8"
     snippet: str = ""  # the raw text of an undecodable line, shortened
+    detail: str = ""  # where in the line it went wrong
 
 
 @dataclass
@@ -86,6 +87,12 @@ def open_source(input: str, *, split: str | None = None, name: str | None = None
 
 def looks_like_hub_id(text: str) -> bool:
     return bool(HUB_ID.fullmatch(text)) and Path(text).suffix.lower() not in FILE_SUFFIXES
+
+
+def looks_like_path(text: str) -> bool:
+    """A value that can only mean a local path: anything not of the Hub's `name` / `org/name` form. So `./x`,
+    `../x`, `/x`, `~/x`, `a\\b` and `runs/sft/final` (two slashes) are paths; `org/name` and `gpt2` may be either."""
+    return not HUB_ID.fullmatch(text)
 
 
 # --------------------------------------------------------------------------- files
@@ -157,19 +164,41 @@ def _snippet(text: str) -> str:
 def _jsonl_rows(path: Path, compressed: bool, input: str) -> Iterator[SourceRow]:
     """One row per non-blank line; blank lines are not rows, but they still count for line numbers."""
     number = 0
+    offset = 0  # of the line's first byte in the (decompressed) file
     try:
         with _open_binary(path, compressed) as handle:
             for number, raw in enumerate(handle, start=1):
-                if number == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM some editors write
-                if not raw.strip():
-                    continue
-                try:
-                    yield SourceRow(number, json.loads(raw))
-                except ValueError:  # JSONDecodeError and UnicodeDecodeError alike: the line is not JSON text
-                    yield SourceRow(number, problem="invalid_json", snippet=_snippet(raw.decode("utf-8", "replace")))
+                start, offset = offset, offset + len(raw)
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM some editors write
+                    raw, start = raw[3:], 3
+                if raw.strip():
+                    yield _jsonl_row(number, raw, start)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise _corrupt_gzip(input, exc, number) from None
+
+
+def _jsonl_row(number: int, raw: bytes, start: int) -> SourceRow:
+    # Decoded apart from parsing: a line in another encoding (latin-1, cp1252) is fine JSON in the wrong
+    # encoding, and the fix (iconv) is not the fix for broken JSON.
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return SourceRow(number, problem="not_utf8", snippet=_snippet(raw.decode("utf-8", "replace")),
+                         detail=f"byte 0x{raw[exc.start]:02x} at column {exc.start + 1} (file offset "
+                                f"{start + exc.start}) is not UTF-8")
+    try:
+        return SourceRow(number, json.loads(text))
+    except json.JSONDecodeError as exc:
+        return SourceRow(number, problem="invalid_json", snippet=_snippet(text),
+                         detail=f"the line is not valid JSON: {exc.msg} at column {exc.colno}")
+
+
+def not_utf8_hint(input: str) -> str:
+    """How to convert a file that is not UTF-8 (latin-1 is the usual culprit; `file -i` names the real one)."""
+    path = Path(input)
+    copy = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return (f"convert the file to UTF-8 and use the copy: iconv -f latin1 -t utf-8 {input} > {copy} "
+            f"(latin1 is a guess: `file -i {input}` names the encoding, e.g. cp1252 or utf-16)")
 
 
 def _read_text(path: Path, compressed: bool, input: str) -> str:
@@ -181,10 +210,12 @@ def _read_text(path: Path, compressed: bool, input: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
         raise ChatftError(
             "bad_row",
-            f"{input} is not UTF-8 text: byte {exc.start} cannot be decoded",
-            "re-save the file as UTF-8",
+            f"{input} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} (file offset {exc.start}) "
+            "cannot be decoded",
+            not_utf8_hint(input),
         ) from None
 
 

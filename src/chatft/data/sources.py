@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from chatft.artifacts import file_sha256
-from chatft.data.formats import RowDropped, convert_row
+from chatft.data.formats import LIST_FIELDS, RowDropped, convert_row, unfilled_placeholder
+from chatft.data.formats import _short as short
 from chatft.data.readers import open_source
 from chatft.errors import ChatftError
 
@@ -31,12 +32,22 @@ class MessageSource:
     dropped: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[int]] = field(default_factory=dict)
     changed: Counter[str] = field(default_factory=Counter)  # rows kept but altered (e.g. merged user turns)
+    flagged: Counter[str] = field(default_factory=Counter)  # rows kept as they are that look wrong (formats.FLAGS)
+    flagged_examples: dict[str, list[int]] = field(default_factory=dict)
+    placeholder: str | None = None  # the first unfilled template placeholder seen
+    misshapen: str | None = None  # the first row whose `messages` is there but not a list, described
 
     def drop(self, reason: str, row_number: int) -> None:
         self.dropped[reason] += 1
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < MAX_EXAMPLES:
             self.examples[reason].append(row_number)
+
+    def flag(self, reason: str, row_number: int) -> None:
+        self.flagged[reason] += 1
+        examples = self.flagged_examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(row_number)
 
 
 def data_sha256(path_or_id: str) -> str | None:
@@ -67,6 +78,9 @@ def read_message_rows(section: Any, *, key: str = "dataset") -> MessageSource:
             result.drop("not_an_object", row.number)
             continue
         if not isinstance(row.value.get("messages"), list):
+            if "messages" in row.value and result.misshapen is None:
+                value = row.value["messages"]
+                result.misshapen = f"in row {row.number} it is a {type(value).__name__}: {short(value)}"
             result.drop("messages_missing", row.number)
             continue
         try:
@@ -75,12 +89,28 @@ def read_message_rows(section: Any, *, key: str = "dataset") -> MessageSource:
             result.drop(dropped.reason, row.number)
             continue
         result.changed.update(conversation.changes)
+        if (placeholder := unfilled_placeholder(conversation.messages)) is not None:
+            result.flag("template_placeholder", row.number)
+            result.placeholder = result.placeholder or placeholder
         result.rows.append((row.number, conversation.to_row()))
     if result.rows_in and result.dropped.get("messages_missing") == result.rows_in:
-        raise ChatftError(
-            "messages_missing",
-            f"no row of {key}.path_or_dataset_id={path_or_id} has a `messages` list",
-            f"convert it first: chatft prep {path_or_id} -o {Path(path_or_id).stem}.messages.jsonl, then set "
-            f"{key}.path_or_dataset_id={Path(path_or_id).stem}.messages.jsonl",
-        )
+        raise _no_messages(result, key, path_or_id)
     return result
+
+
+def _no_messages(result: MessageSource, key: str, path_or_id: str) -> ChatftError:
+    where = f"{key}.path_or_dataset_id={path_or_id}"
+    if result.misshapen is not None:  # the key is there, its value is not a conversation
+        shape, example = LIST_FIELDS["messages"]
+        return ChatftError(
+            "messages_missing",
+            f"no row of {where} has a usable `messages`: `messages` must be a list of {shape} objects, but "
+            f"{result.misshapen}",
+            f'write each row as {{"messages": [{example}, ...]}}',
+        )
+    return ChatftError(
+        "messages_missing",
+        f"no row of {where} has a `messages` list",
+        f"convert it first: chatft prep {path_or_id} -o {Path(path_or_id).stem}.messages.jsonl, then set "
+        f"{key}.path_or_dataset_id={Path(path_or_id).stem}.messages.jsonl",
+    )

@@ -41,6 +41,8 @@ class DataReport:
     token_length_quantiles: dict[str, int] = field(default_factory=dict)  # rendered rows, before the policy
     over_length: int = 0  # rendered rows longer than seq_length (dropped, truncated or refused per policy)
     template_source: str | None = None  # tokenizer | bundled:<name> | file:<path> | inline
+    flagged_by_reason: dict[str, int] = field(default_factory=dict)  # rows used as they are that look wrong
+    flagged_examples_by_reason: dict[str, list[int]] = field(default_factory=dict)  # first row numbers of each
     mask_method: str | None = None  # generation_tags | prefix_rendering
 
     def to_json(self) -> dict:

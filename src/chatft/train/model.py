@@ -107,11 +107,14 @@ def no_hub_kernels() -> Iterator[None]:
 @contextlib.contextmanager
 def load_errors(key: str, value: str, revision: str | None = None) -> Iterator[None]:
     """A model, tokenizer or adapter that cannot be found or read is a refusal naming the config key, not a
-    traceback."""
+    traceback. A missing path, or an uncached Hub id offline, is refused before the load starts: transformers
+    would report the path as a malformed Hub id, and asking the Hub only delays the same answer."""
+    from chatft.data.guards import check_model_location
+
+    check_model_location(key, value)
     try:
         yield
     except (OSError, ValueError) as exc:
-        # transformers reads a missing local path as a malformed Hub id: say what the user meant.
         local = Path(value).expanduser()
         missing = f" ({local.resolve()} does not exist locally either)" if not local.exists() else ""
         raise ChatftError(
