@@ -4,7 +4,7 @@
 
 Each system's worker writes DIR/<workload>-<system>-profile.txt: the time of the device's kernels (CPU: of the
 operators) summed by kind (matmul, attention, loss, ...), that sum against the wall clock of the profiled window
-(`trainer.train()`, loading excluded; on a GPU the rest is the device waiting on the host), and torch.profiler's
+(`Trainer.train` for chatft, `SFTTrainer.train` for TRL: loading excluded; on a GPU the rest is the device waiting on the host), and torch.profiler's
 table of the top entries by self time. On a GPU only the kernels are recorded, which keeps the profiler's own cost
 low; still, a profiled run's throughput is not the benchmark's figure.
 """
@@ -12,10 +12,12 @@ low; still, a profiled run's throughput is not the benchmark's figure.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ENV = "CHATFT_BENCH_PROFILE"
 
@@ -74,3 +76,24 @@ def training_window(workload: str, system: str, device: str) -> Iterator[None]:
     out = Path(directory) / f"{workload}-{system}-profile.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def around_method(owner: Any, name: str, workload: str, system: str, device: str) -> Iterator[None]:
+    """Profile each call of `owner.name` made inside the block (chatft's `Trainer.train`, reached through its one
+    entry into training, which also loads the model: only the steps are profiled). Nothing when not profiling."""
+    if not os.environ.get(ENV):
+        yield
+        return
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def profiled(*args: Any, **kwargs: Any) -> Any:
+        with training_window(workload, system, device):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, profiled)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

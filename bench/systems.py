@@ -120,8 +120,9 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
     from chatft.config.schema import TrainingConfig
     from chatft.data.pipeline import prepare_training_data
     from chatft.train import attention
-    from chatft.train.loop import Trainer, prepare_run_dir
+    from chatft.train.loop import Trainer
     from chatft.train.model import load_tokenizer
+    from chatft.train.step import train
 
     tree = chatft_tree(system, settings, run_dir)
     try:
@@ -139,11 +140,10 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
     batch = settings.global_batch
     for k in range(settings.steps):  # shuffle=false: step k trains rows k*batch .. (k+1)*batch - 1
         counter.add_step([(row.input_ids, row.loss_mask) for row in data.rows[k * batch:(k + 1) * batch]])
-    # What chatft's `train()` does, kept in reach so the trained model and its layout can be read afterwards.
-    trainer = Trainer(cfg, run_dir, tokenizer, data)
-    trainer.setup(prepare_run_dir(cfg, run_dir))
-    with profile.training_window(settings.workload, system, settings.device):
-        result = trainer.train()
+    # chatft's one entry into training; the result keeps the trainer, whose model and layout are read below.
+    with profile.around_method(Trainer, "train", settings.workload, system, settings.device):
+        result = train(cfg, run_dir, data, tokenizer=tokenizer)
+    trainer = result.trainer
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     logged_tokens = [m["tokens"] for m in metrics]
     padding_free = getattr(trainer, "padding_free", None)

@@ -27,7 +27,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, padding_free
-from chatft.train.loop import Trainer, train
+from chatft.train.loop import Trainer
+from chatft.train.step import train
 from chatft.train.model import apply_lora, load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),

@@ -22,7 +22,7 @@ from chatft.evaluate import (
     run_eval,
     score_answer,
 )
-from chatft.train.loop import train
+from chatft.train.step import train
 from chatft.train.model import load_tokenizer, quiet_hub_progress
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")

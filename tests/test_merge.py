@@ -19,7 +19,7 @@ from chatft.config.schema import MergeConfig
 from chatft.errors import ChatftError
 from chatft.merge import check_adapter_fits, merge, plan_merge
 from chatft.steps.registry import resolve_step
-from chatft.train.loop import train
+from chatft.train.step import train
 from chatft.train.model import load_tokenizer
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")

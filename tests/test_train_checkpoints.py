@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from chatft.errors import ChatftError
 from chatft.train import checkpoints, resume_check
-from chatft.train.loop import Trainer, train
+from chatft.train.loop import Trainer
+from chatft.train.step import train
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 TESTS_DIR = Path(__file__).resolve().parent
@@ -212,7 +213,7 @@ from pathlib import Path
 from conftest import load_module_from_path
 helpers = load_module_from_path("chatft_tests_train_rows", Path({tests!r}) / "fixtures" / "train_rows.py")
 from chatft.train import checkpoints
-from chatft.train.loop import train
+from chatft.train.step import train
 from chatft.train.model import load_tokenizer
 {patch}
 cfg = helpers.training_config(Path({model!r}), Path({run!r}), **{overrides!r})

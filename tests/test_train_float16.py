@@ -12,7 +12,7 @@ import torch
 from conftest import load_module_from_path
 from safetensors.torch import load_file
 
-from chatft.train.loop import train
+from chatft.train.step import train
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 

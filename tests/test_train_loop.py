@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from chatft.errors import ChatftError
 from chatft.train import batching
-from chatft.train.loop import Trainer, train
+from chatft.train.loop import Trainer
+from chatft.train.step import train
 from chatft.train.model import (
     apply_lora,
     count_parameters,

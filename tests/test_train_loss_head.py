@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from chatft.train import batching, chunked_head, losses
-from chatft.train.loop import train
+from chatft.train.step import train
 from chatft.train.model import load_model
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")

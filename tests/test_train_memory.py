@@ -13,7 +13,8 @@ from conftest import load_module_from_path
 
 from chatft.errors import ChatftError
 from chatft.train import checkpoints, memory
-from chatft.train.loop import Trainer, train
+from chatft.train.loop import Trainer
+from chatft.train.step import train
 from chatft.train.step import check_supported
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")

@@ -18,7 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from chatft.errors import ChatftError
 from chatft.train import attention, batching, losses, memory, padding_free
-from chatft.train.loop import train
+from chatft.train.step import train
 from chatft.train.memory import MB
 from chatft.train.model import load_model
 
@@ -196,8 +196,12 @@ def test_trainer_falls_back_to_padding_when_the_model_leaks(tiny_model_dir, toke
         train(packed, tmp_path / "b", data, tokenizer=tokenizer)
     assert err.value.id == "config_invalid" and "see each other" in err.value.message
 
-    # a run that fits padding-free but not padded is refused after the fallback (an estimate made for 1-token rows)
-    monkeypatch.setattr(memory, "free_memory", lambda device: 1024 * 1024)
+    # a run that fits padding-free but not padded is refused after the fallback (an estimate made for 1-token rows):
+    # as much free memory as the weights, gradients and optimizer states need, less than the padded rows add
+    static = memory.estimate_memory(cfg).weights_and_optimizer().training
+    padded = memory.estimate_memory(cfg.padded(), lengths=memory.row_lengths(data))
+    assert padded.training - padded.weights > static
+    monkeypatch.setattr(memory, "free_memory", lambda device: static)
     with pytest.raises(ChatftError) as err:
         train(helpers.training_config(tiny_model_dir, tmp_path / "c", step_scheduler__max_steps=1, force=False),
               tmp_path / "c", data, tokenizer=tokenizer, estimate=memory.estimate_memory(cfg, lengths=[1]))

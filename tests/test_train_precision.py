@@ -11,7 +11,7 @@ import torch
 from conftest import load_module_from_path
 from safetensors.torch import load_file
 
-from chatft.train.loop import Trainer, prepare_run_dir
+from chatft.train.step import train
 from chatft.train.precision import precision_for
 from chatft.train.stochastic_rounding import StochasticRoundingAdamW, round_stochastically
 
@@ -128,9 +128,8 @@ def twenty_steps(tiny_model_dir, tokenizer, tmp_path_factory):
         cfg = helpers.training_config(tiny_model_dir, run_dir, step_scheduler__max_steps=20, optimizer__lr=1e-5,
                                       optimizer__weight_decay=0.0, lr_scheduler__lr_warmup_steps=0,
                                       lr_scheduler__lr_decay_style="constant", **overrides)
-        trainer = Trainer(cfg, run_dir, tokenizer, data)
-        trainer.setup(prepare_run_dir(cfg, run_dir))
-        result = trainer.train()
+        result = train(cfg, run_dir, data, tokenizer=tokenizer)
+        trainer = result.trainer
         moved = total = 0
         for param_name, param in trainer.model.named_parameters():
             if param_name in initial:

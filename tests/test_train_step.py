@@ -18,7 +18,8 @@ from chatft.config.compile import compile_config
 from chatft.errors import ChatftError
 from chatft.steps.registry import resolve_step
 from chatft.train import batching
-from chatft.train.loop import Trainer, TrainResult, train
+from chatft.train.loop import Trainer, TrainResult
+from chatft.train.step import train
 from chatft.train.model import load_tokenizer
 from chatft.train.step import run_step
 

@@ -115,6 +115,27 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id
 
 
+def generation_stop_ids(tokenizer: Any, model_eos: int | list[int] | None = None) -> list[int]:
+    """The ids generation stops at, one rule for the trained, merged and evaluated models alike: the model's own
+    EOS ids (its generation config's, first and kept), then the chat template's end-of-turn token, then the
+    tokenizer's EOS."""
+    ids = [] if model_eos is None else ([model_eos] if isinstance(model_eos, int) else list(model_eos))
+    for token_id in (end_of_turn_token_id(tokenizer), tokenizer.eos_token_id):
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def stop_at_end_of_turn(model: Any, tokenizer: Any, pad_id: int | None = None) -> None:
+    """Write `generation_stop_ids` into the model's generation config (and a pad id where it has none), so a
+    saved model stops at the end of its turn under plain `generate()`."""
+    generation = model.generation_config
+    ids = generation_stop_ids(tokenizer, generation.eos_token_id)
+    generation.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if generation.pad_token_id is None and pad_id is not None:
+        generation.pad_token_id = pad_id
+
+
 # --------------------------------------------------------------------------- manifest
 
 

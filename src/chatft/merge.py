@@ -18,9 +18,10 @@ dtype or `torch_dtype`, config and generation config, the base's tokenizer and c
    reference: the largest absolute difference must stay within a tolerance set by the output dtype's
    rounding. Only then does the temporary dir become `output_hf_path`.
 
-Tokens: the tokenizer is the base's own, eos and pad untouched; config.json and generation_config.json keep
-the base's eos/pad ids, and the chat template's end-of-turn token is added to the generation eos ids only if
-missing (as training does for full fine-tunes), so servers stop at the end of a turn. The chat template is the
+Tokens: the tokenizer is the base's own, eos and pad untouched; config.json keeps the base's eos/pad ids, and
+generation_config.json keeps the base's eos ids followed by the chat template's end-of-turn token and the
+tokenizer's EOS where missing (`artifacts.generation_stop_ids`, the rule training and eval use), so servers stop
+at the end of a turn. The chat template is the
 base's, unless the adapter's manifest shows training used another one: then that one, with a warning.
 """
 
@@ -414,17 +415,6 @@ def _template_warning(tokenizer, adapter_dir: Path, manifest: dict[str, Any] | N
             "merged model gets the one it was trained with, from the adapter dir")
 
 
-def _stop_at_end_of_turn(model, tokenizer) -> None:
-    """Keep the base's eos/pad ids; add the chat end-of-turn token to the generation eos ids if missing."""
-    generation = model.generation_config
-    eos = generation.eos_token_id
-    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    end_of_turn = artifacts.end_of_turn_token_id(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    if end_of_turn is not None and end_of_turn not in ids:
-        ids.append(end_of_turn)
-        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
-
-
 def _lora_record(adapter_config: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
     if manifest and manifest.get("lora"):
         return manifest["lora"]
@@ -480,7 +470,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     adapter_effect = _max_abs_diff(reference, base_logits)
     merged = model.merge_and_unload(safe_merge=True, progressbar=False)
     merged.to(_torch_dtype(dtype))
-    _stop_at_end_of_turn(merged, tokenizer)
+    artifacts.stop_at_end_of_turn(merged, tokenizer)
 
     tmp = plan.output.with_name(f".{plan.output.name}{TMP_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)

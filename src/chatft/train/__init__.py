@@ -5,7 +5,10 @@ metrics, resumable checkpoints and `final/`, a plain Hugging Face artifact (full
 adapter) with `chatft_manifest.json`.
 
 Modules, in the order a run uses them:
-  precision.py     which dtype weights, trained parameters, compute and the artifact get
+  step.py          `train()`: the one way into training (CLI, tests, bench); `run_step(compiled)` for `chatft run`
+  run_dir.py       how a run starts in its dir: fresh, over an earlier run, or resumed (`resume_check`)
+  resume_check.py  may a checkpoint continue with today's settings: safe changes recorded, the rest refused
+  precision.py     which dtype weights, trained parameters, AdamW moments, compute and the artifact get
   model.py         device, dtype, model + tokenizer loading, LoRA wrapping, parameter counts
   recompute.py     activation checkpointing modes: full, or selective (cheap ops recomputed)
   memory.py        the memory estimate and the `oom` error with its advice ladder
@@ -17,9 +20,12 @@ Modules, in the order a run uses them:
   cross_entropy.py the summed cross-entropy both loss heads share
   layer_compile.py `compile.enabled`: torch.compile per decoder layer
   schedule.py      the learning-rate schedule (a pure function of the step)
-  queued_step.py   a step's loss and gradient norm kept on the device until logged
+  stochastic_rounding.py  AdamW over bfloat16 weights with stochastic rounding (master_weights option)
+  queued_step.py   a step's loss and gradient norm kept on the device until logged (`PendingRow`)
+  stop_signal.py   SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + signal
   checkpoints.py   resumable checkpoints: atomic save, LATEST, keep_last, loading without pickle
   metrics.py       metrics.jsonl / validation.jsonl, loss.png, TensorBoard, progress display
+  final_artifact.py  final/: the model or adapter, tokenizer and manifest, written atomically
   loop.py          the Trainer: setup, then the whole loop in one readable method
-  step.py          `run_step(compiled)`: the entry point `chatft run` dispatches to
+The names inside a run dir are in `chatft.run_layout`.
 """

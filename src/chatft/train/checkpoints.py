@@ -29,17 +29,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatft.errors import ChatftError
+from chatft.run_layout import CHECKPOINTS, checkpoints_dir
 
-CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "trainer_state.json"
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS
 
 
 def _fsync(path: Path) -> None:

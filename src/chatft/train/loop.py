@@ -8,13 +8,10 @@ and a `TrainResult`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
-import shutil
-import signal
-import threading
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,23 +24,19 @@ from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import (attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute,
-                          resume_check)
-from chatft.train.metrics import (METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE, JsonlLog, ProgressDisplay,
-                                  TensorBoard, format_duration, plot_losses)
+from chatft.run_layout import METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
+from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
+from chatft.train import final_artifact, resume_check
+from chatft.train.metrics import JsonlLog, ProgressDisplay, TensorBoard, format_duration, plot_losses
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
-                                load_tokenizer, model_location, pick_device, probe_vocab_size, quiet_hub_progress,
-                                resolve_dtype)
+                                model_location, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
-from chatft.train.stochastic_rounding import StochasticRoundingAdamW
-from chatft.train.queued_step import QueuedStep, StepClock
+from chatft.train.queued_step import PendingRow, QueuedStep, StepClock
 from chatft.train.schedule import LRSchedule
+from chatft.train.stochastic_rounding import StochasticRoundingAdamW
+from chatft.train.stop_signal import StopFlag
 
-FINAL = "final"
 MB = 1024 * 1024
-# Exit status of a run stopped by a signal: 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell
-# reports a killed process, so wrappers never mistake a stopped run for a finished one.
-SIGNAL_EXIT_BASE = 128
 # Devices where a step is queued rather than done when the step method returns: there its loss and gradient
 # norm are read only after the next step is queued (`queued_step`). A seam: CPU tests add "cpu".
 DEFERRED_READ_DEVICES = ("cuda",)
@@ -62,92 +55,13 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGTERM" / "SIGINT"
     exit_code: int = 0
     checkpoint: Path | None = None
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop finishes its step, saves a checkpoint and returns.
-    A second signal gets the default behaviour (the atomic save keeps LATEST sound even then)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    @property
-    def name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum is not None else None
-
-    def request(self, signum: int) -> None:
-        self.signum = signum
-
-    @contextlib.contextmanager
-    def installed(self, note):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def handler(signum, _frame):
-            self.request(signum)
-            signal.signal(signum, previous[signum])
-            note(f"received {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint")
-
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+    trainer: Trainer | None = dataclasses.field(default=None, repr=False, compare=False)  # set by `step.train`
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
-
-
-def prepare_run_dir(cfg: TrainingConfig, run_dir: Path) -> Path | None:
-    """Decide how this run starts: returns the checkpoint to resume from, or None to start fresh.
-
-    A dir holding a finished run (`final/`) is refused unless `checkpoint.overwrite=true` (start over)
-    or `checkpoint.resume=PATH` (continue from that checkpoint, e.g. with a larger max_steps).
-    `resume=false` in a dir with checkpoints is refused too (unless overwrite): they would mix.
-    """
-    resume = cfg.checkpoint.resume
-    explicit = resume not in ("auto", "false")
-    if cfg.checkpoint.overwrite:
-        source = checkpoints.resolve_resume_path(resume) if explicit else None
-        if source is not None and checkpoints.checkpoints_dir(run_dir).resolve() in source.resolve().parents:
-            raise ChatftError(
-                "config_invalid",
-                f"checkpoint.overwrite=true would delete {source}, the checkpoint checkpoint.resume names",
-                "drop checkpoint.overwrite to continue from it, or resume from a checkpoint of another run dir",
-            )
-        for name in (FINAL, checkpoints.CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, "loss.png", TENSORBOARD_DIR):
-            path = run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        return source
-    if (run_dir / FINAL).exists() and not explicit:
-        raise ChatftError(
-            "config_invalid",
-            f"{run_dir} holds a finished run ({run_dir / FINAL} exists); starting again would overwrite it",
-            "pick a new checkpoint.checkpoint_dir, or checkpoint.overwrite=true to start over there, or "
-            f"checkpoint.resume={run_dir / checkpoints.CHECKPOINTS / 'step_N'} to continue from a checkpoint",
-        )
-    checkpoints.remove_partial_saves(run_dir)
-    if explicit or resume == "auto":
-        source = checkpoints.resolve_resume_path(resume) if explicit else checkpoints.latest_checkpoint(run_dir)
-        if source is not None:  # before anything loads: a changed run is refused here, not after the model
-            resume_check.check_resume(cfg, checkpoints.read_state(source), str(source))
-        return source
-    earlier = checkpoints.complete_checkpoints(checkpoints.checkpoints_dir(run_dir))
-    if earlier:  # resume=false: a fresh start must not mix its checkpoints with an earlier attempt's
-        raise ChatftError(
-            "config_invalid",
-            f"checkpoint.resume=false but {run_dir} holds checkpoints of an earlier attempt (up to {earlier[-1].name})",
-            "checkpoint.resume=auto to continue from them, checkpoint.overwrite=true to delete them and start "
-            "over, or a new checkpoint.checkpoint_dir",
-        )
-    return None
 
 
 class Trainer:
@@ -282,23 +196,11 @@ class Trainer:
         self.notes.append(
             f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
             f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")
-        self._estimate_padded()
-        return False
-
-    def _estimate_padded(self) -> None:
-        """The estimate was for padding-free rows; padded micro-batches hold more tokens (and, on CPU SDPA,
-        attention scores). Estimated again and checked against what is free now, without the parameters already
-        loaded (what autocast has yet to make, float16 full SFT's float16 copy, is still counted)."""
-        cfg = self.cfg
-        estimate = memory.estimate_memory(cfg.padded(), device=self.device,
-                                          lengths=memory.row_lengths(self.train_data, self.val_data))
-        # The process's size before loading, as the first estimate read it: now it would count the weights twice.
-        self.estimate = dataclasses.replace(estimate, runtime=self.estimate.runtime)
         loaded = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        beyond_loaded = dataclasses.replace(self.estimate, weights=max(0, self.estimate.weights - loaded))
-        self.notes.append(memory.check_fits(beyond_loaded, self.device, cfg.force,
-                                            what="training with padded micro-batches, beyond the loaded weights,")
-                          or "")
+        self.estimate, fit_note = memory.check_padded_fallback(
+            self.cfg, self.device, memory.row_lengths(self.train_data, self.val_data), self.estimate, loaded)
+        self.notes.append(fit_note or "")
+        return False
 
     def _micro_batches(self, rows: list) -> list[dict[str, torch.Tensor]]:
         return batching.micro_batches(rows, self.cfg.step_scheduler.local_batch_size, self.pad_id,
@@ -374,13 +276,14 @@ class Trainer:
                 self.validation_log.truncate_after(0)
             return
         state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device)
+        # What every checkpoint records, also those written before whole configs were (`resume_check`).
         expected = {"global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
                     "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full"}
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             listing = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             raise ChatftError(
-                "config_invalid",
+                "resume_mismatch",
                 f"cannot resume from {path}: the run changed ({listing}), so the data position would mean something else",
                 "resume with the settings the checkpoint was written with, or checkpoint.resume=false to start fresh",
             )
@@ -426,11 +329,11 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         started = time.monotonic()
-        stop = _StopFlag()
+        stop = StopFlag()
         display = ProgressDisplay(self.total_steps, self.step) if self.is_main else None
         note = display.note if display else (lambda line: None)
-        defer_reads = self.device.type in DEFERRED_READ_DEVICES
-        self._queued: QueuedStep | None = None  # a step whose numbers are still on the device
+        pending = PendingRow(lambda step: self._log_step(step, note, display),
+                             defer=self.device.type in DEFERRED_READ_DEVICES)
         self._origin = self._clock.mark()  # `started` on the device's timeline: rows' elapsed_s count from it
         attention.reset_kernel_use()  # the manifest's attention_kernels are this run's
         saved_at = self.step
@@ -446,23 +349,20 @@ class Trainer:
                     step.known = {"step": self.step,
                                   "epoch": round(self.epoch + self.step_in_epoch / self.steps_per_epoch, 4),
                                   "lr": self.schedule(self.step - 1)}
-                    self._log_queued(note, display)  # the step before: done, or finishing meanwhile
-                    self._queued = step
-                    validate = self._due(cfg.step_scheduler.val_every_steps) and self.val_batches
-                    if not defer_reads or validate or self.step >= self.total_steps:
-                        self._log_queued(note, display)
+                    validate = bool(self._due(cfg.step_scheduler.val_every_steps) and self.val_batches)
+                    pending.hold(step, read_now=validate or self.step >= self.total_steps)
                     if validate:
                         self._guard_oom(self._validate, note)
                     if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
-                        self._log_queued(note, display)
+                        pending.flush()
                         self._save_checkpoint(started)
                         saved_at = self.step
-                self._log_queued(note, display)
+                pending.flush()
                 if stop.signum is not None and saved_at != self.step:  # the signal came after the check above
                     self._save_checkpoint(started)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the last finished step's row when a later one fails
-                self._log_queued(note, display)
+                pending.flush()
             raise
         finally:
             if display:
@@ -478,12 +378,6 @@ class Trainer:
                              self.tokens_seen, elapsed)
         self._print_done(result)
         return result
-
-    def _log_queued(self, note, display: ProgressDisplay | None) -> None:
-        """Write the row of the step still on the device, if there is one (reading it waits for the device)."""
-        if self._queued is not None:
-            step, self._queued = self._queued, None
-            self._log_step(step, note, display)
 
     def _log_step(self, step: QueuedStep, note, display: ProgressDisplay | None) -> None:
         """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
@@ -625,7 +519,7 @@ class Trainer:
         return checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                            self.cfg.checkpoint.keep_last)
 
-    def _stopped(self, stop: _StopFlag, elapsed: float) -> TrainResult:
+    def _stopped(self, stop: StopFlag, elapsed: float) -> TrainResult:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.enabled else None
         if self.is_main:
             plot_losses(self.run_dir)
@@ -636,50 +530,21 @@ class Trainer:
             print(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
                   f"to resume, run {again} again: checkpoint.resume=auto continues from checkpoints/LATEST", flush=True)
         return TrainResult(self.run_dir, None, self.step, self.last_train_loss, None, None, self.tokens_seen,
-                           elapsed, stopped_by=stop.name, exit_code=SIGNAL_EXIT_BASE + stop.signum, checkpoint=latest)
+                           elapsed, stopped_by=stop.name, exit_code=stop.exit_code, checkpoint=latest)
 
     def _save_final(self, elapsed: float) -> Path:
-        final, tmp = self.run_dir / FINAL, self.run_dir / (FINAL + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = self.model
-        if not self.lora:
-            model.config.use_cache = True  # off while training; on for whoever loads the artifact
-            self._set_generation_eos(model)
-            if self.precision.saved != self.precision.weights:  # float16 full SFT: written in float16, as asked
-                model.to(self.precision.saved)
-        with quiet_hub_progress():
-            model.save_pretrained(tmp)  # full: weights + config + generation_config; LoRA: the adapter only
-        self.tokenizer.save_pretrained(tmp)
-        artifacts.write_manifest(tmp, self._manifest(elapsed))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        final = final_artifact.save_final(self.run_dir, self.model, self.tokenizer, self._manifest(elapsed),
+                                          lora=self.lora, saved_dtype=self.precision.saved, pad_id=self.pad_id)
         plot_losses(self.run_dir)
         if self.tensorboard:
             self.tensorboard.close()
         return final
 
-    def _set_generation_eos(self, model) -> None:
-        """generation_config stops at the chat end-of-turn token as well as the model's own EOS ids."""
-        generation = model.generation_config
-        eos = generation.eos_token_id
-        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        for token_id in (artifacts.end_of_turn_token_id(self.tokenizer), self.tokenizer.eos_token_id):
-            if token_id is not None and token_id not in ids:
-                ids.append(token_id)
-        generation.eos_token_id = ids[0] if len(ids) == 1 else ids
-        if generation.pad_token_id is None:
-            generation.pad_token_id = self.pad_id
-
     def _manifest(self, elapsed: float) -> dict[str, Any]:
         cfg = self.cfg
         from chatft.run import package_versions
 
-        lora = None
-        if self.lora:
-            peft_config = self.model.peft_config["default"]
-            targets = peft_config.target_modules
-            lora = {"r": cfg.peft.dim, "alpha": cfg.peft.alpha, "dropout": cfg.peft.dropout,
-                    "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+        lora = final_artifact.lora_record(self.model, cfg.peft) if self.lora else None
         metrics = {
             "train_loss": self.last_train_loss,
             "val_loss": self.last_val and self.last_val["loss"],
@@ -721,23 +586,3 @@ class Trainer:
         print(f"done: {result.steps} steps in {format_duration(result.elapsed_s)}, {result.tokens:,} tokens "
               f"({rate:,.0f} tokens/s), {losses}, peak memory {peak:,.0f} MB{estimate}\n"
               f"artifact: {result.final_dir} [{kind}]", flush=True)
-
-
-def train(
-    cfg: TrainingConfig,
-    run_dir: str | Path,
-    train_data: PreparedData,
-    val_data: PreparedData | None = None,
-    *,
-    tokenizer: Any = None,
-    estimate: memory.MemoryEstimate | None = None,
-    resolved_config: dict[str, Any] | None = None,
-    resume_command: str | None = None,
-) -> TrainResult:
-    """Train from already prepared data: decide resume, set up, run the loop."""
-    run_dir = Path(run_dir)
-    resume_from = prepare_run_dir(cfg, run_dir)
-    trainer = Trainer(cfg, run_dir, tokenizer if tokenizer is not None else load_tokenizer(cfg.model), train_data,
-                      val_data, estimate=estimate, resolved_config=resolved_config, resume_command=resume_command)
-    trainer.setup(resume_from)
-    return trainer.train()

@@ -397,3 +397,17 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, force: bool, what
         estimate.lora,
         predicted=True,
     )
+
+
+def check_padded_fallback(cfg: TrainingConfig, device: torch.device, lengths: RowLengths, before: MemoryEstimate,
+                          loaded: int) -> tuple[MemoryEstimate, str | None]:
+    """When padding-free rows fall back to padded ones (after the model loaded): the estimate for the padded
+    layout, which holds more tokens (and, on CPU SDPA, attention scores), checked against what is free now
+    without the `loaded` bytes of parameters already in memory (what autocast has yet to make, the low-precision
+    copies of master weights, is still counted). Returns the new estimate and `check_fits`'s note."""
+    # The process's size before loading, as the first estimate read it: now it would count the weights twice.
+    estimate = dataclasses.replace(estimate_memory(cfg.padded(), device=device, lengths=lengths),
+                                   runtime=before.runtime)
+    beyond_loaded = dataclasses.replace(estimate, weights=max(0, estimate.weights - loaded))
+    return estimate, check_fits(beyond_loaded, device, cfg.force,
+                                what="training with padded micro-batches, beyond the loaded weights,")

@@ -16,11 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatft.errors import ChatftError
-
-METRICS_FILE = "metrics.jsonl"
-VALIDATION_FILE = "validation.jsonl"
-PLOT_FILE = "loss.png"
-TENSORBOARD_DIR = "tensorboard"
+from chatft.run_layout import METRICS_FILE, PLOT_FILE, VALIDATION_FILE
 
 
 class JsonlLog:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,3 +62,26 @@ class QueuedStep:
         seconds, since_origin = clock.seconds(self.began, self.done), clock.seconds(origin, self.done)
         loss, grad_norm = float(self.loss), float(self.grad_norm)
         return loss, grad_norm if math.isfinite(grad_norm) else None, seconds, since_origin
+
+
+class PendingRow:
+    """The one step whose log row is not written yet, because its numbers may still be on the device.
+
+    `hold` takes each new step and writes the row of the one before it (done by now, or finishing behind the new
+    one); the new row waits unless reads are not deferred (CPU) or the caller needs it now. `flush` writes the row
+    held, if any: before validation or a checkpoint, at the end, and when the loop fails."""
+
+    def __init__(self, write: Callable[[QueuedStep], None], *, defer: bool) -> None:
+        self.write, self.defer = write, defer
+        self.step: QueuedStep | None = None
+
+    def hold(self, step: QueuedStep, *, read_now: bool = False) -> None:
+        self.flush()
+        self.step = step
+        if read_now or not self.defer:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.step is not None:
+            step, self.step = self.step, None
+            self.write(step)

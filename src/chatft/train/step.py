@@ -1,8 +1,10 @@
-"""`chatft run sft/automodel` and `chatft run peft/automodel`.
+"""The way into training: `train()`, which `chatft run sft/automodel|peft/automodel` (`run_step`), the tests and
+the bench all call.
 
-In: a `CompiledConfig` (its `validated` is a `TrainingConfig`; `job.yaml` is already in the run dir).
-Out: the run dir (see loop.py), or a `ChatftError`. A run stopped by SIGTERM/SIGINT exits with status
-128 + the signal number (143 / 130) after saving a checkpoint and saying how to resume.
+In: a validated `TrainingConfig` and the run dir (the CLI has already written `job.yaml` there); optionally the
+tokenized data and a tokenizer (tests and the bench prepare them once). Out: the run dir (see loop.py) and a
+`TrainResult`, or a `ChatftError`. A run stopped by SIGTERM/SIGINT exits with status 128 + the signal number
+(143 / 130) after saving a checkpoint and saying how to resume.
 """
 
 from __future__ import annotations
@@ -10,15 +12,23 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from chatft.config.compile import CompiledConfig
 from chatft.config.schema import TrainingConfig
+from chatft.data import pipeline
+from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
+from chatft.train import memory
+from chatft.train.loop import Trainer, TrainResult
+from chatft.train.metrics import require_tensorboard
+from chatft.train.model import load_tokenizer, pick_device
+from chatft.train.run_dir import prepare_run_dir
 
 
-def check_supported(cfg: TrainingConfig, job_file: Path | None = None) -> None:
+def check_supported(cfg: TrainingConfig) -> None:
     """Refuse what this release cannot do yet, before anything heavy is loaded."""
-    written = f" (the config compiled and {job_file} was written; nothing was trained)" if job_file else ""
+    written = " (nothing was trained)"
     if cfg.data_parallel_size() > 1:
         raise ChatftError(
             "not_available_yet",
@@ -39,8 +49,6 @@ def check_supported(cfg: TrainingConfig, job_file: Path | None = None) -> None:
             "set packed_sequence.split_across_pack=false (each conversation stays whole inside one pack)",
         )
     if cfg.logging.tensorboard:
-        from chatft.train.metrics import require_tensorboard
-
         require_tensorboard()
 
 
@@ -52,39 +60,52 @@ def resume_command() -> str | None:
     return None
 
 
-def run_step(compiled: CompiledConfig) -> None:
-    from chatft.run import run_dir
-    from chatft.train import memory
-    from chatft.train.loop import Trainer, prepare_run_dir
-    from chatft.train.model import load_tokenizer, pick_device
-
-    from chatft.run import JOB_FILE
-
-    cfg: TrainingConfig = compiled.validated
-    directory = run_dir(compiled)
-    check_supported(cfg, directory / JOB_FILE)
-    resume_from = prepare_run_dir(cfg, directory)
-
+def train(
+    cfg: TrainingConfig,
+    run_dir: str | Path,
+    train_data: PreparedData | None = None,
+    val_data: PreparedData | None = None,
+    *,
+    tokenizer: Any = None,
+    estimate: memory.MemoryEstimate | None = None,
+    resolved_config: dict[str, Any] | None = None,
+    resume_command: str | None = None,
+) -> TrainResult:
+    """The one way into training, for the CLI, the tests and the bench: refuse what cannot run, decide how the
+    run dir starts (fresh or resumed, `run_dir.prepare_run_dir`), check that weights, gradients and optimizer states
+    fit before any data is read, tokenize the data (unless given), check the estimate for the largest micro-batch
+    those rows form, then set up the `Trainer` and run it. The result keeps the trainer (`TrainResult.trainer`)
+    for callers that read the trained model back."""
+    run_dir = Path(run_dir)
+    check_supported(cfg)
+    resume_from = prepare_run_dir(cfg, run_dir)
+    device = pick_device()
     # Weights, gradients and optimizer states need only the model's config.json: a model that cannot fit
     # whatever the data stops before anything is read or loaded.
-    device = pick_device()
     memory.check_fits(memory.estimate_memory(cfg, device=device).weights_and_optimizer(), device, cfg.force,
                       what="the weights, gradients and optimizer states alone")
-
-    from chatft.data.pipeline import prepare_training_data
-
-    tokenizer = load_tokenizer(cfg.model)
-    train_data = prepare_training_data(cfg.dataset, tokenizer)  # also sets the chat template trained with
-    val_data = None
-    if cfg.validation_dataset is not None:
-        val_data = prepare_training_data(cfg.validation_dataset, tokenizer, key="validation_dataset")
-    # Activations and logits for the largest micro-batch these rows can form (not rows of seq_length).
-    estimate = memory.estimate_memory(cfg, device=device, lengths=memory.row_lengths(train_data, val_data))
-    fit_note = memory.check_fits(estimate, device, cfg.force)
-
-    trainer = Trainer(cfg, directory, tokenizer, train_data, val_data, estimate=estimate,
-                      resolved_config=compiled.effective(), resume_command=resume_command())
-    trainer.setup(resume_from, notes=[fit_note] if fit_note else [])
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    if train_data is None:
+        train_data = pipeline.prepare_training_data(cfg.dataset, tokenizer)  # also sets the chat template trained with
+        if cfg.validation_dataset is not None:
+            val_data = pipeline.prepare_training_data(cfg.validation_dataset, tokenizer, key="validation_dataset")
+    notes = []
+    if estimate is None:  # activations and logits for the largest micro-batch these rows form
+        estimate = memory.estimate_memory(cfg, device=device, lengths=memory.row_lengths(train_data, val_data))
+        notes.append(memory.check_fits(estimate, device, cfg.force) or "")
+    trainer = Trainer(cfg, run_dir, tokenizer, train_data, val_data, estimate=estimate,
+                      resolved_config=resolved_config, resume_command=resume_command)
+    trainer.setup(resume_from, notes=notes)
     result = trainer.train()
+    result.trainer = trainer
+    return result
+
+
+def run_step(compiled: CompiledConfig) -> None:
+    """`chatft run sft/automodel|peft/automodel`: train; a run stopped by a signal exits with its status."""
+    from chatft.run import run_dir
+
+    result = train(compiled.validated, run_dir(compiled), resolved_config=compiled.effective(),
+                   resume_command=resume_command())
     if result.stopped_by is not None:
         raise SystemExit(result.exit_code)

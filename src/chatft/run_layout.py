@@ -1,0 +1,34 @@
+"""The names inside a training run's directory (`checkpoint.checkpoint_dir`), in one torch-free module that the
+CLI, training, eval, merge and the bench all import, so no module spells them again.
+
+    job.yaml            JOB_FILE: raw and resolved config, argv, versions, host (written first)
+    metrics.jsonl       METRICS_FILE: one row per optimizer step
+    validation.jsonl    VALIDATION_FILE: one row per validation
+    loss.png            PLOT_FILE
+    tensorboard/        TENSORBOARD_DIR (logging.tensorboard=true)
+    checkpoints/        CHECKPOINTS: step_N/ and LATEST (their insides: `train.checkpoints`)
+    final/              FINAL: the artifact, with chatft_manifest.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+JOB_FILE = "job.yaml"
+METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
+PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+# What a run writes besides job.yaml: cleared when `checkpoint.overwrite=true` starts a run over.
+RUN_OUTPUTS = (FINAL, CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, PLOT_FILE, TENSORBOARD_DIR)
+
+
+def final_dir(run_dir: Path) -> Path:
+    return run_dir / FINAL
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS

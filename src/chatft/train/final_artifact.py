@@ -1,0 +1,47 @@
+"""The artifact of a finished run, `final/`: a `save_pretrained` model (full SFT) or a PEFT adapter (LoRA), with its
+tokenizer and `chatft_manifest.json`.
+
+In: the trained model, its tokenizer, the manifest (`Trainer._manifest`). Out: `final/`, written into `final.tmp/`
+first and renamed, so a `final/` that exists is whole. A full model is made ready for whoever loads it: the KV cache
+on again, generation stopping at the chat's end of turn (`artifacts.stop_at_end_of_turn`), and the weights in the
+dtype the config asked for (float32 master weights are written as bfloat16 or float16).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chatft import artifacts
+from chatft.config.schema import LoraSection
+from chatft.run_layout import FINAL, final_dir
+from chatft.train.model import quiet_hub_progress
+
+
+def save_final(run_dir: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any], *, lora: bool,
+               saved_dtype: torch.dtype, pad_id: int) -> Path:
+    final, tmp = final_dir(run_dir), run_dir / (FINAL + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not lora:
+        model.config.use_cache = True  # off while training; on for whoever loads the artifact
+        artifacts.stop_at_end_of_turn(model, tokenizer, pad_id)
+        if next(model.parameters()).dtype != saved_dtype:  # master weights: written in the dtype asked for
+            model.to(saved_dtype)
+    with quiet_hub_progress():
+        model.save_pretrained(tmp)  # full: weights + config + generation_config; LoRA: the adapter only
+    tokenizer.save_pretrained(tmp)
+    artifacts.write_manifest(tmp, manifest)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def lora_record(model: nn.Module, section: LoraSection) -> dict[str, Any]:
+    """The manifest's `lora`: rank, alpha, dropout and the modules PEFT really wrapped."""
+    targets = model.peft_config["default"].target_modules
+    return {"r": section.dim, "alpha": section.alpha, "dropout": section.dropout,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
