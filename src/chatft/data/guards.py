@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from chatft.data.locations import looks_like_hub_id, looks_like_path
 from chatft.errors import ChatftError
 
 PACKED_COLUMNS = {"input_ids", "loss_mask"}
@@ -116,8 +117,6 @@ def refuse_packed_parquet(path_or_glob: str) -> None:
 def check_dataset_path(path_or_id: str, key: str = "dataset.path_or_dataset_id") -> None:
     """Refuse packed Parquet, patterns, and local paths that do not exist. Hub ids pass through (they are
     refused when loading finds them neither local nor cached)."""
-    from chatft.data.readers import looks_like_hub_id
-
     if GLOB_CHARS.search(path_or_id):
         if not glob.glob(path_or_id, recursive=True):
             raise ChatftError("dataset_not_found", f"{key}={path_or_id} matches no file",
@@ -167,8 +166,6 @@ def check_model_location(key: str, value: str) -> None:
     HF_HUB_OFFLINE is set is refused without a lookup. Any other Hub id is left to transformers (online, it
     may well exist)."""
     from huggingface_hub import constants
-
-    from chatft.data.readers import looks_like_path
 
     local = Path(value).expanduser()
     if local.exists():

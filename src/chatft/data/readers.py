@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from chatft.data.guards import packed_rows_error
+from chatft.data.locations import looks_like_hub_id
 from chatft.errors import ChatftError
 
 GZIP_MAGIC = b"\x1f\x8b"
 PARQUET_MAGIC = b"PAR1"
 SNIFF_BYTES = 64 * 1024
 SNIPPET_CHARS = 160
-# Names that are clearly meant as local files: if such a path does not exist it is a typo, not a Hub id.
-FILE_SUFFIXES = {".json", ".jsonl", ".ndjson", ".gz", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".arrow"}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass(frozen=True)
@@ -83,16 +81,6 @@ def open_source(input: str, *, split: str | None = None, name: str | None = None
         f"input {input} does not exist (resolved to {path.resolve()})",
         "check the path, e.g. input=data/raw.jsonl, or give a Hub dataset id like org/name with split=train",
     )
-
-
-def looks_like_hub_id(text: str) -> bool:
-    return bool(HUB_ID.fullmatch(text)) and Path(text).suffix.lower() not in FILE_SUFFIXES
-
-
-def looks_like_path(text: str) -> bool:
-    """A value that can only mean a local path: anything not of the Hub's `name` / `org/name` form. So `./x`,
-    `../x`, `/x`, `~/x`, `a\\b` and `runs/sft/final` (two slashes) are paths; `org/name` and `gpt2` may be either."""
-    return not HUB_ID.fullmatch(text)
 
 
 # --------------------------------------------------------------------------- files

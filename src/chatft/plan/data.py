@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatft.data.guards import check_dataset_path
+from chatft.data.locations import looks_like_hub_id
 from chatft.errors import ChatftError
 
 CHARS_PER_TOKEN = 4
@@ -72,9 +74,6 @@ def _megatron_indexed(path: Path) -> bool:
 
 def inspect_data(path: str | None) -> DataFacts:
     """Read `--data` once, as data prep would, and describe it."""
-    from chatft.data.guards import check_dataset_path
-    from chatft.data.readers import looks_like_hub_id
-
     if path is None:
         return DataFacts(None, "none")
     local = Path(path).expanduser()

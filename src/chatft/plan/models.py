@@ -24,9 +24,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from chatft.data.locations import looks_like_path
 from chatft.errors import ChatftError
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 SIZE_HINT = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z0-9])", re.IGNORECASE)
 NEMOTRON3 = re.compile(r"nemotron[-_ ]?3[-_ ]?(nano|super)|(nano|super)[-_ ]?3(?![0-9])")
 MEGATRON_MARKERS = ("latest_checkpointed_iteration.txt", "latest_train_state.pt", "common.pt", "metadata.json")
@@ -174,8 +174,7 @@ def resolve_model(given: str) -> ModelFacts:
     path = Path(given).expanduser()
     if path.exists():
         return _local(given, path.resolve())
-    looks_like_path = given.startswith((".", "/", "~")) or given.count("/") > 1 or not HUB_ID.fullmatch(given)
-    if looks_like_path:
+    if looks_like_path(given):
         raise ChatftError("config_invalid", f"--model {given} does not exist (resolved to {path.resolve()})",
                           "give a local save_pretrained dir or a Hugging Face model id like org/name")
     cached = _cached_config(given)
