@@ -23,7 +23,7 @@ from chatft.train.model import (
     peft_target_modules,
     resolve_lora_targets,
 )
-from chatft.train.step import check_supported
+from chatft.config.support import check_supported
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 

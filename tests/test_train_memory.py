@@ -15,7 +15,6 @@ from chatft.errors import ChatftError
 from chatft.train import checkpoints, memory
 from chatft.train.loop import Trainer
 from chatft.train.step import train
-from chatft.train.step import check_supported
 
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
 
@@ -296,9 +295,11 @@ def test_free_memory_reads_the_machine():
 
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
-def test_tensorboard_without_the_extra_names_it(tiny_model_dir, tmp_path):
+def test_tensorboard_without_the_extra_names_it(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "setup", lambda *args, **kwargs: pytest.fail("refused only after loading"))
     with pytest.raises(ChatftError) as err:
-        check_supported(helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True))
+        train(helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True), tmp_path, data,
+              tokenizer=tokenizer)
     assert err.value.id == "config_invalid" and "chatft[tensorboard]" in err.value.hint
 
 

@@ -173,6 +173,9 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
     print_warnings(compiled.warnings)
     if dry_run:
         print(dry_run_text(compiled), end="")
+    if compiled.refusal is not None:  # after the dry run's config, before anything is written or loaded
+        raise compiled.refusal
+    if dry_run:
         return
     if step.id in PREFLIGHTS:
         _call(PREFLIGHTS[step.id], compiled)

@@ -212,8 +212,13 @@ class Translation:
         node[leaf] = value
 
     def warn(self, path: str, value: Any, instead: str) -> None:
-        shown = REDACTED if is_secret_key(path.rsplit(".", 1)[-1]) else _show(value)
-        self.warnings.append(f"`{path}: {shown}` does not apply: {instead}")
+        self.warnings.append(does_not_apply(path, value, instead))
+
+
+def does_not_apply(path: str, value: Any, instead: str) -> str:
+    """The one warning line for an accepted setting that has no effect."""
+    shown = REDACTED if is_secret_key(path.rsplit(".", 1)[-1]) else _show(value)
+    return f"`{path}: {shown}` does not apply: {instead}"
 
 
 def _show(value: Any) -> str:

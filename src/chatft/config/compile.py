@@ -14,7 +14,8 @@ from typing import Any
 
 from chatft.config.automodel import translate
 from chatft.config.loader import deep_merge, load_with_defaults, parse_overrides, resolve_interpolations
-from chatft.config.schema import SCHEMAS, Section, known_paths, validate_config
+from chatft.config import support
+from chatft.config.schema import SCHEMAS, Section, TrainingConfig, known_paths, validate_config
 from chatft.errors import ChatftError, did_you_mean
 from chatft.steps.registry import Step
 
@@ -49,6 +50,7 @@ class CompiledConfig:
     resolved: dict[str, Any]
     validated: Section
     warnings: list[str] = field(default_factory=list)
+    refusal: ChatftError | None = None  # training: what this release cannot do with it (`support.unsupported`)
 
     def effective(self) -> dict[str, Any]:
         """The config chatft runs with: every key, defaults filled in, JSON-friendly."""
@@ -89,7 +91,11 @@ def compile_config(step: Step, config: str | None = None, overrides: list[str] |
         validated = validate_config(step.config_schema, translated, source)
     except ChatftError as error:
         raise with_trainer_names(error, translated, step.config_schema) from None
-    return CompiledConfig(step, files, overrides, raw, resolved, validated, warnings)
+    refusal = None
+    if isinstance(validated, TrainingConfig):
+        warnings += support.no_effect_warnings(validated)
+        refusal = support.unsupported(validated)
+    return CompiledConfig(step, files, overrides, raw, resolved, validated, warnings, refusal)
 
 
 def _key_paths(node: Any, prefix: str = "") -> list[str]:

@@ -15,41 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from chatft.config.compile import CompiledConfig
+from chatft.config.support import check_supported
 from chatft.config.schema import TrainingConfig
 from chatft.data import pipeline
 from chatft.data.types import PreparedData
-from chatft.errors import ChatftError
 from chatft.train import memory
 from chatft.train.loop import Trainer, TrainResult
 from chatft.train.metrics import require_tensorboard
 from chatft.train.model import load_tokenizer, pick_device
 from chatft.train.run_dir import prepare_run_dir
-
-
-def check_supported(cfg: TrainingConfig) -> None:
-    """Refuse what this release cannot do yet, before anything heavy is loaded."""
-    written = " (nothing was trained)"
-    if cfg.data_parallel_size() > 1:
-        raise ChatftError(
-            "not_available_yet",
-            f"training on {cfg.data_parallel_size()} data-parallel processes is not implemented yet{written}",
-            "run on one process (drop --nproc-per-node / run.env.* / distributed.dp_size) for now",
-        )
-    for section in ("wandb", "mlflow"):
-        if getattr(cfg, section) is not None:
-            raise ChatftError(
-                "not_available_yet",
-                f"the `{section}` section is set but {section} logging is not implemented yet{written}",
-                f"remove the `{section}` section; metrics.jsonl, loss.png and logging.tensorboard=true are available",
-            )
-    if cfg.packed_sequence.split_across_pack:
-        raise ChatftError(
-            "not_available_yet",
-            f"packed_sequence.split_across_pack=true: splitting a conversation across packs is not implemented{written}",
-            "set packed_sequence.split_across_pack=false (each conversation stays whole inside one pack)",
-        )
-    if cfg.logging.tensorboard:
-        require_tensorboard()
 
 
 def resume_command() -> str | None:
@@ -78,6 +52,8 @@ def train(
     for callers that read the trained model back."""
     run_dir = Path(run_dir)
     check_supported(cfg)
+    if cfg.logging.tensorboard:  # an optional extra: its absence is found before anything loads
+        require_tensorboard()
     resume_from = prepare_run_dir(cfg, run_dir)
     device = pick_device()
     # Weights, gradients and optimizer states need only the model's config.json: a model that cannot fit
