@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import re
 from pathlib import Path
 from typing import Any
+
+from chatft import __version__
 
 MANIFEST_FILE = "chatft_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -137,6 +141,20 @@ def stop_at_end_of_turn(model: Any, tokenizer: Any, pad_id: int | None = None) -
 
 
 # --------------------------------------------------------------------------- manifest
+
+# The packages whose versions every job.yaml and manifest records.
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets", "tokenizers", "accelerate")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"chatft": __version__, "python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
 
 
 def build_manifest(

@@ -42,6 +42,7 @@ from chatft import artifacts
 from chatft.config.compile import CompiledConfig
 from chatft.config.schema import MergeConfig
 from chatft.errors import ChatftError
+from chatft.run_layout import JOB_FILE
 
 # Max |logit difference| allowed between the reloaded merged model and base+adapter, per output dtype, as a
 # fraction of the largest |logit| (at least 1). Rounding the merged weights to the output dtype is the only
@@ -219,7 +220,6 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 def _entries(directory: Path) -> list[str]:
     """What a dir holds, apart from the job.yaml `chatft run` writes there before the step starts."""
-    from chatft.run import JOB_FILE
 
     if not directory.is_dir():
         return []
@@ -437,7 +437,6 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatft.config.secrets import redact
-    from chatft.run import package_versions
     from chatft.train.model import load_errors, no_hub_kernels
 
     for line in plan.warnings:
@@ -515,7 +514,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
                      "merge_check": {"max_abs_logit_diff": diff, "tolerance": tolerance, "dtype": dtype,
                                      "adapter_max_abs_logit_change": adapter_effect, "probe_rows": len(rows),
                                      "probe_tokens": result.probe_tokens}},
-            versions=package_versions(),
+            versions=artifacts.package_versions(),
             lora=_lora_record(plan.adapter_config, plan.adapter_manifest),
         )
         manifest["adapter"] = artifacts.adapter_record(plan.adapter_dir, plan.adapter_manifest)
@@ -532,7 +531,6 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
 
 def _move_into_place(tmp: Path, output: Path) -> None:
     """Replace `output` by `tmp`, keeping the job.yaml `chatft run` wrote for this merge."""
-    from chatft.run import JOB_FILE
 
     if output.is_dir():
         if (output / JOB_FILE).is_file():

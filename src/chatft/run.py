@@ -18,14 +18,13 @@ from typing import Any
 
 import yaml
 
-from chatft import __version__
+from chatft.artifacts import package_versions
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
 from chatft.errors import ChatftError
+from chatft.run_layout import JOB_FILE
 from chatft.steps.registry import resolve_step
 
-JOB_FILE = "job.yaml"
-RECORDED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "datasets", "tokenizers", "accelerate")
 
 # Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
 # compiling a config never loads torch.
@@ -45,16 +44,6 @@ PREFLIGHTS: dict[str, str] = {
 
 def to_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"chatft": __version__, "python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def host_record(with_device: bool) -> dict[str, Any]:

@@ -542,7 +542,6 @@ class Trainer:
 
     def _manifest(self, elapsed: float) -> dict[str, Any]:
         cfg = self.cfg
-        from chatft.run import package_versions
 
         lora = final_artifact.lora_record(self.model, cfg.peft) if self.lora else None
         metrics = {
@@ -570,7 +569,7 @@ class Trainer:
             kind="lora" if self.lora else "full",
             base_model=artifacts.base_model_record(model_location(cfg.model), cfg.model.revision),
             tokenizer=self.tokenizer, data=data, config=redact(self.resolved_config), metrics=metrics,
-            versions=package_versions(), lora=lora,
+            versions=artifacts.package_versions(), lora=lora,
         )
 
     def _print_done(self, result: TrainResult) -> None:
