@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -155,3 +155,12 @@ def input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a micro-batch."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def describe_layout(cfg: Any, padding_free: bool, attention: str) -> str:
+    """How a step is split, for the start-up summary: 'N micro-batches of M, padding-free (sdpa attention)'."""
+    sched, budget = cfg.step_scheduler, cfg.packed_sequence.packed_sequence_size
+    layout = f"padding-free ({attention} attention)" if padding_free else "padded to the longest row"
+    if budget > 0:
+        return f"micro-batches: up to {budget} tokens of consecutive rows, {layout}"
+    return f"{cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}, {layout}"

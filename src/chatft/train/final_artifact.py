@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from chatft import artifacts
-from chatft.config.schema import LoraSection
+from chatft.config.schema import LoraSection, TrainingConfig
+from chatft.config.secrets import redact
+from chatft.data.types import PreparedData
 from chatft.run_layout import FINAL, final_dir
-from chatft.train.model import quiet_hub_progress
+from chatft.train.model import model_location, quiet_hub_progress
 
 
 def save_final(run_dir: Path, model: nn.Module, tokenizer: Any, manifest: dict[str, Any], *, lora: bool,
@@ -45,3 +47,17 @@ def lora_record(model: nn.Module, section: LoraSection) -> dict[str, Any]:
     targets = model.peft_config["default"].target_modules
     return {"r": section.dim, "alpha": section.alpha, "dropout": section.dropout,
             "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+
+
+def run_manifest(cfg: TrainingConfig, model: nn.Module, tokenizer: Any, metrics: dict[str, Any],
+                 train_data: PreparedData, val_data: PreparedData | None,
+                 resolved_config: dict[str, Any]) -> dict[str, Any]:
+    """chatft_manifest.json of a training run: its base, tokenizer, data, config (secrets redacted), metrics,
+    versions and, for LoRA, the adapter's settings."""
+    data = {"train": train_data.report.to_json(), "validation": val_data.report.to_json() if val_data else None}
+    return artifacts.build_manifest(
+        kind="lora" if cfg.peft is not None else "full",
+        base_model=artifacts.base_model_record(model_location(cfg.model), cfg.model.revision),
+        tokenizer=tokenizer, data=data, config=redact(resolved_config), metrics=metrics,
+        versions=artifacts.package_versions(), lora=lora_record(model, cfg.peft) if cfg.peft is not None else None,
+    )

@@ -19,21 +19,18 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from chatft import artifacts
 from chatft.config.schema import TrainingConfig
-from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
-from chatft.errors import ChatftError
 from chatft.run_layout import METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
 from chatft.train import final_artifact, resume_check
-from chatft.train.metrics import JsonlLog, ProgressDisplay, TensorBoard, format_duration, plot_losses
+from chatft.train.metrics import JsonlLog, ProgressDisplay, TensorBoard, done_line, plot_losses
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 model_location, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
+from chatft.train.optimizer import build_optimizer
 from chatft.train.queued_step import PendingRow, QueuedStep, StepClock
 from chatft.train.schedule import LRSchedule
-from chatft.train.stochastic_rounding import StochasticRoundingAdamW
 from chatft.train.stop_signal import StopFlag
 
 MB = 1024 * 1024
@@ -56,12 +53,6 @@ class TrainResult:
     exit_code: int = 0
     checkpoint: Path | None = None
     trainer: Trainer | None = dataclasses.field(default=None, repr=False, compare=False)  # set by `step.train`
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
 
 
 class Trainer:
@@ -173,34 +164,18 @@ class Trainer:
                               "and counted")
 
     def _check_padding_free(self) -> bool:
-        """Padding-free micro-batches when asked for (the default) and the model keeps packed conversations
-        apart (`padding_free.boundary_leak`); otherwise padded ones, with a note saying why. With sdpa, the
-        attention runs per conversation without any mask (`attention.SEGMENT_SDPA`) where the model's layers
-        allow it, else transformers' sdpa uses its packed-sequence masks."""
-        packing = self.cfg.packed_sequence
-        if not (packing.padding_free or packing.packed_sequence_size > 0):
-            return False
-        kept_apart, leak = padding_free.switch_to_padding_free(
-            self.model, self.cfg.model.attn_implementation, probe_vocab_size(self.tokenizer, self.model),
-            self.device, self.dtype, self._compute_precision)
-        if kept_apart:
-            return True
-        if packing.packed_sequence_size > 0:
-            raise ChatftError(
-                "config_invalid",
-                f"packed_sequence.packed_sequence_size={packing.packed_sequence_size}, but this model lets packed "
-                f"conversations see each other (logits of a packed row differ by {leak:.2e} of their scale from the "
-                f"row alone, with attn_implementation={self.cfg.model.attn_implementation})",
-                "set packed_sequence.packed_sequence_size=0, or model.attn_implementation=sdpa / flash_attention_2",
-            )
-        self.notes.append(
-            f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
-            f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")
-        loaded = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.estimate, fit_note = memory.check_padded_fallback(
-            self.cfg, self.device, memory.row_lengths(self.train_data, self.val_data), self.estimate, loaded)
-        self.notes.append(fit_note or "")
-        return False
+        """Padding-free micro-batches where asked for and the loaded model keeps them apart (`padding_free`);
+        a fall-back to padded ones is estimated and checked again."""
+        kept_apart, note = padding_free.choose_layout(
+            self.model, self.cfg, probe_vocab_size(self.tokenizer, self.model), self.device, self.dtype,
+            self._compute_precision)
+        self.notes.append(note or "")
+        if note:
+            loaded = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            self.estimate, fit_note = memory.check_padded_fallback(
+                self.cfg, self.device, memory.row_lengths(self.train_data, self.val_data), self.estimate, loaded)
+            self.notes.append(fit_note or "")
+        return kept_apart
 
     def _micro_batches(self, rows: list) -> list[dict[str, torch.Tensor]]:
         return batching.micro_batches(rows, self.cfg.step_scheduler.local_batch_size, self.pad_id,
@@ -211,33 +186,9 @@ class Trainer:
         """Autocast to the compute dtype where the trained parameters are float32 below it (`precision`)."""
         return self.precision.context(self.device)
 
-    def _micro_batch_layout(self) -> str:
-        sched, budget = self.cfg.step_scheduler, self.cfg.packed_sequence.packed_sequence_size
-        layout = (f"padding-free ({attention.implementation(self.model)} attention)" if self.padding_free
-                  else "padded to the longest row")
-        if budget > 0:
-            return f"micro-batches: up to {budget} tokens of consecutive rows, {layout}"
-        return f"{self.cfg.grad_accumulation_steps()} micro-batches of {sched.local_batch_size}, {layout}"
-
     def _setup_optimizer(self) -> None:
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-            (no_decay if skip else decay).append(param)
-        opt = self.cfg.optimizer
-        self.trainable = decay + no_decay
-        groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.precision.stochastic_rounding:
-            self.optimizer = StochasticRoundingAdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                                     seed=self.cfg.seed)
-            return
-        # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one pass: on 2 CPU cores
-        # it took 63 ms for 134M float32 parameters against 418 ms for the default multi-tensor loop.
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True if self.device.type in ("cuda", "cpu") else None,
-        )
+        self.optimizer, self.trainable = build_optimizer(self.model, self.cfg.optimizer, self.precision, self.device,
+                                                         self.cfg.seed)
 
     def _setup_data(self) -> None:
         cfg, sched = self.cfg, self.cfg.step_scheduler
@@ -276,17 +227,9 @@ class Trainer:
                 self.validation_log.truncate_after(0)
             return
         state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device)
-        # What every checkpoint records, also those written before whole configs were (`resume_check`).
-        expected = {"global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
-                    "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full"}
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if changed:
-            listing = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise ChatftError(
-                "resume_mismatch",
-                f"cannot resume from {path}: the run changed ({listing}), so the data position would mean something else",
-                "resume with the settings the checkpoint was written with, or checkpoint.resume=false to start fresh",
-            )
+        resume_check.check_data_position(state, str(path), global_batch_size=self.cfg.step_scheduler.global_batch_size,
+                                         seed=self.cfg.seed, train_rows=len(self.lengths),
+                                         kind="lora" if self.lora else "full")
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
         self.last_train_loss = state.get("train_loss")
@@ -316,7 +259,7 @@ class Trainer:
             self.params.line(),
             f"data: {len(self.lengths)} training rows{validation}",
             f"steps: {self.total_steps} ({self.steps_per_epoch} per epoch) of {sched.global_batch_size} rows; "
-            f"{self._micro_batch_layout()}",
+            f"{batching.describe_layout(cfg, self.padding_free, attention.implementation(self.model))}",
             *self.estimate.lines(),
             *[n for n in self.notes if n],
         ]
@@ -482,7 +425,7 @@ class Trainer:
         try:
             return function(*args)
         except Exception as exc:
-            if not _is_out_of_memory(exc):
+            if not memory.is_out_of_memory(exc):
                 raise
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
@@ -541,9 +484,6 @@ class Trainer:
         return final
 
     def _manifest(self, elapsed: float) -> dict[str, Any]:
-        cfg = self.cfg
-
-        lora = final_artifact.lora_record(self.model, cfg.peft) if self.lora else None
         metrics = {
             "train_loss": self.last_train_loss,
             "val_loss": self.last_val and self.last_val["loss"],
@@ -563,25 +503,10 @@ class Trainer:
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)
         if self.resumes:
             metrics["resumes"] = self.resumes
-        data = {"train": self.train_data.report.to_json(),
-                "validation": self.val_data.report.to_json() if self.val_data else None}
-        return artifacts.build_manifest(
-            kind="lora" if self.lora else "full",
-            base_model=artifacts.base_model_record(model_location(cfg.model), cfg.model.revision),
-            tokenizer=self.tokenizer, data=data, config=redact(self.resolved_config), metrics=metrics,
-            versions=artifacts.package_versions(), lora=lora,
-        )
+        return final_artifact.run_manifest(self.cfg, self.model, self.tokenizer, metrics, self.train_data,
+                                           self.val_data, self.resolved_config)
 
     def _print_done(self, result: TrainResult) -> None:
-        if not self.is_main:
-            return
-        rate = result.tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
-        peak = self._peak_memory() / MB
-        estimate = f" (estimate {self.estimate.total / MB:,.0f} MB)" if self.estimate else ""
-        losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
-        if result.val_loss is not None:
-            losses += f", validation loss {result.val_loss:.4f}"
-        kind = "checkpoint_lora (PEFT adapter)" if self.lora else "checkpoint_hf (save_pretrained dir)"
-        print(f"done: {result.steps} steps in {format_duration(result.elapsed_s)}, {result.tokens:,} tokens "
-              f"({rate:,.0f} tokens/s), {losses}, peak memory {peak:,.0f} MB{estimate}\n"
-              f"artifact: {result.final_dir} [{kind}]", flush=True)
+        if self.is_main:
+            print(done_line(result, self._peak_memory(), self.estimate.total if self.estimate else None, self.lora),
+                  flush=True)

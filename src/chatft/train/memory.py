@@ -357,6 +357,12 @@ def free_memory(device: torch.device) -> int | None:
     return min(candidates) if candidates else None
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
+
+
 def advice_ladder(lora: bool) -> str:
     first = ("lower peft.dim (e.g. peft.dim=8)" if lora else
              "train a LoRA adapter instead of every weight: peft=lora (or run peft/automodel)")

@@ -18,6 +18,8 @@ from typing import Any
 from chatft.errors import ChatftError
 from chatft.run_layout import METRICS_FILE, PLOT_FILE, VALIDATION_FILE
 
+MB = 1024 * 1024
+
 
 class JsonlLog:
     """An append-only JSON-lines file of rows keyed by `step`."""
@@ -142,3 +144,16 @@ class ProgressDisplay:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def done_line(result: Any, peak_bytes: int, estimate_bytes: int | None, lora: bool) -> str:
+    """The end of a run in two lines: steps, time, tokens, losses, peak memory against the estimate, the artifact."""
+    rate = result.tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    estimate = f" (estimate {estimate_bytes / MB:,.0f} MB)" if estimate_bytes else ""
+    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps"
+    if result.val_loss is not None:
+        losses += f", validation loss {result.val_loss:.4f}"
+    kind = "checkpoint_lora (PEFT adapter)" if lora else "checkpoint_hf (save_pretrained dir)"
+    return (f"done: {result.steps} steps in {format_duration(result.elapsed_s)}, {result.tokens:,} tokens "
+            f"({rate:,.0f} tokens/s), {losses}, peak memory {peak_bytes / MB:,.0f} MB{estimate}\n"
+            f"artifact: {result.final_dir} [{kind}]")

@@ -21,6 +21,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
+from chatft.config.schema import TrainingConfig
+from chatft.errors import ChatftError
 from chatft.train import attention
 from chatft.train.model import causal_lm
 
@@ -81,3 +83,28 @@ def switch_to_padding_free(
 def tolerance(dtype: torch.dtype) -> float:
     """Relative difference allowed for kernel rounding: alone and packed rows run different shapes."""
     return 1e-4 if dtype == torch.float32 else 3e-2
+
+
+def choose_layout(model: torch.nn.Module, cfg: TrainingConfig, vocab_size: int, device: torch.device,
+                  dtype: torch.dtype, precision: Callable[[], AbstractContextManager]) -> tuple[bool, str | None]:
+    """(padding-free?, the note saying why not). Padding-free micro-batches when the config asks for them (the
+    default, or a pack budget) and the loaded model keeps packed conversations apart (`boundary_leak`); with sdpa
+    the attention then runs per conversation without any mask (`attention.SEGMENT_SDPA`) where the model's layers
+    allow it, else transformers' sdpa uses its packed-sequence masks. A model that lets them mix trains on padded
+    micro-batches, except under a pack budget, which cannot be kept: that is refused."""
+    packing, attn = cfg.packed_sequence, cfg.model.attn_implementation
+    if not (packing.padding_free or packing.packed_sequence_size > 0):
+        return False, None
+    kept_apart, leak = switch_to_padding_free(model, attn, vocab_size, device, dtype, precision)
+    if kept_apart:
+        return True, None
+    if packing.packed_sequence_size > 0:
+        raise ChatftError(
+            "config_invalid",
+            f"packed_sequence.packed_sequence_size={packing.packed_sequence_size}, but this model lets packed "
+            f"conversations see each other (logits of a packed row differ by {leak:.2e} of their scale from the "
+            f"row alone, with attn_implementation={attn})",
+            "set packed_sequence.packed_sequence_size=0, or model.attn_implementation=sdpa / flash_attention_2",
+        )
+    return False, (f"note: padded micro-batches: this model does not keep padding-free rows apart (logits differ by "
+                   f"{leak:.2e} of their scale), so packed_sequence.padding_free=true was not used")

@@ -105,6 +105,19 @@ def check_resume(cfg: TrainingConfig, state: dict[str, Any], where: str,
     return changes
 
 
+def check_data_position(state: dict[str, Any], where: str, **expected: Any) -> None:
+    """What every checkpoint records, those written before whole configs were (`check_resume`) too: the global
+    batch, seed, number of training rows and kind of run, without which the saved data position means nothing."""
+    changed = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+    if changed:
+        listing = ", ".join(f"{key}: {old} -> {new}" for key, (old, new) in changed.items())
+        raise ChatftError(
+            "resume_mismatch",
+            f"cannot resume from {where}: the run changed ({listing}), so the data position would mean something else",
+            "resume with the settings the checkpoint was written with, or checkpoint.resume=false to start fresh",
+        )
+
+
 def _show(value: Any) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 80 else text[:77] + "..."
