@@ -28,20 +28,6 @@ from chatft.steps.registry import resolve_step
 
 # Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
 # compiling a config never loads torch.
-IMPLEMENTATIONS: dict[str, str] = {
-    "data_prep/chat_jsonl": "chatft.data.prep:run_step",
-    "sft/automodel": "chatft.train.step:run_step",
-    "peft/automodel": "chatft.train.step:run_step",
-    "eval/model_eval": "chatft.evaluate:run_step",
-    "convert/merge_lora": "chatft.merge:run_step",
-}
-# Checks that must pass before job.yaml is written into the output (which may overlap an input).
-PREFLIGHTS: dict[str, str] = {
-    "convert/merge_lora": "chatft.merge:preflight",
-    "eval/model_eval": "chatft.evaluate:preflight",
-}
-
-
 def to_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
@@ -166,8 +152,8 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
         raise compiled.refusal
     if dry_run:
         return
-    if step.id in PREFLIGHTS:
-        _call(PREFLIGHTS[step.id], compiled)
+    if step.preflight:
+        _call(step.preflight, compiled)
     check_training_model(compiled)
     write_job(compiled, argv)
-    _call(IMPLEMENTATIONS[step.id], compiled)
+    _call(step.entry_point, compiled)

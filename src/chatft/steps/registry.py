@@ -74,6 +74,8 @@ class Step:
     config_schema: str  # which schema in chatft.config.schema validates this step's configs
     output_key: str  # the config key naming the run's output (job.yaml goes there, or beside it)
     output_is_file: bool  # the output key names a file: the run's folder is the file's folder
+    entry_point: str  # "module:function" that runs the step, given its CompiledConfig
+    preflight: str | None  # "module:function" checked before job.yaml is written, or None
     dir: Path = field(compare=False)
 
     @property
@@ -159,6 +161,8 @@ def load_step(manifest_path: Path) -> Step:
         config_schema=_require(raw, "config_schema", manifest_path),
         output_key=_require(raw, "output_key", manifest_path),
         output_is_file=raw.get("output_is_file", False),
+        entry_point=_require(raw, "entry_point", manifest_path),
+        preflight=raw.get("preflight"),
         dir=step_dir,
     )
 
