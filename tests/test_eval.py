@@ -322,3 +322,47 @@ def test_cli_errors_are_blocks_without_traceback(tiny_model_dir, tiny_model_no_t
     no_template = chatft("run", "eval/model_eval", "targets=[base]", f"base={tiny_model_no_template_dir}",
                          f"dataset.path_or_dataset_id={eval_data}", "output_dir=e2", cwd=tmp_path)
     assert "dataset.chat_template" in assert_error_block(no_template, "chat_template_missing")
+
+
+def test_prompts_are_answered_in_batches_as_one_at_a_time(tiny_model_dir, tokenizer, monkeypatch):
+    """Generation is memory-bound on a CPU (every new token reads all the weights), so prompts of different
+    lengths are answered together, left-padded, `local_batch_size` at a time; each answer is the one the prompt
+    gets alone."""
+    from chatft.evaluate import Prompt, Target, generate_answers
+    from chatft.train.model import load_model
+
+    def cfg(local_batch_size: int):
+        return eval_config(Path("out"), Path("rows.jsonl"), targets=["base"], base=str(tiny_model_dir),
+                           local_batch_size=local_batch_size)
+
+    target = Target("base", str(tiny_model_dir))
+    model = load_model(target.model_section(cfg(1)), torch.device("cpu"), torch.float32, key="base").eval()
+    questions = ["Hi", "What is the capital of Italy? Please answer in one short sentence.", "Name three colours."]
+    prompts = []
+    for number, question in enumerate(questions, start=1):
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompts.append(Prompt(number, messages, "Rome", list(ids["input_ids"])))
+    assert len({len(p.input_ids) for p in prompts}) == 3  # padding is exercised
+    calls = []
+    original = type(model).generate
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", counted)
+    alone = generate_answers(model, prompts, tokenizer, cfg(1), torch.device("cpu"))
+    assert calls == [1, 1, 1]
+    calls.clear()
+    together = generate_answers(model, prompts, tokenizer, cfg(2), torch.device("cpu"))
+    assert sorted(calls) == [1, 2]
+    assert together == alone
+
+
+def test_an_answer_ends_at_its_first_stop_token():
+    from chatft.evaluate import answer_tokens
+
+    assert answer_tokens([5, 6, 2, 0, 0], stop=[2]) == ([5, 6, 2], True)  # what follows a stop is padding
+    assert answer_tokens([5, 0, 6], stop=[2]) == ([5, 0, 6], False)  # a generated pad id before any stop stays
+    assert answer_tokens([], stop=[2]) == ([], False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_two_gpus_adapter_wanted_on_chat_jsonl_is_peft_without_prep_or_packing(t
     settings = step_settings(result, train)
     assert settings["dataset.path_or_dataset_id"] == str(data)
     assert "packed_sequence.packed_sequence_size" not in settings  # the default 0: no packing
-    assert settings["run.env.nprocs_per_node"] == 2
+    assert "run.env.nprocs_per_node" not in settings  # this release trains on one process
 
 
 def test_four_gpus_fine_tuning_an_8b_model_goes_lora_because_full_sft_does_not_fit():
@@ -287,6 +288,59 @@ def test_written_configs_compile_and_the_mermaid_edges_type_check(tmp_path):
         produced = [inputs[src_key]] if src_key in inputs else [p.type for p in steps[src].produces]
         assert type_name in produced, (src, type_name)
         assert any(is_a(type_name, port.type) for port in steps[dst].consumes), (dst, type_name)
+
+
+def plan_commands(out: Path) -> list[list[str]]:
+    """The commands plan.md lists, in order."""
+    block = (out / "plan.md").read_text().split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def assert_runnable_today(argv: list[str], cwd: Path) -> None:
+    """Accepted by `chatft run` as this release is: it compiles (--dry-run) and a training config passes the
+    refusals training makes before anything loads (several processes are `not_available_yet`)."""
+    from chatft.config.compile import compile_config
+    from chatft.train.step import check_supported
+
+    assert argv[:2] == ["chatft", "run"] and "--nproc-per-node" not in argv, argv
+    compiled = chatft(*argv[1:], "--dry-run", cwd=cwd)
+    assert compiled.returncode == 0, compiled.stderr
+    step = all_steps()[argv[2]]
+    if step.config_schema == "training":
+        config = compile_config(step, argv[argv.index("-c") + 1]).validated
+        check_supported(config)
+        assert config.data_parallel_size() == 1
+
+
+def test_a_multi_gpu_plan_writes_commands_that_run_today_on_one_process(tmp_path):
+    out = tmp_path / "plan"
+    result = run_plan(PlanRequest(gpus=8, model=SMOL, gpu_memory_gb=80, nodes=2, out=str(out)))
+    commands = plan_commands(out)
+    assert [argv[2] for argv in commands] == [step.id for step in result.chain.steps]
+    for argv in commands:
+        assert_runnable_today(argv, tmp_path)
+    for path in out.glob("*.yaml"):
+        assert "--nproc-per-node" not in path.read_text() and "run" not in yaml.safe_load(path.read_text())
+    text = (out / "plan.md").read_text()
+    assert "this release trains on one process" in text and "scale-out" in text
+    assert re.search(r"full SFT \(one process, local_batch_size \d\): [\d.]+ GB per GPU, fits", text)
+
+
+def test_training_that_needs_several_gpus_is_not_given_a_command(tmp_path):
+    """Full SFT of an 8B model fits on 8 x 80 GB only sharded: its config is written for the scale-out, but
+    plan.md lists only the commands that run today and says how to plan a run for one GPU."""
+    out = tmp_path / "plan"
+    result = run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=80, out=str(out)))
+    assert not result.decision.lora
+    commands = plan_commands(out)
+    assert [argv[2] for argv in commands] == ["eval/model_eval"]  # the baseline; training and what follows wait
+    for argv in commands:
+        assert_runnable_today(argv, tmp_path)
+    text = (out / "plan.md").read_text()
+    assert "not runnable in this release" in text and "scale-out" in text
+    assert f"chatft plan --gpus 1 --gpu-memory-gb 80 --model {LLAMA_8B}" in text
+    train_config = config_path(result, 2, result.chain.steps[1]).read_text()
+    assert "# Run:" not in train_config and "not_available_yet" in train_config
 
 
 def test_chain_type_check_rejects_a_wrong_edge():

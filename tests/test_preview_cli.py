@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from clirun import run_chatft
+from clirun import assert_error_block, run_chatft
 
 
 def preview(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -130,3 +130,26 @@ def test_preview_counts_validation_rows_and_sizes_the_estimate_for_them(data_dir
     human = preview(*common, "validation_dataset.path_or_dataset_id=val.jsonl", cwd=data_dir)
     assert human.returncode == 0, human.stderr
     assert "validation rows: 2 in, 1 used, 1 no_assistant; 0 over seq_length" in human.stdout
+
+
+def test_preview_takes_the_step_whose_config_it_previews(data_dir, tiny_model_dir):
+    """`chatft preview peft/automodel -c tiny` previews peft/automodel's tiny config (LoRA), as the README's
+    next command runs it; without a step id it is sft/automodel's, as before."""
+    common = ("-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+              "dataset.path_or_dataset_id=train.jsonl", "--json")
+    lora = preview("peft/automodel", *common, cwd=data_dir)
+    assert lora.returncode == 0, lora.stderr
+    assert json.loads(lora.stdout)["stats"]["memory_estimate"]["lora"]
+    full = preview(*common, cwd=data_dir)
+    assert full.returncode == 0, full.stderr
+    assert not json.loads(full.stdout)["stats"]["memory_estimate"]["lora"]
+    text = preview("peft/automodel", *common[:-1], cwd=data_dir)
+    assert text.returncode == 0 and "memory estimate (LoRA" in text.stdout, text.stdout + text.stderr
+
+
+def test_preview_refuses_a_step_that_does_not_train(data_dir):
+    result = preview("eval/model_eval", "-c", "tiny", cwd=data_dir)
+    stderr = assert_error_block(result, "config_invalid")
+    assert "eval/model_eval" in stderr and "sft/automodel" in stderr and "peft/automodel" in stderr
+    typo = preview("peft/automdel", "-c", "tiny", cwd=data_dir)
+    assert "did you mean peft/automodel" in assert_error_block(typo, "config_invalid")

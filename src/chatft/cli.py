@@ -115,20 +115,45 @@ def prep(
     runner.run("data_prep/chat_jsonl", None, settings + list(overrides or []), dry_run=dry_run, argv=sys.argv[1:])
 
 
+PREVIEW_DEFAULT_STEP = "sft/automodel"
+
+
+def split_preview_args(args: list[str]) -> tuple[str, list[str]]:
+    """`[ID] [KEY.PATH=VALUE]...`: a first argument without `=` is the step id, the rest are overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return PREVIEW_DEFAULT_STEP, args
+
+
 @app.command()
 def preview(
-    config: str = typer.Option(..., "-c", "--config", help="A training config (path, or a name of sft/automodel's)."),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY.PATH=VALUE]..."),
+    args: Optional[list[str]] = typer.Argument(
+        None, metavar="[ID] [KEY.PATH=VALUE]...",
+        help=f"The training step whose config -c names (sft/automodel or peft/automodel; default "
+             f"{PREVIEW_DEFAULT_STEP}), then config overrides."),
+    config: str = typer.Option(..., "-c", "--config",
+                               help="A training config: a path, or a name in the step's config dir (e.g. tiny)."),
     rows: int = typer.Option(3, "--rows", min=1, help="How many rows to show."),
     as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
 ) -> None:
-    """Tokenize and mask a few rows, with length stats and a memory estimate; no training."""
+    """Tokenize and mask a few rows, with length stats and a memory estimate; no training.
+
+    `chatft preview peft/automodel -c tiny` previews what `chatft run peft/automodel -c tiny` trains."""
     from chatft import preview as previewer
     from chatft.config.compile import compile_config
     from chatft.run import print_warnings
     from chatft.steps.registry import resolve_step
 
-    compiled = compile_config(resolve_step("sft/automodel"), config, list(overrides or []))
+    step_id, overrides = split_preview_args(list(args or []))
+    step = resolve_step(step_id)
+    if step.config_schema != "training":
+        raise ChatftError(
+            "config_invalid",
+            f"chatft preview shows what a training step trains; {step.id} does not train",
+            "preview a training config: `chatft preview sft/automodel -c CONFIG` or "
+            "`chatft preview peft/automodel -c CONFIG`",
+        )
+    compiled = compile_config(step, config, overrides)
     print_warnings(compiled.warnings)
     previewer.preview(compiled.validated, rows=rows, as_json=as_json)
 

@@ -15,6 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from chatft import paths
 from chatft.errors import ChatftError
 
 DEFAULTS_KEY = "defaults"
@@ -160,9 +161,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def resolve_interpolations(config: dict[str, Any]) -> dict[str, Any]:
-    """Resolve `${oc.env:VAR,default}`, `${oc.select:key,default}` and plain `${key}` references."""
+    """Resolve `${oc.env:VAR,default}`, `${oc.select:key,default}`, `${chatft.demo_model:}` and plain `${key}`
+    references."""
     from omegaconf import OmegaConf
 
+    # `${chatft.demo_model:}`: the demo model `make demo-model` built, else its Hub id (the tiny configs use it)
+    OmegaConf.register_new_resolver("chatft.demo_model", paths.demo_model, replace=True)
     try:
         return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     except Exception as exc:

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
+from chatft import paths
 
 FORMAT_VERSION = 2  # bump when the tokenization, the stored layout or the report's fields change
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CHATFT_CACHE_DIR", Path.home() / ".cache" / "chatft")) / "tokenized"
+    return paths.cache_root() / "tokenized"
 
 
 def cache_key(parts: dict[str, Any]) -> str:

@@ -5,6 +5,11 @@ the step's shipped `default.yaml` (by absolute path) and holds only the keys tha
 command that runs it; the report, as terminal text or as `plan.md` (with the chain as a Mermaid flowchart).
 Every written config is compiled before the plan calls it ready: one that does not compile is a planner bug.
 Paths in the configs are absolute (inputs) or under the plan dir (outputs), so the commands run from anywhere.
+
+This release trains on one process (several are `not_available_yet`), so a plan never writes a command
+`chatft run` refuses: for a layout of several GPUs or nodes, the training config is sized for one GPU of it
+(`one_process_fit`) and runs there; when the chosen mode fits only spread over the layout, that config keeps
+the layout for the coming scale-out, and plan.md lists only the commands that run today.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import yaml
 
 from chatft.plan import Plan
 from chatft.plan.chain import PlannedStep
-from chatft.plan.fit import GB, estimate
+from chatft.plan.fit import GB, GpuEstimate, Layout, estimate, ladder
 from chatft.steps.registry import all_steps
 
 DEFAULT_GLOBAL_BATCH = 32
@@ -52,6 +57,43 @@ def global_batch(local: int, world: int) -> int:
     return max(1, math.ceil(DEFAULT_GLOBAL_BATCH / unit)) * unit
 
 
+def one_process_layout(plan: Plan) -> Layout:
+    """One GPU of the plan's layout (or the CPU): where this release trains."""
+    layout = plan.facts.layout
+    return Layout(min(layout.gpus, 1), 1, layout.memory)
+
+
+def one_process_fit(plan: Plan) -> GpuEstimate | None:
+    """The first rung of the ladder at which the chosen mode fits on one process, or None."""
+    if plan.facts.layout.world == 1:
+        return plan.fit
+    facts = plan.facts
+    return ladder(facts.model, one_process_layout(plan), lora=plan.decision.lora, seq_length=facts.seq_length,
+                  local_batch_size=facts.local_batch_size, batch_fixed=plan.request.local_batch_size is not None)
+
+
+def one_process_estimate(plan: Plan) -> GpuEstimate:
+    """What one process needs: its fit, else the last rung of the ladder (the smallest ask), which does not fit."""
+    fit = one_process_fit(plan)
+    if fit is not None:
+        return fit
+    return estimate(plan.facts.model, one_process_layout(plan), lora=plan.decision.lora,
+                    seq_length=plan.facts.seq_length, local_batch_size=1, activation_checkpointing=True)
+
+
+def trains_today(plan: Plan) -> bool:
+    """Whether the training step runs in this release: on one process."""
+    return one_process_fit(plan) is not None
+
+
+def runs_today(plan: Plan, step: PlannedStep) -> bool:
+    """Steps before training always run; training and the steps after it need training to run today."""
+    if trains_today(plan):
+        return True
+    roles = [s.role for s in plan.chain.steps]
+    return "train" in roles and roles.index(step.role) < roles.index("train")
+
+
 def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
     """Dotted key -> value: what this step needs, before dropping what its default.yaml already says."""
     facts, decision, paths = plan.facts, plan.decision, _paths(plan)
@@ -77,6 +119,9 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
     if step.role == "merge":
         return {"lora_checkpoint": paths["train_dir"], "output_hf_path": paths["merged"]}
     assert step.role == "train" and fit is not None
+    today = one_process_fit(plan)
+    if today is not None:  # what runs now: one process, sized for one GPU of the layout
+        fit, layout = today, one_process_layout(plan)
     settings = {
         "model.pretrained_model_name_or_path": facts.model.location,
         "model.torch_dtype": layout.dtype,
@@ -135,8 +180,14 @@ def differing(step_id: str, settings: dict[str, Any]) -> dict[str, Any]:
 def config_text(plan: Plan, step: PlannedStep) -> str:
     default_path, _ = _default_config(step.id)
     body = differing(step.id, step_settings(plan, step))
-    header = (f"# {step.id}, written by `chatft plan`: the shipped default.yaml plus only the keys that differ.\n"
-              f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n")
+    header = f"# {step.id}, written by `chatft plan`: the shipped default.yaml plus only the keys that differ.\n"
+    if runs_today(plan, step):
+        header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
+    elif step.role == "train":
+        header += (f"# Needs the {plan.facts.layout.world} processes of the plan: training on several processes is "
+                   "not in this release\n# (chatft run refuses it with error[not_available_yet]); see plan.md.\n")
+    else:
+        header += "# Runs after the training step, which needs training on several processes; see plan.md.\n"
     document = {"defaults": str(default_path), **body}
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
@@ -147,9 +198,19 @@ def config_path(plan: Plan, index: int, step: PlannedStep) -> Path:
 
 
 def command(plan: Plan, step: PlannedStep, path: Path) -> str:
-    parts = ["chatft", "run", step.id, "-c", str(path)]
-    if step.role == "train" and plan.facts.layout.gpus > 1:
-        parts += ["--nproc-per-node", str(plan.facts.layout.gpus)]
+    """One process, as this release trains: the config holds every setting, so no --nproc-per-node."""
+    return shlex.join(["chatft", "run", step.id, "-c", str(path)])
+
+
+def one_gpu_plan_command(plan: Plan) -> str:
+    """`chatft plan` again for one GPU of the layout: a plan whose every command runs in this release."""
+    request, layout = plan.request, plan.facts.layout
+    parts = ["chatft", "plan", "--gpus", str(min(layout.gpus, 1))]
+    parts += ["--gpu-memory-gb", f"{layout.memory / GB:g}", "--model", request.model]
+    for flag, value in (("--want", request.want), ("--data", request.data), ("--seq-length", request.seq_length),
+                        ("--local-batch-size", request.local_batch_size)):
+        if value is not None:
+            parts += [flag, str(value)]
     return shlex.join(parts)
 
 
@@ -206,6 +267,8 @@ def memory_lines(plan: Plan) -> list[str]:
     if fit is not None and fit.lora and facts.full_fit is not None:
         lines.append(f"  full SFT also fits at {facts.full_fit.settings()} ({facts.full_fit.total / GB:,.1f} GB per "
                      "GPU): the next step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
+    if layout.world > 1 and fit is not None:
+        lines.append(f"  this release trains on one process: {one_process_estimate(plan).line()}")
     if plan.memory_assumed:
         lines.append(f"  assumed: {plan.memory_assumed}")
     lines.append("  (the training engine's own estimate, chatft.train.memory; `chatft preview -c CONFIG` measures "
@@ -262,10 +325,28 @@ def render(plan: Plan, written: list[tuple[PlannedStep, Path]] | None, markdown:
         lines.append(f"{head}commands, in order" if markdown else "commands, in order:")
         if markdown:
             lines.append("```sh")
-        lines += [("" if markdown else "  ") + command(plan, step, path) for step, path in written]
+        lines += [("" if markdown else "  ") + command(plan, step, path) for step, path in written
+                  if runs_today(plan, step)]
         if markdown:
             lines.append("```")
-        if layout.nodes > 1:
-            lines.append(f"{bullet}the training command runs on each of the {layout.nodes} nodes "
-                         "(run.env.nodes in its config); the others run once")
+        lines += [f"{bullet}{line}" for line in one_process_notes(plan, written, code)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def one_process_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str) -> list[str]:
+    """What a layout of several GPUs or nodes means in this release, which trains on one process."""
+    layout = plan.facts.layout
+    if layout.world == 1:
+        return []
+    where = f"{layout.gpus} GPUs" if layout.gpus else "CPU"
+    where += f" x {layout.nodes} nodes" if layout.nodes > 1 else ""
+    if trains_today(plan):
+        idle = (f"this release trains on one process: the training command runs on one GPU ({where} need training "
+                "on several processes, DDP/FSDP2, which comes with the scale-out; until then the others stay idle)")
+        return [idle]
+    waiting = ", ".join(f"{code}{path.name}{code}" for step, path in written if not runs_today(plan, step))
+    mode = "LoRA" if plan.decision.lora else "full SFT"
+    why = (f"not runnable in this release: {waiting}, because {mode} fits only when spread over the {where} "
+           "(training on several processes, which comes with the scale-out; `chatft run` refuses it with "
+           f"error[not_available_yet]), not on one GPU: {one_process_estimate(plan).line()}")
+    return [why, f"for a run today, plan for one GPU: {code}{one_gpu_plan_command(plan)}{code}"]
