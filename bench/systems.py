@@ -26,6 +26,7 @@ from typing import Any
 
 from bench import profile
 from bench.workloads import RunSettings
+from chatft.run_layout import METRICS_FILE
 
 CHATFT_SYSTEMS = ("chatft", "chatft-padded", "chatft-bf16", "chatft-compile", "chatft-packed", "chatft-keep-all")
 TRL_SYSTEMS = ("trl", "trl-packed", "trl-padding-free")
@@ -144,7 +145,7 @@ def run_chatft(system: str, settings: RunSettings, run_dir: Path) -> dict[str, A
     with profile.around_method(Trainer, "train", settings.workload, system, settings.device):
         result = train(cfg, run_dir, data, tokenizer=tokenizer)
     trainer = result.trainer
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     logged_tokens = [m["tokens"] for m in metrics]
     padding_free = getattr(trainer, "padding_free", None)
     return {

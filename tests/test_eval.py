@@ -15,13 +15,11 @@ from conftest import load_module_from_path
 from chatft.artifacts import file_sha256, read_manifest, weights_fingerprint
 from chatft.config.schema import validate_config
 from chatft.errors import ChatftError
-from chatft.evaluate import (
-    RESULTS_JSON,
-    RESULTS_MD,
-    resolve_targets,
-    run_eval,
-    score_answer,
-)
+from chatft.eval.prompts import Prompt
+from chatft.eval.results import RESULTS_JSON, RESULTS_MD
+from chatft.eval.scoring import answer_tokens, generate_answers, score_answer
+from chatft.eval.step import run_eval
+from chatft.eval.targets import Target, resolve_targets
 from chatft.train.step import train
 from chatft.train.model import load_tokenizer, quiet_hub_progress
 
@@ -328,7 +326,6 @@ def test_prompts_are_answered_in_batches_as_one_at_a_time(tiny_model_dir, tokeni
     """Generation is memory-bound on a CPU (every new token reads all the weights), so prompts of different
     lengths are answered together, left-padded, `local_batch_size` at a time; each answer is the one the prompt
     gets alone."""
-    from chatft.evaluate import Prompt, Target, generate_answers
     from chatft.train.model import load_model
 
     def cfg(local_batch_size: int):
@@ -361,8 +358,6 @@ def test_prompts_are_answered_in_batches_as_one_at_a_time(tiny_model_dir, tokeni
 
 
 def test_an_answer_ends_at_its_first_stop_token():
-    from chatft.evaluate import answer_tokens
-
     assert answer_tokens([5, 6, 2, 0, 0], stop=[2]) == ([5, 6, 2], True)  # what follows a stop is padding
     assert answer_tokens([5, 0, 6], stop=[2]) == ([5, 0, 6], False)  # a generated pad id before any stop stays
     assert answer_tokens([], stop=[2]) == ([], False)

@@ -8,8 +8,9 @@ dtype or `torch_dtype`, config and generation config, the base's tokenizer and c
 
 1. Checks that load nothing (`plan_merge`): the adapter is found; it is validated (`adapter_not_validated`:
    a warning, or an error with `require_validated=true`); the base is the one the adapter was trained on
-   (weights fingerprint against the adapter's manifest; without a manifest, the base named in
-   `adapter_config.json`); the output overlaps neither input and is empty, or `overwrite=true`.
+   (`adapter_base`, the rule eval uses too: weights fingerprint against the adapter's manifest; without a
+   manifest, the base named in `adapter_config.json`); the output overlaps neither input (`output_paths`) and
+   is empty, or `overwrite=true`.
 2. The base is loaded in float32 and checked against the adapter's weight shapes, the adapter is applied
    with PEFT, and a few probe rows give the reference logits of base+adapter (and of the base alone, to show
    how much the adapter moves them). `merge_and_unload` folds the adapter in, in float32, then the weights are
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import shutil
 import sys
 import warnings
@@ -39,9 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from chatft import artifacts
+from chatft.adapter_base import read_adapter_config, resolve_adapter_base
 from chatft.config.compile import CompiledConfig
 from chatft.config.schema import MergeConfig
+from chatft.config.secrets import redact
 from chatft.errors import ChatftError
+from chatft.output_paths import check_output_path, held_entries
 from chatft.run_layout import JOB_FILE
 
 # Max |logit difference| allowed between the reloaded merged model and base+adapter, per output dtype, as a
@@ -90,20 +93,19 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     adapter_config = _read_adapter_config(adapter_dir)
     manifest = artifacts.read_manifest(adapter_dir)
     warnings = [_validation_warning(cfg, adapter_dir, manifest)]
-    base, revision, base_warnings = _resolve_base(cfg, adapter_dir, adapter_config, manifest)
-    output = Path(cfg.output_hf_path).expanduser().resolve()
-    _check_output(cfg, output, adapter_dir, base)
-    return MergePlan(adapter_dir, adapter_config, manifest, base, revision, output,
-                     [w for w in (*warnings, *base_warnings) if w])
+    # The base must be here to be checked: merge's checks run before anything is downloaded.
+    base = resolve_adapter_base(adapter_dir, "base_hf_path", cfg.base_hf_path, require_local=True)
+    if base.unverified:
+        warnings.append(f"{base.unverified}; merging after checking every adapter weight's shape")
+    output = _check_output(cfg, adapter_dir, base.name_or_path, base.revision)
+    return MergePlan(adapter_dir, adapter_config, manifest, base.name_or_path, base.revision, output,
+                     [w for w in warnings if w])
 
 
 def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter saved as safetensors; anything else is refused."""
+    config = read_adapter_config(adapter_dir)
     path = adapter_dir / artifacts.ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChatftError("adapter_not_found", f"{path} cannot be read as JSON: {str(exc).splitlines()[0]}",
-                          "the adapter dir is damaged; save the adapter again or point lora_checkpoint elsewhere")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ChatftError("config_invalid", f"{path} is a {config.get('peft_type')} adapter, not LoRA",
                           "convert/merge_lora merges LoRA adapters only")
@@ -130,118 +132,18 @@ def _validation_warning(cfg: MergeConfig, adapter_dir: Path, manifest: dict[str,
     return f"[adapter_not_validated] {message}; merging anyway ({hint}; require_validated=true refuses this)"
 
 
-def _location(name_or_path: str) -> str:
-    """A local dir as an absolute path; a Hub id as given."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else name_or_path
-
-
-def _short(fingerprint: str | None) -> str:
-    return fingerprint[:12] if fingerprint else "unknown"
-
-
-def _resolve_base(cfg: MergeConfig, adapter_dir: Path, adapter_config: dict[str, Any],
-                  manifest: dict[str, Any] | None) -> tuple[str, str | None, list[str]]:
-    """The base to merge into, checked against the one the adapter was trained on."""
-    recorded = (manifest or {}).get("base_model") or {}
-    recorded_name = recorded.get("name_or_path") or adapter_config.get("base_model_name_or_path")
-    recorded_fp = recorded.get("fingerprint")
-    revision = recorded.get("revision") if cfg.base_hf_path is None else None
-    source = "chatft_manifest.json" if recorded.get("name_or_path") else "adapter_config.json"
-    if cfg.base_hf_path is None:
-        if not recorded_name:
-            raise ChatftError("config_invalid",
-                              f"base_hf_path is unset and the adapter {adapter_dir} names no base model",
-                              "set base_hf_path to the model the adapter was trained on")
-        base = _location(recorded_name)
-        if recorded_fp:
-            found = artifacts.weights_fingerprint(base, revision)
-            if found is None:
-                raise ChatftError(
-                    "config_invalid",
-                    f"the adapter's base {recorded_name} (from its {source}) is not here: not a local dir, nor "
-                    "in the Hugging Face cache",
-                    "set base_hf_path to where that model is now (a local copy is checked by its fingerprint), "
-                    "or download it into the cache first",
-                )
-            if found != recorded_fp:
-                raise ChatftError(
-                    "base_model_mismatch",
-                    f"the base at {base} has changed since the adapter {adapter_dir} was trained on it: weights "
-                    f"fingerprint {_short(found)} now, {_short(recorded_fp)} recorded",
-                    "restore that model, or set base_hf_path to an unchanged copy of it",
-                )
-        return base, revision, []
-
-    base = _location(cfg.base_hf_path)
-    found = artifacts.weights_fingerprint(base)
-    if found is None and Path(cfg.base_hf_path).expanduser().exists():
-        raise ChatftError("config_invalid", f"base_hf_path={cfg.base_hf_path} holds no weight files",
-                          "give a save_pretrained dir (config.json and *.safetensors) or a cached Hub id")
-    if recorded_fp:
-        if found is None:
-            raise ChatftError(
-                "config_invalid",
-                f"base_hf_path={cfg.base_hf_path} is not a local dir nor in the Hugging Face cache, so it cannot "
-                f"be checked against the base the adapter records ({recorded_name})",
-                "give a local dir, or download the model into the cache first",
-            )
-        if found != recorded_fp:
-            raise ChatftError(
-                "base_model_mismatch",
-                f"base_hf_path={cfg.base_hf_path} (weights fingerprint {_short(found)}) is not the model the "
-                f"adapter {adapter_dir} was trained on: {recorded_name} (fingerprint {_short(recorded_fp)}, "
-                f"from its {source})",
-                "omit base_hf_path to use the recorded base, or give that exact model (a local copy of it "
-                "has the same fingerprint)",
-            )
-        return base, None, []
-    # No fingerprint recorded (an adapter from another tool): compare with the base adapter_config.json names.
-    if not recorded_name or _location(recorded_name) == base:
-        return base, None, []
-    recorded_found = artifacts.weights_fingerprint(_location(recorded_name))
-    if recorded_found is not None and found is not None and recorded_found != found:
-        raise ChatftError(
-            "base_model_mismatch",
-            f"base_hf_path={cfg.base_hf_path} (weights fingerprint {_short(found)}) is not the model the adapter "
-            f"{adapter_dir} was trained on: {recorded_name} (fingerprint {_short(recorded_found)}, named by its "
-            "adapter_config.json)",
-            "omit base_hf_path to use the base adapter_config.json names, or give that exact model",
-        )
-    if recorded_found is None:
-        return base, None, [f"the adapter names its base {recorded_name}, which is not here to compare with "
-                            f"base_hf_path={cfg.base_hf_path}; merging after checking every adapter weight's shape"]
-    return base, None, []
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
-
-
-def _entries(directory: Path) -> list[str]:
-    """What a dir holds, apart from the job.yaml `chatft run` writes there before the step starts."""
-
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if p.name != JOB_FILE)
-
-
-def _check_output(cfg: MergeConfig, output: Path, adapter_dir: Path, base: str) -> None:
-    inputs = {f"lora_checkpoint={cfg.lora_checkpoint}": Path(cfg.lora_checkpoint).expanduser().resolve(),
-              f"the adapter dir {adapter_dir}": adapter_dir}
-    base_dir = artifacts.local_model_dir(base)
-    if base_dir is not None:
-        inputs[f"the base {base}"] = base_dir.resolve()
-    for name, path in inputs.items():
-        if _overlaps(output, path):
-            relation = "is" if output == path else "contains" if path.is_relative_to(output) else "sits inside"
-            raise ChatftError("output_path_overlaps_inputs",
-                              f"output_hf_path={cfg.output_hf_path} {relation} {name}",
-                              "write the merged model to a separate dir, e.g. output_hf_path=runs/merged")
+def _check_output(cfg: MergeConfig, adapter_dir: Path, base: str, revision: str | None) -> Path:
+    """output_hf_path overlaps no input (the merge replaces the whole dir) and is empty, or `overwrite=true`
+    replaces an earlier model there. Returns it, resolved."""
+    inputs = [(f"lora_checkpoint={cfg.lora_checkpoint}", Path(cfg.lora_checkpoint)),
+              (f"the adapter dir {adapter_dir}", adapter_dir),
+              (f"the base {base}", artifacts.local_model_dir(base, revision))]
+    output = check_output_path("output_hf_path", cfg.output_hf_path, inputs,
+                               "write the merged model to a separate dir, e.g. output_hf_path=runs/merged")
     if output.exists() and not output.is_dir():
         raise ChatftError("config_invalid", f"output_hf_path={cfg.output_hf_path} is a file",
                           "give a dir path for the merged model")
-    held = _entries(output)
+    held = held_entries(output)
     if held and not cfg.overwrite:
         raise ChatftError("config_invalid",
                           f"output_hf_path={cfg.output_hf_path} is not empty ({', '.join(held[:5])}"
@@ -251,6 +153,7 @@ def _check_output(cfg: MergeConfig, output: Path, adapter_dir: Path, base: str) 
         raise ChatftError("config_invalid",
                           f"overwrite=true would delete {output}, which does not hold a model ({', '.join(held[:5])})",
                           "overwrite only replaces an earlier model or merge output; pick a new output_hf_path")
+    return output
 
 
 # --------------------------------------------------------------------------- merge
@@ -269,7 +172,7 @@ class MergeResult:
 
 @contextlib.contextmanager
 def _progress(show: bool) -> Iterator[None]:
-    from chatft.train.model import quiet_hub_progress
+    from chatft.train.model import quiet_hub_progress  # keeps torch out of the fast CLI path (preflight)
 
     with contextlib.nullcontext() if show else quiet_hub_progress():
         yield
@@ -436,8 +339,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatft.config.secrets import redact
-    from chatft.train.model import load_errors, no_hub_kernels
+    from chatft.train.model import load_errors, no_hub_kernels  # keeps torch out of the fast CLI path (preflight)
 
     for line in plan.warnings:
         print(f"warning: {line}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The markdown side of eval/model_eval: the targets side by side, then every target's answer per prompt.
 
-In: the results document `evaluate.run_eval` writes as eval_results.json. Out: the text of eval_results.md,
+In: the results document `results.write_results` writes as eval_results.json. Out: the text of eval_results.md,
 which is also printed. Nothing here loads a model.
 """
 
