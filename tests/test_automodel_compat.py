@@ -40,7 +40,9 @@ def test_chat_peft_config_maps_onto_chatft(monkeypatch):
         "`dataset.start_of_turn_token: <|start_header_id|>assistant` does not apply: "
         "chatft finds assistant turns from the chat template itself",
         "`peft.use_triton: true` does not apply: chatft uses peft's LoRA layers",
-        "`dist_env.backend: nccl` does not apply: training runs in one process in this release",
+        "`dist_env.backend: nccl` does not apply: the run has one process",
+        # FSDP2Manager names the strategy, which one process has no use for
+        "`distributed.strategy: fsdp2` does not apply: the run has one process: nothing is sharded or replicated",
     ]
 
 
@@ -58,6 +60,7 @@ def test_step_catalog_config_uses_the_launcher_layout_and_warns_per_setting():
         "model.backend.linear: te",
         "distributed.ep_size: 8",
         "run.env.container_image: nvcr.io/nvidia/nemo-automodel:26.04",
+        "distributed.strategy: fsdp2",  # FSDP2Config on 16 processes: trained replicated, said once
     }
     assert all(" does not apply: " in line for line in compiled.warnings)
     # rms_norm: torch_fp32 is what the model's own norm does: no warning for it.
@@ -74,7 +77,8 @@ def test_split_distributed_form_clipping_and_mlflow():
     assert cfg.mlflow.tags == {"team": "chat"}
     assert cfg.dataset.chat_template.startswith("{% for m in messages %}")
     warned = {line.split("`")[1] for line in compiled.warnings}
-    assert warned == {"distributed.tp_size: 2", "step_scheduler.save_checkpoint_every_epoch: true"}
+    assert warned == {"distributed.tp_size: 2", "step_scheduler.save_checkpoint_every_epoch: true",
+                      "distributed.strategy: fsdp2"}
 
 
 def test_overrides_apply_on_top_of_an_automodel_config():

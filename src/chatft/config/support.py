@@ -15,7 +15,7 @@ from chatft.config.automodel import does_not_apply
 from chatft.config.schema import TrainingConfig
 from chatft.errors import ChatftError
 
-ONE_PROCESS = "training runs in one process in this release"
+ONE_PROCESS = "the run has one process"
 # Keys AutoModel configs carry that this release accepts and does not use, with why (warned when set away from
 # their default).
 NO_EFFECT: dict[str, str] = {
@@ -25,6 +25,9 @@ NO_EFFECT: dict[str, str] = {
     "validation_dataloader.num_workers": "validation batches are made in the training process",
     "validation_dataloader.group_by_length": "validation batches are formed in file order, local_batch_size at a "
                                              "time",
+}
+# Keys that act only when several processes train (`train/distributed.py`): warned when set on one process.
+ONLY_WITH_SEVERAL_PROCESSES: dict[str, str] = {
     "dist_env.backend": ONE_PROCESS,
     "dist_env.timeout_minutes": ONE_PROCESS,
     "distributed.strategy": f"{ONE_PROCESS}: nothing is sharded or replicated",
@@ -41,18 +44,19 @@ def no_effect_warnings(cfg: TrainingConfig) -> list[str]:
     defaults = TrainingConfig.model_construct(**{name: field.get_default(call_default_factory=True)
                                                  for name, field in TrainingConfig.model_fields.items()
                                                  if not field.is_required()})
-    return [does_not_apply(key, value, why) for key, why in NO_EFFECT.items()
-            if (value := _get(cfg, key)) != _get(defaults, key)]
+    table = {**NO_EFFECT, **(ONLY_WITH_SEVERAL_PROCESSES if cfg.data_parallel_size() == 1 else {})}
+    warnings = [does_not_apply(key, value, why) for key, why in table.items()
+                if (value := _get(cfg, key)) != _get(defaults, key)]
+    if cfg.data_parallel_size() > 1 and cfg.distributed.strategy == "fsdp2":
+        # Sharding changes where the weights live, not what is trained: the run goes on replicated.
+        warnings.append(does_not_apply("distributed.strategy", "fsdp2", "FSDP2 sharding is not implemented yet; "
+                                       "the run trains the same steps with every process holding the whole model and "
+                                       "optimizer states (ddp), so each needs the memory of a one-process run"))
+    return warnings
 
 
 def unsupported(cfg: TrainingConfig) -> ChatftError | None:
     """The first thing in `cfg` this release cannot do, as the error to raise, or None."""
-    if cfg.data_parallel_size() > 1:
-        return ChatftError(
-            "not_available_yet",
-            f"training on {cfg.data_parallel_size()} data-parallel processes is not implemented yet",
-            "run on one process (drop --nproc-per-node / run.env.* / distributed.dp_size) for now",
-        )
     for section in ("wandb", "mlflow"):
         if getattr(cfg, section) is not None:
             return ChatftError(

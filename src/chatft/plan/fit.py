@@ -5,14 +5,17 @@ In: `ModelFacts`, the layout (GPUs per node x nodes), the memory per GPU, `seq_l
 
 The numbers come from the training engine's own formula, `chatft.train.memory.estimate_memory`, run on the
 model's `meta` skeleton with `torch.device("cuda")` and `torch_dtype: bfloat16` (neither touches CUDA, so this
-works on a machine without a GPU). What the planner adds is the layout: full SFT runs FSDP2, which shards
-weights, gradients and optimizer states over the data-parallel ranks; LoRA runs DDP (everything replicated)
-or, when the frozen base does not fit on one GPU, FSDP2, which also holds two decoder layers whole while it
-gathers them (`fsdp2_gathered_bytes`). The allocator slack of `check_fits` (x1.10) is added.
-With `--gpus 0` the plan is for CPU training in float32.
+works on a machine without a GPU). What the planner adds is the layout. On several GPUs, either mode runs
+replicated data parallel (`ddp`: every process holds the whole model, gradients and optimizer states, so each
+GPU needs what one process needs; this is how `chatft run --nproc-per-node N` trains) or, estimated for the plan
+but not in this release, FSDP2, which shards weights, gradients and optimizer states over the data-parallel
+ranks and also holds two decoder layers whole while it gathers them (`fsdp2_gathered_bytes`). The allocator
+slack of `check_fits` (x1.10) is added. With `--gpus 0` the plan is for CPU training in float32.
 
 The ladder follows the `oom` hint's order: full SFT -> LoRA, then a smaller `local_batch_size` (grad
-accumulation keeps the global batch), then activation checkpointing; a smaller model is the user's call.
+accumulation keeps the global batch), then activation checkpointing; a smaller model is the user's call. On
+several GPUs it walks every rung replicated before any sharded: DDP wherever it fits (as the field does, LoRA
+commonly), FSDP2 only for what fits nowhere else.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class GpuEstimate:
 
 def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
              activation_checkpointing: bool = False, strategy: str | None = None) -> GpuEstimate:
-    """One configuration's memory per GPU, from `estimate_memory` plus the sharding of its strategy."""
+    """One configuration's memory per GPU, from `estimate_memory` plus the sharding of its strategy. Without a
+    strategy: `single` on one process; on several, FSDP2 for full SFT (the least full SFT can need: what the
+    `lora_first` rule compares against) and DDP for LoRA."""
     import torch
 
     from chatft.config.schema import TrainingConfig
@@ -121,6 +126,9 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
         gradients, optimizer = raw.gradients, raw.optimizer
     else:
         weights, gradients, optimizer = raw.weights * scale, raw.gradients * scale, raw.optimizer * scale
+    # `ddp` needs exactly what one process needs: chatft adds the gradients across processes after the last
+    # micro-batch's backward, through a flat buffer of at most `BUCKET_BYTES` plus one gradient, at a moment
+    # when the activations counted here are already freed.
     shards = layout.world if strategy == "fsdp2" else 1
     if strategy != "fsdp2":  # FSDP2 casts a layer as it gathers it (`gathered`); alone, autocast keeps every copy
         weights += raw.compute_copies * scale
@@ -140,14 +148,15 @@ def fsdp2_gathered_bytes(model: ModelFacts, layout: Layout) -> int:
 def ladder(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
            batch_fixed: bool) -> GpuEstimate | None:
     """The first rung that fits: lower local_batch_size (unless the user fixed it), then activation
-    checkpointing; for LoRA on several GPUs, DDP before FSDP2 at each rung."""
+    checkpointing. On several GPUs, every rung replicated (DDP) before any sharded (FSDP2): DDP trains in this
+    release and needs no gathers, so a smaller batch or recomputation is the better price than sharding."""
     sizes = [local_batch_size]
     while not batch_fixed and sizes[-1] > 1:
         sizes.append(sizes[-1] // 2)
-    strategies = ["ddp", "fsdp2"] if lora and layout.world > 1 else [None]
-    for checkpointing in (False, True):
-        for size in sizes:
-            for strategy in strategies:
+    strategies = ["ddp", "fsdp2"] if layout.world > 1 else [None]
+    for strategy in strategies:
+        for checkpointing in (False, True):
+            for size in sizes:
                 result = estimate(model, layout, lora=lora, seq_length=seq_length, local_batch_size=size,
                                   activation_checkpointing=checkpointing, strategy=strategy)
                 if result.fits:

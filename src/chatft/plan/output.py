@@ -6,10 +6,14 @@ command that runs it; the report, as terminal text or as `plan.md` (with the cha
 Every written config is compiled before the plan calls it ready: one that does not compile is a planner bug.
 Paths in the configs are absolute (inputs) or under the plan dir (outputs), so the commands run from anywhere.
 
-This release trains on one process (several are `not_available_yet`), so a plan never writes a command
-`chatft run` refuses: for a layout of several GPUs or nodes, the training config is sized for one GPU of it
-(`one_process_fit`) and runs there; when the chosen mode fits only spread over the layout, that config keeps
-the layout for the coming scale-out, and plan.md lists only the commands that run today.
+On several GPUs `chatft run --nproc-per-node G` trains replicated (DDP); FSDP2 sharding is not in this release.
+So when the chosen mode fits replicated on each GPU (`plan.fit.strategy == "ddp"`, which the ladder prefers),
+the training config is sized for the plan's data-parallel size and its command starts the processes:
+`--nproc-per-node G`, and on each of K machines also `--nnodes K --node-rank R --rdzv-endpoint HOST:PORT`
+(placeholders that plan.md explains). When the mode fits only FSDP2-sharded, the training config keeps the
+layout for when sharding comes and plan.md lists only the commands that run today: a plan never writes a
+command `chatft run` refuses, nor one that would not fit (several processes of an fsdp2 config run
+replicated).
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ import yaml
 
 from chatft.plan import Plan
 from chatft.plan.chain import PlannedStep
-from chatft.plan.fit import GB, GpuEstimate, Layout, estimate, ladder
+from chatft.plan.fit import GB, GpuEstimate, Layout, estimate
 from chatft.steps.registry import all_steps
 
 DEFAULT_GLOBAL_BATCH = 32
 VAL_FRACTION = 0.05
 MIN_ROWS_FOR_VALIDATION = 100
 LORA_LR = 1.0e-4  # what peft/automodel's default.yaml uses; sft/automodel's 1e-5 is for full SFT
+# What the user puts in a several-machine training command: this machine's node rank, and the rendezvous.
+NODE_RANK = "R"
+RDZV_ENDPOINT = "HOST:PORT"
 CONFIG_NAMES = {"prep": "data_prep", "eval_before": "eval_before", "merge": "merge_lora", "eval_after": "eval_after"}
 
 
@@ -57,33 +64,25 @@ def global_batch(local: int, world: int) -> int:
     return max(1, math.ceil(DEFAULT_GLOBAL_BATCH / unit)) * unit
 
 
-def one_process_layout(plan: Plan) -> Layout:
-    """One GPU of the plan's layout (or the CPU): where this release trains."""
-    layout = plan.facts.layout
-    return Layout(min(layout.gpus, 1), 1, layout.memory)
+def procs_per_node(layout: Layout) -> int:
+    """Training processes on each machine: one per GPU (one on a CPU machine)."""
+    return max(layout.gpus, 1)
 
 
-def one_process_fit(plan: Plan) -> GpuEstimate | None:
-    """The first rung of the ladder at which the chosen mode fits on one process, or None."""
-    if plan.facts.layout.world == 1:
-        return plan.fit
+def replicated_floor(plan: Plan) -> GpuEstimate:
+    """The smallest ask of the chosen mode replicated (DDP): the ladder's last rung, local_batch_size 1 (or the
+    one the user fixed) with activation checkpointing. Shown when even that does not fit."""
     facts = plan.facts
-    return ladder(facts.model, one_process_layout(plan), lora=plan.decision.lora, seq_length=facts.seq_length,
-                  local_batch_size=facts.local_batch_size, batch_fixed=plan.request.local_batch_size is not None)
-
-
-def one_process_estimate(plan: Plan) -> GpuEstimate:
-    """What one process needs: its fit, else the last rung of the ladder (the smallest ask), which does not fit."""
-    fit = one_process_fit(plan)
-    if fit is not None:
-        return fit
-    return estimate(plan.facts.model, one_process_layout(plan), lora=plan.decision.lora,
-                    seq_length=plan.facts.seq_length, local_batch_size=1, activation_checkpointing=True)
+    return estimate(facts.model, facts.layout, lora=plan.decision.lora, seq_length=facts.seq_length,
+                    local_batch_size=plan.request.local_batch_size or 1, activation_checkpointing=True,
+                    strategy="ddp" if facts.layout.world > 1 else None)
 
 
 def trains_today(plan: Plan) -> bool:
-    """Whether the training step runs in this release: on one process."""
-    return one_process_fit(plan) is not None
+    """Whether the training step runs in this release: on one process, or replicated on several. A mode that
+    fits only FSDP2-sharded fits on no single GPU either (replicated, each GPU needs what one process needs, and
+    the ladder tried every rung replicated first), so nothing of that mode trains today."""
+    return plan.fit is not None and plan.fit.strategy != "fsdp2"
 
 
 def runs_today(plan: Plan, step: PlannedStep) -> bool:
@@ -119,9 +118,7 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
     if step.role == "merge":
         return {"lora_checkpoint": paths["train_dir"], "output_hf_path": paths["merged"]}
     assert step.role == "train" and fit is not None
-    today = one_process_fit(plan)
-    if today is not None:  # what runs now: one process, sized for one GPU of the layout
-        fit, layout = today, one_process_layout(plan)
+    # Sized for the whole layout: grad accumulation = global / (local x world) must divide exactly.
     settings = {
         "model.pretrained_model_name_or_path": facts.model.location,
         "model.torch_dtype": layout.dtype,
@@ -132,7 +129,7 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
         "distributed.activation_checkpointing": fit.activation_checkpointing,
         "checkpoint.checkpoint_dir": paths["train_dir"],
     }
-    if fit.lora and fit.strategy == "fsdp2":
+    if fit.strategy == "fsdp2":  # kept for when sharding comes (a config without it runs replicated)
         settings["distributed.strategy"] = "fsdp2"
     if layout.nodes > 1:
         settings["run.env.nodes"] = layout.nodes
@@ -181,13 +178,21 @@ def config_text(plan: Plan, step: PlannedStep) -> str:
     default_path, _ = _default_config(step.id)
     body = differing(step.id, step_settings(plan, step))
     header = f"# {step.id}, written by `chatft plan`: the shipped default.yaml plus only the keys that differ.\n"
+    layout = plan.facts.layout
     if runs_today(plan, step):
-        header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
+        if step.role == "train" and layout.nodes > 1:
+            header += (f"# Run on each of the {layout.nodes} machines at once, with R its node rank "
+                       f"(0..{layout.nodes - 1}) and HOST:PORT a free port\n# on the machine with node rank 0 "
+                       "(see plan.md):\n"
+                       f"#   {command(plan, step, Path('THIS_FILE.yaml'))}\n")
+        else:
+            header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
     elif step.role == "train":
-        header += (f"# Needs the {plan.facts.layout.world} processes of the plan: training on several processes is "
-                   "not in this release\n# (chatft run refuses it with error[not_available_yet]); see plan.md.\n")
+        header += (f"# Fits the {layout.world} GPUs of the plan only FSDP2-sharded, and FSDP2 sharding is not in this "
+                   "release\n# (several processes would train replicated, which does not fit); see plan.md.\n")
     else:
-        header += "# Runs after the training step, which needs training on several processes; see plan.md.\n"
+        header += ("# Runs after the training step, which needs FSDP2 sharding (not in this release); "
+                   "see plan.md.\n")
     document = {"defaults": str(default_path), **body}
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
@@ -198,17 +203,27 @@ def config_path(plan: Plan, index: int, step: PlannedStep) -> Path:
 
 
 def command(plan: Plan, step: PlannedStep, path: Path) -> str:
-    """One process, as this release trains: the config holds every setting, so no --nproc-per-node."""
-    return shlex.join(["chatft", "run", step.id, "-c", str(path)])
+    """The step's `chatft run`. Training on several GPUs names its processes on the command line as well as in
+    the config (`run.env.*`), so the command says how it runs; on several machines each one runs it with its own
+    node rank `R` and the rendezvous `HOST:PORT`, placeholders the user fills in. Other steps use one process."""
+    argv = ["chatft", "run", step.id, "-c", str(path)]
+    layout = plan.facts.layout
+    if step.role == "train" and layout.world > 1:
+        argv += ["--nproc-per-node", str(procs_per_node(layout))]
+        if layout.nodes > 1:
+            argv += ["--nnodes", str(layout.nodes), "--node-rank", NODE_RANK, "--rdzv-endpoint", RDZV_ENDPOINT]
+    return shlex.join(argv)
 
 
-def one_gpu_plan_command(plan: Plan) -> str:
-    """`chatft plan` again for one GPU of the layout: a plan whose every command runs in this release."""
+def plan_command(plan: Plan, *, gpus: int | None = None, nodes: int | None = None, want: str | None = None) -> str:
+    """`chatft plan` again with another layout or output: a plan whose every command runs in this release."""
     request, layout = plan.request, plan.facts.layout
-    parts = ["chatft", "plan", "--gpus", str(min(layout.gpus, 1))]
+    gpus = layout.gpus if gpus is None else gpus
+    nodes = layout.nodes if nodes is None else nodes
+    parts = ["chatft", "plan", "--gpus", str(gpus)] + (["--nodes", str(nodes)] if nodes > 1 else [])
     parts += ["--gpu-memory-gb", f"{layout.memory / GB:g}", "--model", request.model]
-    for flag, value in (("--want", request.want), ("--data", request.data), ("--seq-length", request.seq_length),
-                        ("--local-batch-size", request.local_batch_size)):
+    for flag, value in (("--want", want or request.want), ("--data", request.data),
+                        ("--seq-length", request.seq_length), ("--local-batch-size", request.local_batch_size)):
         if value is not None:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -232,6 +247,21 @@ def write(plan: Plan) -> list[tuple[PlannedStep, Path]]:
 # --------------------------------------------------------------------------- the report
 
 
+def _where(layout: Layout) -> str:
+    nodes = f" x {layout.nodes} nodes" if layout.nodes > 1 else ""
+    return (f"{layout.gpus} GPU{'s' if layout.gpus != 1 else ''}" if layout.gpus else "CPU") + nodes
+
+
+def layout_words(plan: Plan, fit: GpuEstimate) -> str:
+    """How `fit` spreads over the layout, for the decision line."""
+    world = plan.facts.layout.world
+    if world == 1:
+        return ""
+    if fit.strategy == "fsdp2":
+        return f", FSDP2-sharded over {world} GPUs (not in this release)"
+    return f", on {world} processes (DDP, replicated)"
+
+
 def decision_line(plan: Plan) -> str:
     d, fit = plan.decision, plan.fit
     if not d.in_chatft:
@@ -245,30 +275,38 @@ def decision_line(plan: Plan) -> str:
     extras = [s for s, on in (("`data_prep/chat_jsonl` first", d.prep),
                               ("`convert/merge_lora` to a standalone model", d.merge),
                               ("`eval/model_eval` before and after", d.eval)) if on]
-    settings = f" at seq_length {plan.facts.seq_length}, {fit.settings()}" if fit else ""
+    settings = f" at seq_length {plan.facts.seq_length}, {fit.settings()}{layout_words(plan, fit)}" if fit else ""
     return f"HF-native: {what}{settings}" + (f"; {'; '.join(extras)}" if extras else "")
 
 
 def memory_lines(plan: Plan) -> list[str]:
+    """Both modes at the chosen settings: on one GPU as one process; on several replicated (DDP, what
+    `chatft run --nproc-per-node` does), and FSDP2-sharded too where replicated does not fit."""
     facts, fit = plan.facts, plan.fit
     layout = facts.layout
     local = fit.local_batch_size if fit else facts.local_batch_size
     checkpointing = fit.activation_checkpointing if fit else False
-    lora_strategy = fit.strategy if fit is not None and fit.lora else None
-    full = estimate(facts.model, layout, lora=False, seq_length=facts.seq_length, local_batch_size=local,
-                    activation_checkpointing=checkpointing)
-    lora = estimate(facts.model, layout, lora=True, seq_length=facts.seq_length, local_batch_size=local,
-                    activation_checkpointing=checkpointing, strategy=lora_strategy)
-    where = (f"{layout.gpus} GPU{'s' if layout.gpus != 1 else ''} x {layout.nodes} node{'s' if layout.nodes > 1 else ''}"
-             if layout.gpus else "CPU")
-    lines = [f"memory per GPU at seq_length {facts.seq_length}, local_batch_size {local} ({layout.dtype}, {where}, "
-             f"{layout.memory / GB:,.0f} GB each; LoRA r=16 on every linear layer):"]
-    lines += [f"  {full.line()}", f"  {lora.line()}"]
+    lines = [f"memory per GPU at seq_length {facts.seq_length}, local_batch_size {local} ({layout.dtype}, "
+             f"{_where(layout)}, {layout.memory / GB:,.0f} GB each; LoRA r=16 on every linear layer):"]
+    for lora in (False, True):
+        strategies = ["ddp", "fsdp2"] if layout.world > 1 else [None]
+        for strategy in strategies:
+            result = estimate(facts.model, layout, lora=lora, seq_length=facts.seq_length, local_batch_size=local,
+                              activation_checkpointing=checkpointing, strategy=strategy)
+            lines.append(f"  {result.line()}" + ("; FSDP2 sharding is not in this release" if strategy == "fsdp2"
+                                                  else ""))
+            if result.fits:  # replicated fits: sharding is not needed
+                break
+    if fit is not None and fit.strategy == "fsdp2":
+        lines.append(f"  replicated, no rung of the ladder fits; the smallest: {replicated_floor(plan).line()}")
     if fit is not None and fit.lora and facts.full_fit is not None:
-        lines.append(f"  full SFT also fits at {facts.full_fit.settings()} ({facts.full_fit.total / GB:,.1f} GB per "
-                     "GPU): the next step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
-    if layout.world > 1 and fit is not None:
-        lines.append(f"  this release trains on one process: {one_process_estimate(plan).line()}")
+        full = facts.full_fit
+        if full.strategy == "fsdp2":
+            lines.append(f"  full SFT fits only FSDP2-sharded, at {full.settings()} ({full.total / GB:,.1f} GB per "
+                         "GPU): not in this release")
+        else:
+            lines.append(f"  full SFT also fits at {full.settings()} ({full.total / GB:,.1f} GB per GPU): the next "
+                         "step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
     if plan.memory_assumed:
         lines.append(f"  assumed: {plan.memory_assumed}")
     lines.append("  (the training engine's own estimate, chatft.train.memory; `chatft preview -c CONFIG` measures "
@@ -329,24 +367,44 @@ def render(plan: Plan, written: list[tuple[PlannedStep, Path]] | None, markdown:
                   if runs_today(plan, step)]
         if markdown:
             lines.append("```")
-        lines += [f"{bullet}{line}" for line in one_process_notes(plan, written, code)]
+        lines += [f"{bullet}{line}" for line in layout_notes(plan, written, code)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def one_process_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str) -> list[str]:
-    """What a layout of several GPUs or nodes means in this release, which trains on one process."""
-    layout = plan.facts.layout
-    if layout.world == 1:
+def layout_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str) -> list[str]:
+    """How the training command uses a layout of several GPUs or machines, or why it is not written."""
+    facts, fit = plan.facts, plan.fit
+    layout = facts.layout
+    if layout.world == 1 or fit is None:
         return []
-    where = f"{layout.gpus} GPUs" if layout.gpus else "CPU"
-    where += f" x {layout.nodes} nodes" if layout.nodes > 1 else ""
     if trains_today(plan):
-        idle = (f"this release trains on one process: the training command runs on one GPU ({where} need training "
-                "on several processes, DDP/FSDP2, which comes with the scale-out; until then the others stay idle)")
-        return [idle]
+        world, local = layout.world, fit.local_batch_size
+        total = global_batch(local, world)
+        notes = [f"training runs as {world} processes, one per {'GPU' if layout.gpus else 'machine'} (DDP: each holds "
+                 f"the whole model, gradients and optimizer states, {fit.total / GB:,.1f} GB per GPU; gradients are "
+                 f"summed across them): global_batch_size {total} = local_batch_size {local} x {world} processes x "
+                 f"{total // (local * world)} accumulation step(s); the other steps use one process"]
+        if layout.nodes > 1:
+            notes.append(
+                f"on {layout.nodes} machines: run the training command on each of them at the same time, with "
+                f"{code}{NODE_RANK}{code} replaced by that machine's node rank (0 to {layout.nodes - 1}) and "
+                f"{code}{RDZV_ENDPOINT}{code} by a free port on the machine with node rank 0 that the others reach "
+                f"(e.g. node0:29500). Every machine must see {plan.out} (and the data and model) at the same path, "
+                "e.g. on a shared file system: the configs' paths are absolute. The other steps run on one machine, "
+                "those before training first")
+        return notes
     waiting = ", ".join(f"{code}{path.name}{code}" for step, path in written if not runs_today(plan, step))
     mode = "LoRA" if plan.decision.lora else "full SFT"
-    why = (f"not runnable in this release: {waiting}, because {mode} fits only when spread over the {where} "
-           "(training on several processes, which comes with the scale-out; `chatft run` refuses it with "
-           f"error[not_available_yet]), not on one GPU: {one_process_estimate(plan).line()}")
-    return [why, f"for a run today, plan for one GPU: {code}{one_gpu_plan_command(plan)}{code}"]
+    notes = [f"not runnable in this release: {waiting}, because {mode} fits the {_where(layout)} only FSDP2-sharded, "
+             "and FSDP2 sharding is not in this release (`chatft run` on several processes trains replicated, DDP, "
+             f"and replicated it needs at least {replicated_floor(plan).total / GB:,.1f} GB per GPU)"]
+    lora = facts.lora_fit
+    if not plan.decision.lora and lora is not None and lora.strategy == "ddp":
+        # LoRA fits replicated, so on one GPU too: both of these plans run every command today.
+        notes.append(f"LoRA fits replicated ({lora.total / GB:,.1f} GB per GPU at {lora.settings()}): for an adapter "
+                     f"trained on all {layout.world} GPUs today, {code}{plan_command(plan, want='adapter')}{code}; for "
+                     f"a run on one GPU, {code}{plan_command(plan, gpus=min(layout.gpus, 1), nodes=1)}{code}")
+    else:
+        notes.append("until FSDP2 sharding comes, a smaller model, a shorter --seq-length or GPUs with more memory "
+                     "train replicated")
+    return notes

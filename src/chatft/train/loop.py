@@ -24,6 +24,7 @@ from chatft.data.types import PreparedData
 from chatft.run_layout import METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
 from chatft.train import final_artifact, resume_check
+from chatft.train.distributed import World
 from chatft.train.metrics import JsonlLog, ProgressDisplay, TensorBoard, done_line, plot_losses
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 model_location, pick_device, probe_vocab_size, resolve_dtype)
@@ -79,8 +80,11 @@ class Trainer:
     - a CUDA out-of-memory becomes `error[oom]` with the advice ladder and the step;
     - `final/`: a `save_pretrained` dir or a PEFT adapter, tokenizer included, with `chatft_manifest.json`.
 
-    Written for one process; the places a multi-process run changes are marked "ranks": the supervised
-    token count of a step (all-reduced), the rows each rank takes, and the rank-0-only logging and saving.
+    Several processes (`World`, started by torchrun): each takes every R-th row of a step (`batching.step_rows`);
+    the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
+    gradients, once per optimizer step (`distributed.World.reduce_gradients`): weights and optimizer states stay
+    replicated and equal, so a step trains exactly what one process would. Rank 0 alone logs and saves; the
+    places that differ are marked "ranks".
     """
 
     def __init__(
@@ -94,16 +98,16 @@ class Trainer:
         estimate: memory.MemoryEstimate | None = None,
         resolved_config: dict[str, Any] | None = None,
         resume_command: str | None = None,
-        rank: int = 0,
-        world_size: int = 1,
+        world: World | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.tokenizer = cfg, Path(run_dir), tokenizer
         self.train_data, self.val_data = train_data, val_data
         self.estimate = estimate
         self.resolved_config = resolved_config if resolved_config is not None else cfg.model_dump(mode="json")
         self.resume_command = resume_command
-        self.rank, self.world_size = rank, world_size
-        self.is_main = rank == 0  # ranks: only rank 0 logs and saves
+        self.world = world or World()
+        self.rank, self.world_size = self.world.rank, self.world.size
+        self.is_main = self.world.is_main  # ranks: only rank 0 logs and saves
         self.lora = cfg.peft is not None
 
     # ------------------------------------------------------------------ setup
@@ -143,6 +147,7 @@ class Trainer:
                 for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
                     if isinstance(module, BaseTunerLayer):
                         module.cast_input_dtype_enabled = False
+        self.world.broadcast_trainable(model)  # ranks: every process starts from rank 0's weights
         self.model = model
         self.params = count_parameters(model)
         self.padding_free = self._check_padding_free()
@@ -272,7 +277,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         started = time.monotonic()
-        stop = StopFlag()
+        stop = StopFlag(repeat_is_default=not self.world.distributed)
         display = ProgressDisplay(self.total_steps, self.step) if self.is_main else None
         note = display.note if display else (lambda line: None)
         pending = PendingRow(lambda step: self._log_step(step, note, display),
@@ -283,7 +288,8 @@ class Trainer:
         self.model.train()
         try:
             with stop.installed(note):
-                while self.step < self.total_steps and stop.signum is None:
+                stopping = False
+                while self.step < self.total_steps and not stopping:
                     began = self._clock.mark()
                     micro_batches = self._next_micro_batches()
                     step = self._guard_oom(self._optimizer_step, micro_batches, began)
@@ -296,12 +302,13 @@ class Trainer:
                     pending.hold(step, read_now=validate or self.step >= self.total_steps)
                     if validate:
                         self._guard_oom(self._validate, note)
-                    if self._due(cfg.step_scheduler.ckpt_every_steps) or stop.signum is not None:
+                    stopping = self._agree_on_stop(stop)
+                    if self._due(cfg.step_scheduler.ckpt_every_steps) or stopping:
                         pending.flush()
                         self._save_checkpoint(started)
                         saved_at = self.step
                 pending.flush()
-                if stop.signum is not None and saved_at != self.step:  # the signal came after the check above
+                if self._agree_on_stop(stop) and saved_at != self.step:  # the signal came after the check above
                     self._save_checkpoint(started)
         except BaseException:
             with contextlib.suppress(Exception):  # keep the last finished step's row when a later one fails
@@ -316,11 +323,20 @@ class Trainer:
         if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
             self._guard_oom(self._validate, print)
         final = self._save_final(elapsed) if self.is_main else None
+        self.world.barrier()  # ranks: the run ends when final/ is written
         result = TrainResult(self.run_dir, final, self.step, self.last_train_loss,
                              self.last_val and self.last_val["loss"], self.last_val and self.last_val["token_accuracy"],
                              self.tokens_seen, elapsed)
         self._print_done(result)
         return result
+
+    def _agree_on_stop(self, stop: StopFlag) -> bool:
+        """Whether to stop after this step, the same answer on every process (ranks: a signal may reach one
+        process a step before another; each takes the signal any of them got)."""
+        signum = self.world.max_int(stop.signum or 0)
+        if signum and stop.signum is None:
+            stop.request(signum)
+        return bool(signum)
 
     def _log_step(self, step: QueuedStep, note, display: ProgressDisplay | None) -> None:
         """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
@@ -348,13 +364,18 @@ class Trainer:
         """One optimizer step over its micro-batches (collated after the clock mark `began`). Nothing in it
         waits for the device (except float16 loss scaling: one read of the scale the scaler chose): its loss
         and gradient norm are returned as device tensors."""
-        num_supervised = self._step_supervised_tokens(micro_batches)
+        # ranks: the loss is divided by the supervised tokens of the whole step, on all processes together
+        supervised, tokens = self.world.sum_([sum(batching.supervised_tokens(b) for b in micro_batches),
+                                              sum(batching.input_tokens(b) for b in micro_batches)])
+        num_supervised = max(1, int(supervised))
         total_loss = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum, _ = self._loss_sum(batch)
             loss = loss_sum / num_supervised  # the mean over the whole step, whatever the split
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
+        self.world.reduce_gradients(self.trainable)  # ranks: the step's gradient is the sum of the processes'
+        self.world.sum_tensor_(total_loss)
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.cfg.clip_grad_norm.max_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
@@ -369,14 +390,8 @@ class Trainer:
         skipped = self._loss_scale < previous_scale
         self.skipped_steps += skipped
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(batching.input_tokens(b) for b in micro_batches)
-        return QueuedStep(total_loss, grad_norm.detach(), tokens, skipped, self._loss_scale, began,
+        return QueuedStep(total_loss, grad_norm.detach(), int(tokens), skipped, self._loss_scale, began,
                           self._clock.mark())
-
-    def _step_supervised_tokens(self, micro_batches: list[dict[str, torch.Tensor]]) -> int:
-        """The loss denominator of a step: supervised tokens in all its micro-batches.
-        ranks: this is the one number to all-reduce (sum) across processes."""
-        return max(1, sum(batching.supervised_tokens(b) for b in micro_batches))
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
@@ -390,7 +405,8 @@ class Trainer:
         with self._compute_precision():
             score = losses.score_batches(self.model, self.val_batches, self.device, self.loss_head)
         self.model.train()
-        # ranks: score.loss_sum, score.correct and score.tokens are summed across processes here
+        loss_sum, correct, tokens = self.world.sum_([score.loss_sum, score.correct, score.tokens])  # ranks
+        score = losses.LossScore(loss_sum, int(correct), int(tokens))
         row = {"step": self.step, "loss": score.loss, "token_accuracy": score.token_accuracy, "tokens": score.tokens}
         self.last_val = row
         if self.is_main:
@@ -445,7 +461,11 @@ class Trainer:
     # ------------------------------------------------------------------ saving (rank 0)
 
     def _save_checkpoint(self, started: float) -> Path | None:
-        if not self.cfg.checkpoint.enabled or not self.is_main:
+        """Rank 0 writes the checkpoint (ranks: the state is replicated); the others wait until it is complete."""
+        if not self.cfg.checkpoint.enabled:
+            return None
+        if not self.is_main:
+            self.world.barrier()
             return None
         state = {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "tokens_seen": self.tokens_seen,
@@ -459,8 +479,10 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"), "data_sha256": self.train_data.report.sha256,
             "resumes": self.resumes,
         }
-        return checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                           self.cfg.checkpoint.keep_last)
+        saved = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                            self.cfg.checkpoint.keep_last)
+        self.world.barrier()
+        return saved
 
     def _stopped(self, stop: StopFlag, elapsed: float) -> TrainResult:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.enabled else None
@@ -498,6 +520,7 @@ class Trainer:
             "loss_head": "chunked" if self.loss_head else "logits",
             "precision": self.precision.to_json(),
             "activation_checkpointing": self.recompute or "off",
+            **self.world.record(),
         }
         if self.scaler.is_enabled():
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)

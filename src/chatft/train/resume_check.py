@@ -35,7 +35,9 @@ SAFE_KEYS = (
     "dataloader.num_workers",
     "validation_dataset",
     "validation_dataloader.",
-    "distributed.activation_checkpointing",  # recomputation gives the same gradients
+    "distributed.",  # recomputation, the number of processes and how they hold the weights: the same steps
+    "dist_env.",
+    "run.env.",
     "packed_sequence.padding_free",  # the same conversations per step, laid out differently
     "packed_sequence.packed_sequence_size",
     "model.attn_implementation",

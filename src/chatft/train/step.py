@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chatft import launch
 from chatft.config.compile import CompiledConfig
 from chatft.config.support import check_supported
 from chatft.config.schema import TrainingConfig
 from chatft.data import pipeline
 from chatft.data.types import PreparedData
-from chatft.train import memory
+from chatft.train import distributed, memory
 from chatft.train.loop import Trainer, TrainResult
 from chatft.train.metrics import require_tensorboard
 from chatft.train.model import load_tokenizer, pick_device
@@ -45,16 +46,32 @@ def train(
     resolved_config: dict[str, Any] | None = None,
     resume_command: str | None = None,
 ) -> TrainResult:
-    """The one way into training, for the CLI, the tests and the bench: refuse what cannot run, decide how the
-    run dir starts (fresh or resumed, `run_dir.prepare_run_dir`), check that weights, gradients and optimizer states
-    fit before any data is read, tokenize the data (unless given), check the estimate for the largest micro-batch
-    those rows form, then set up the `Trainer` and run it. The result keeps the trainer (`TrainResult.trainer`)
-    for callers that read the trained model back."""
+    """The one way into training, for the CLI, the tests and the bench: refuse what cannot run, join the other
+    processes when torchrun started several (`distributed.start`; each logs to `logs/rank_N.log`), decide how the
+    run dir starts (fresh or resumed, `run_dir.prepare_run_dir`, on rank 0), check that weights, gradients and
+    optimizer states fit before any data is read, tokenize the data (unless given; rank 0 first, filling the cache
+    the others then read), check the estimate for the largest micro-batch those rows form, then set up the
+    `Trainer` and run it. The result keeps the trainer (`TrainResult.trainer`) for callers that read the trained
+    model back."""
     run_dir = Path(run_dir)
     check_supported(cfg)
     if cfg.logging.tensorboard:  # an optional extra: its absence is found before anything loads
         require_tensorboard()
-    resume_from = prepare_run_dir(cfg, run_dir)
+    joined = launch.joined_env()
+    launch.check_layout(cfg.data_parallel_size(), joined.world_size if joined else 1)
+    world = distributed.start(cfg.dist_env.backend, cfg.dist_env.timeout_minutes)
+    try:
+        with distributed.process_output(run_dir, world):
+            return _train(cfg, run_dir, world, train_data, val_data, tokenizer=tokenizer, estimate=estimate,
+                          resolved_config=resolved_config, resume_command=resume_command)
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainingConfig, run_dir: Path, world: distributed.World, train_data: PreparedData | None,
+           val_data: PreparedData | None, *, tokenizer: Any, estimate: memory.MemoryEstimate | None,
+           resolved_config: dict[str, Any] | None, resume_command: str | None) -> TrainResult:
+    resume_from = world.on_main(lambda: prepare_run_dir(cfg, run_dir))
     device = pick_device()
     # Weights, gradients and optimizer states need only the model's config.json: a model that cannot fit
     # whatever the data stops before anything is read or loaded.
@@ -62,15 +79,21 @@ def train(
                       what="the weights, gradients and optimizer states alone")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     if train_data is None:
-        train_data = pipeline.prepare_training_data(cfg.dataset, tokenizer)  # also sets the chat template trained with
-        if cfg.validation_dataset is not None:
-            val_data = pipeline.prepare_training_data(cfg.validation_dataset, tokenizer, key="validation_dataset")
+        def prepare() -> tuple[PreparedData, PreparedData | None]:  # also sets the chat template trained with
+            data = pipeline.prepare_training_data(cfg.dataset, tokenizer)
+            validation = None
+            if cfg.validation_dataset is not None:
+                validation = pipeline.prepare_training_data(cfg.validation_dataset, tokenizer,
+                                                            key="validation_dataset")
+            return data, validation
+
+        train_data, val_data = world.main_first(prepare)
     notes = []
     if estimate is None:  # activations and logits for the largest micro-batch these rows form
         estimate = memory.estimate_memory(cfg, device=device, lengths=memory.row_lengths(train_data, val_data))
         notes.append(memory.check_fits(estimate, device, cfg.force) or "")
     trainer = Trainer(cfg, run_dir, tokenizer, train_data, val_data, estimate=estimate,
-                      resolved_config=resolved_config, resume_command=resume_command)
+                      resolved_config=resolved_config, resume_command=resume_command, world=world)
     trainer.setup(resume_from, notes=notes)
     result = trainer.train()
     result.trainer = trainer

@@ -19,8 +19,11 @@ class StopFlag:
     """Set by SIGTERM/SIGINT: the loop finishes its step, saves a checkpoint and returns.
     A second signal gets the default behaviour (the atomic save keeps LATEST sound even then)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, repeat_is_default: bool = True) -> None:
         self.signum: int | None = None
+        # Under a launcher a signal may arrive twice (the terminal's Ctrl-C reaches every process, and the
+        # launcher forwards its own): there the second one is ignored too, so the checkpoint is still saved.
+        self.repeat_is_default = repeat_is_default
 
     @property
     def name(self) -> str | None:
@@ -37,8 +40,12 @@ class StopFlag:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum, _frame):
+            first = self.signum is None
             self.request(signum)
-            signal.signal(signum, previous[signum])
+            if self.repeat_is_default:
+                signal.signal(signum, previous[signum])
+            elif not first:
+                return
             note(f"received {signal.Signals(signum).name}: finishing the current step, then saving a checkpoint")
 
         for s in previous:

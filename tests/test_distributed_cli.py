@@ -1,0 +1,207 @@
+"""Training on two processes through the real CLI (`--nproc-per-node 2`: torchrun's engine, gloo on CPU) trains
+what one process trains: the same conversations per step, the loss divided by the supervised tokens of the whole
+step, the gradients added across processes. Per-step loss and final weights agree within float32 rounding; a
+checkpoint written at one world size resumes at the other; two "nodes" (two launchers meeting at a rendezvous on
+127.0.0.1) train what one process trains; a refusal reaches the console once; a killed process becomes one
+`error[process_failed]`, and running the same command again resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from clirun import CHATFT, assert_error_block, run_chatft
+from safetensors.torch import load_file
+
+# 17 rows: a step of 8 rows, another, then one row alone, which leaves the second process without rows in that step.
+ROWS = [{"messages": [{"role": "user", "content": f"Spell {word} backwards, then count to {i}."},
+                      {"role": "assistant", "content": f"{word[::-1]}. " + " ".join(str(n) for n in range(i + 1))}]}
+        for i, word in enumerate("apple river stone cloud ember frost grove harbor island jungle kettle lantern "
+                                 "meadow nectar orchard pepper quartz".split())]
+TOLERANCE = 1e-5
+STEP = {"full": "sft/automodel", "lora": "peft/automodel"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("distributed")
+    (directory / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    (directory / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:5]))
+    return directory
+
+
+def command(model: Path, kind: str, run: str, nproc: int, *overrides: str) -> list[str]:
+    processes = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
+    return ["run", STEP[kind], "-c", "tiny", f"model.pretrained_model_name_or_path={model}",
+            "dataset.path_or_dataset_id=train.jsonl", f"checkpoint.checkpoint_dir={run}", "model.torch_dtype=float32",
+            "step_scheduler.global_batch_size=8", "step_scheduler.local_batch_size=2", "step_scheduler.max_steps=null",
+            "step_scheduler.num_epochs=1", "step_scheduler.val_every_steps=null", "optimizer.lr=1e-3",
+            *(["peft.dropout=0"] if kind == "lora" else []), *overrides, *processes]
+
+
+def train(work: Path, model: Path, kind: str, run: str, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    result = run_chatft(*command(model, kind, run, nproc, *overrides), cwd=work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    final = run_dir / "final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(final / name))
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    first, second = losses(one), losses(two)
+    assert len(first) == len(second) == 3
+    assert max(abs(a - b) for a, b in zip(first, second)) < TOLERANCE, (first, second)
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < TOLERANCE, f"final weights differ by {worst}"
+
+
+LAYOUTS = {
+    "padding-free": (),
+    "padded": ("packed_sequence.padding_free=false",),
+    "token-budget": ("packed_sequence.packed_sequence_size=160", "dataset.seq_length=128"),
+}
+
+
+@pytest.mark.parametrize("kind,layout", [("full", "padding-free"), ("full", "padded"), ("lora", "padding-free"),
+                                         ("lora", "token-budget")])
+def test_two_processes_train_what_one_trains(work, tiny_model_dir, kind, layout):
+    name = f"{kind}-{layout}"
+    settings = LAYOUTS[layout]
+    train(work, tiny_model_dir, kind, f"{name}-1", 1, *settings)
+    result = train(work, tiny_model_dir, kind, f"{name}-2", 2, *settings)
+    assert_same_training(work / f"{name}-1", work / f"{name}-2")
+    assert result.stdout.count("done: 3 steps") == 1  # rank 0 alone speaks
+    manifest = json.loads((work / f"{name}-2" / "final" / "chatft_manifest.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["launcher"] == "torchrun"
+    assert {p.name for p in (work / f"{name}-2" / "logs").iterdir()} >= {"rank_0.log", "rank_1.log"}
+
+
+def test_validation_is_scored_over_both_shares(work, tiny_model_dir):
+    validation = ("validation_dataset.path_or_dataset_id=val.jsonl", "step_scheduler.val_every_steps=2")
+    train(work, tiny_model_dir, "lora", "val-1", 1, *validation)
+    train(work, tiny_model_dir, "lora", "val-2", 2, *validation)
+    rows = [[json.loads(line) for line in (work / run / "validation.jsonl").read_text().splitlines()]
+            for run in ("val-1", "val-2")]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [2, 3]
+    for one, two in zip(*rows):
+        assert one["tokens"] == two["tokens"] and abs(one["loss"] - two["loss"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_at_another_world_size(work, tiny_model_dir, first, then):
+    reference = f"resume-reference-{first}{then}"
+    train(work, tiny_model_dir, "full", reference, 1)
+    run = f"resume-{first}-then-{then}"
+    train(work, tiny_model_dir, "full", run, first, "step_scheduler.max_steps=2", "step_scheduler.ckpt_every_steps=1")
+    result = train(work, tiny_model_dir, "full", run, then, f"checkpoint.resume={run}/checkpoints/step_2")
+    assert "resuming from" in result.stdout
+    assert_same_training(work / reference, work / run)
+
+
+def test_a_refusal_reaches_the_console_once(work, tiny_model_dir):
+    train(work, tiny_model_dir, "lora", "twice", 2)
+    again = run_chatft(*command(tiny_model_dir, "lora", "twice", 2), cwd=work)
+    stderr = assert_error_block(again, "config_invalid")
+    assert "holds a finished run" in stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_train_what_one_process_trains(work, tiny_model_dir):
+    train(work, tiny_model_dir, "lora", "nodes-1", 1)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    nodes = [subprocess.Popen([CHATFT, *command(tiny_model_dir, "lora", "nodes-2", 1), "--nproc-per-node", "1",
+                               "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint],
+                              cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert sum(stdout.count("done: 3 steps") for stdout, _ in outputs) == 1  # the console of rank 0 alone
+    assert_same_training(work / "nodes-1", work / "nodes-2")
+    manifest = json.loads((work / "nodes-2" / "final" / "chatft_manifest.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["nodes"] == 2
+    logs = {p.name for p in (work / "nodes-2" / "logs").iterdir()}
+    assert logs >= {"rank_0.log", "rank_1.log", "launcher_node_0.log", "launcher_node_1.log"}, logs
+    argv = yaml.safe_load((work / "nodes-2" / "job.yaml").read_text())["argv"]
+    assert argv[argv.index("--node-rank") + 1] == "0"  # job.yaml is written once, by node rank 0
+
+
+def test_multi_node_flags_are_checked_before_anything_starts(work, tiny_model_dir):
+    missing = run_chatft(*command(tiny_model_dir, "lora", "flags", 1), "--nnodes", "2", cwd=work)
+    assert "needs --node-rank and --rdzv-endpoint" in assert_error_block(missing, "config_invalid")
+    stray = run_chatft(*command(tiny_model_dir, "lora", "flags", 1), "--rdzv-endpoint", "h:1", cwd=work)
+    assert "are for a run over several machines" in assert_error_block(stray, "config_invalid")
+    assert not (work / "flags").exists()
+
+
+def _wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, deadline_s: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {steps} steps after {deadline_s} s")
+
+
+LONG_RUN = ("step_scheduler.num_epochs=200", "step_scheduler.ckpt_every_steps=5")
+
+
+def _start(work: Path, model: Path, run: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHATFT_CACHE_DIR": str(work / "cache")}
+    return subprocess.Popen([CHATFT, *command(model, "lora", run, 2, *LONG_RUN)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_to_the_launcher_saves_once_and_the_same_command_resumes(work, tiny_model_dir):
+    process = _start(work, tiny_model_dir, "stopped")
+    _wait_for_steps(work / "stopped", 7, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stdout + stderr
+    assert stdout.count("stopped by SIGTERM") == 1 and "Traceback" not in stderr, stdout + stderr
+    saved = int(re.search(r"after step (\d+)", stdout).group(1))
+    assert (work / "stopped" / "checkpoints" / f"step_{saved}").is_dir()
+    again = run_chatft(*command(tiny_model_dir, "lora", "stopped", 2, *LONG_RUN, "step_scheduler.max_steps=" +
+                                str(saved + 2)), cwd=work)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"(step {saved})" in again.stdout
+
+
+def test_a_killed_process_is_one_error_and_the_same_command_resumes(work, tiny_model_dir):
+    process = _start(work, tiny_model_dir, "killed")
+    _wait_for_steps(work / "killed", 7, process)  # past the checkpoint of step 5
+    header = (work / "killed" / "logs" / "rank_1.log").read_text()
+    os.kill(int(re.search(r"pid (\d+)", header).group(1)), signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    assert_error_block(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), "process_failed")
+    assert "rank 1 was killed by SIGKILL" in stderr, stderr
+    again = run_chatft(*command(tiny_model_dir, "lora", "killed", 2, *LONG_RUN, "step_scheduler.max_steps=12"),
+                       cwd=work)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"resuming from \S+step_(5|10) ", again.stdout), again.stdout
