@@ -61,8 +61,21 @@ def test_steps_keep_the_last_partial_batch_and_ranks_split_each_batch():
     order = list(range(10))
     assert batching.steps_per_epoch(10, 4) == 3
     assert batching.step_rows(order, 2, 4) == [8, 9]
-    per_rank = [batching.step_rows(order, 1, 4, rank=r, world_size=2) for r in range(2)]
+    per_rank = [batching.step_rows(order, 1, 4, rank=r, world_size=2, lengths=[5] * 10) for r in range(2)]
     assert sorted(per_rank[0] + per_rank[1]) == [4, 5, 6, 7]
+
+
+def test_a_steps_rows_are_shared_out_by_tokens():
+    lengths = [900, 850, 100, 90, 80, 60, 50, 40]  # every other row: 1,130 tokens against 1,040
+    shares = batching.balanced_shares(range(8), lengths, 2)
+    assert sorted(shares[0] + shares[1]) == list(range(8)) and [len(s) for s in shares] == [4, 4]
+    totals = [sum(lengths[i] for i in share) for share in shares]
+    assert totals == [1090, 1080], totals
+    assert all(share == sorted(share) for share in shares)  # each share keeps the step's order
+    skewed = [1000, 900, 20, 10, 10, 10]  # every other row: 1,030 against 920; shared out: 1,020 and 930
+    assert [sum(skewed[i] for i in s) for s in batching.balanced_shares(range(6), skewed, 2)] == [1020, 930]
+    # one row for two processes: the second trains nothing this step (its gradient counts as zeros)
+    assert batching.balanced_shares([7], [5] * 8, 2) == [[7], []]
 
 
 def test_micro_batches_split_a_step():

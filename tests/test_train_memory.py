@@ -325,3 +325,16 @@ def test_tensorboard_gets_train_and_validation_scalars(tiny_model_dir, tokenizer
     tags = {(tag, step) for tag, _, step in written}
     assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("validation/loss", 2),
             ("validation/token_accuracy", 2)} <= tags
+
+
+def test_the_plan_of_several_processes_covers_every_share_once(tiny_model_dir, tmp_path):
+    """With two processes the estimate walks both shares of every step: each row once, in micro-batches no larger
+    than a process forms."""
+    lengths = [40 + (i * 37) % 200 for i in range(19)]
+    settings = {"step_scheduler__global_batch_size": 8, "step_scheduler__local_batch_size": 2,
+                "step_scheduler__max_steps": None, "step_scheduler__num_epochs": 1,
+                "packed_sequence__padding_free": False}
+    two = helpers.training_config(tiny_model_dir, tmp_path, distributed__dp_size=2, **settings)
+    planned = memory.planned_micro_batches(two, memory.RowLengths(lengths, lengths[:5]))
+    assert sorted(n for group in planned for n in group) == sorted(lengths + lengths[:5])
+    assert max(len(group) for group in planned) <= 2

@@ -14,8 +14,8 @@ many consecutive conversations of the step as fit in the budget.
 - The order of an epoch is a pure function of (seed, epoch): resuming recomputes it and skips the steps
   already taken, so the data position is just (epoch, steps done in that epoch).
 - One optimizer step takes `global_batch_size` consecutive rows of that order; the last step of an epoch
-  may take fewer (nothing is dropped). Rank r of R takes every R-th row of each global batch
-  (`rank`/`world_size`), so a later multi-process issue only passes its rank.
+  may take fewer (nothing is dropped). With R processes the step's rows are shared out by tokens
+  (`balanced_shares`): every process gets about the same number of rows and of tokens.
 - `group_by_length`: rows are ordered by length inside windows of 8 global batches, then the batches are
   shuffled, so a micro-batch pads little while the steps stay in random order.
 - Labels: `labels[i] = input_ids[i]` where `loss_mask[i]`, else -100; the model's shift (token i predicted
@@ -66,11 +66,30 @@ def epoch_order(
 
 
 def step_rows(
-    order: list[int], step_in_epoch: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1
+    order: list[int], step_in_epoch: int, global_batch_size: int, *, rank: int = 0, world_size: int = 1,
+    lengths: Sequence[int] = (),
 ) -> list[int]:
-    """The row indices this rank trains on in one optimizer step."""
+    """The row indices this rank trains on in one optimizer step: all of the step's rows for one process, else
+    this rank's share by tokens (`lengths`: every row's length, needed then)."""
     batch = order[step_in_epoch * global_batch_size:(step_in_epoch + 1) * global_batch_size]
-    return batch[rank::world_size]
+    return batch if world_size == 1 else balanced_shares(batch, lengths, world_size)[rank]
+
+
+def balanced_shares(batch: Sequence[int], lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split one step's rows among `world_size` processes so that their tokens are as even as a greedy pass makes
+    them: longest row first, each to the process with the fewest tokens so far among those holding fewer than
+    their even share of rows (so every process forms the same number of `local_batch_size` micro-batches, give or
+    take one). Each share keeps the step's order. Which process trains a row does not change the step's loss or
+    gradient (both are sums over the whole step); it only decides who waits for whom."""
+    room = math.ceil(len(batch) / world_size)
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    tokens = [0] * world_size
+    position = {row: i for i, row in enumerate(batch)}
+    for row in sorted(batch, key=lambda r: (-lengths[r], position[r])):
+        rank = min((r for r in range(world_size) if len(shares[r]) < room), key=lambda r: (tokens[r], r))
+        shares[rank].append(row)
+        tokens[rank] += lengths[row]
+    return [sorted(share, key=position.__getitem__) for share in shares]
 
 
 def collate(rows: Sequence[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:

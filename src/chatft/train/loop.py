@@ -80,7 +80,7 @@ class Trainer:
     - a CUDA out-of-memory becomes `error[oom]` with the advice ladder and the step;
     - `final/`: a `save_pretrained` dir or a PEFT adapter, tokenizer included, with `chatft_manifest.json`.
 
-    Several processes (`World`, started by torchrun): each takes every R-th row of a step (`batching.step_rows`);
+    Several processes (`World`, started by torchrun): each takes its share of a step's rows, balanced by tokens (`batching.step_rows`);
     the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
     gradients, once per optimizer step (`distributed.World.reduce_gradients`): weights and optimizer states stay
     replicated and equal, so a step trains exactly what one process would. Rank 0 alone logs and saves; the
@@ -427,7 +427,7 @@ class Trainer:
                                                global_batch_size=sched.global_batch_size)
             self._order_epoch = self.epoch
         indices = batching.step_rows(self._order, self.step_in_epoch, sched.global_batch_size,
-                                     rank=self.rank, world_size=self.world_size)
+                                     rank=self.rank, world_size=self.world_size, lengths=self.lengths)
         self.step_in_epoch += 1
         rows = [self.train_data.rows[i] for i in indices]
         return self._micro_batches(rows)

@@ -173,13 +173,15 @@ def largest_micro_batch(cfg: TrainingConfig, lengths: RowLengths | Sequence[int]
 
 
 def planned_micro_batches(cfg: TrainingConfig, lengths: RowLengths) -> list[list[int]]:
-    """The row lengths of every micro-batch the run will form, training steps first, then validation: the same
-    order (`batching.epoch_order`), steps (`max_steps`, `num_epochs`) and grouping (`batching.group_rows`) as the
-    trainer's. A resumed run is planned from its first step."""
+    """The row lengths of every micro-batch the run will form on any of its processes, training steps first, then
+    validation: the same order (`batching.epoch_order`), steps (`max_steps`, `num_epochs`), shares
+    (`batching.step_rows`) and grouping (`batching.group_rows`) as the trainer's. A resumed run is planned from its
+    first step."""
     from chatft.train import batching
 
     sched, dl = cfg.step_scheduler, cfg.dataloader
     budget, local = cfg.packed_sequence.packed_sequence_size, sched.local_batch_size
+    world = cfg.data_parallel_size()
     groups: list[list[int]] = []
     per_epoch = batching.steps_per_epoch(len(lengths.train), sched.global_batch_size)
     total = per_epoch * sched.num_epochs if sched.max_steps is None else min(per_epoch * sched.num_epochs,
@@ -191,9 +193,12 @@ def planned_micro_batches(cfg: TrainingConfig, lengths: RowLengths) -> list[list
             order = batching.epoch_order(lengths.train, epoch, seed=cfg.seed, shuffle=dl.shuffle,
                                          group_by_length=dl.group_by_length,
                                          global_batch_size=sched.global_batch_size)
-        rows = [lengths.train[i] for i in batching.step_rows(order, step_in_epoch, sched.global_batch_size)]
-        groups += batching.group_rows(rows, local, budget, length=int)
-    return groups + batching.group_rows(lengths.validation, local, budget, length=int)
+        for rank in range(world):  # the micro-batches of every process: the estimate is for the largest
+            rows = [lengths.train[i] for i in batching.step_rows(order, step_in_epoch, sched.global_batch_size,
+                                                                   rank=rank, world_size=world, lengths=lengths.train)]
+            groups += batching.group_rows(rows, local, budget, length=int)
+    return groups + [group for rank in range(world)
+                     for group in batching.group_rows(lengths.validation[rank::world], local, budget, length=int)]
 
 
 def _text_config(config: Any) -> Any:
