@@ -85,18 +85,33 @@ def run(
                                             help="This machine's index among --nnodes (0 hosts the rendezvous)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
                                                 help="Rendezvous address: a free port on the machine of --node-rank 0."),
+    launcher: str = typer.Option("local", "--launcher", help="local (this machine) | slurm (an sbatch script)."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Slurm: nodes to allocate."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1,
+                                                help="Slurm: GPUs per node, one process each."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm: the partition."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm: the time limit, e.g. 04:00:00."),
+    account: Optional[str] = typer.Option(None, "--account", help="Slurm: the account."),
 ) -> None:
     """Compile a step's config and run it."""
-    from chatft import launch
+    from chatft import launch, slurm
     from chatft import run as runner
+    from chatft.steps.registry import resolve_step
 
     overrides = list(overrides or [])
+    slurm_options = slurm.SlurmOptions(nodes, gpus_per_node, partition, time_limit, account)
+    multi_node = [flag for flag, value in (("--nnodes", nnodes), ("--node-rank", node_rank),
+                                           ("--rdzv-endpoint", rdzv_endpoint)) if value is not None]
+    slurm.check_options(launcher, slurm_options, multi_node,
+                        training=launcher != "slurm" or resolve_step(step_id).config_schema == "training")
     if nproc_per_node is not None:
         overrides.append(f"run.env.nprocs_per_node={nproc_per_node}")
     if nnodes is not None:
         overrides.append(f"run.env.nodes={nnodes}")
+    overrides += slurm.layout_overrides(slurm_options)
     runner.run(step_id, config, overrides, dry_run=dry_run, argv=sys.argv[1:],
-               place=launch.NodePlace(node_rank, rdzv_endpoint))
+               place=launch.NodePlace(node_rank, rdzv_endpoint),
+               slurm_job=slurm_options if launcher == "slurm" else None)
 
 
 @app.command()

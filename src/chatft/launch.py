@@ -81,6 +81,11 @@ def node_layout(data_parallel_size: int, nodes: int, place: NodePlace) -> int:
             raise ChatftError("config_invalid", f"--node-rank {place.node_rank} is outside 0..{nodes - 1}", hint)
         if not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", place.rdzv_endpoint):
             raise ChatftError("config_invalid", f"--rdzv-endpoint {place.rdzv_endpoint!r} is not HOST:PORT", hint)
+    return processes_per_node(data_parallel_size, nodes)
+
+
+def processes_per_node(data_parallel_size: int, nodes: int) -> int:
+    """Every node runs the same number of processes."""
     if data_parallel_size % nodes:
         raise ChatftError("config_invalid", f"{data_parallel_size} data-parallel processes do not divide over "
                           f"{nodes} nodes", "give every node the same number of processes: --nproc-per-node N")

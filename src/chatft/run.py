@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from chatft import launch
+from chatft import launch, slurm
 from chatft.artifacts import package_versions
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
@@ -142,7 +143,8 @@ def dry_run_text(compiled: CompiledConfig) -> str:
 
 
 def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool, argv: list[str],
-        place: launch.NodePlace = launch.NodePlace()) -> None:
+        place: launch.NodePlace = launch.NodePlace(), slurm_job: slurm.SlurmOptions | None = None) -> None:
+    """Run a step here; `slurm_job`: write (and submit) an sbatch script that runs it on a Slurm allocation."""
     step = resolve_step(step_id)
     # One of several training processes (torchrun's environment): a config naming no layout takes torchrun's.
     joined = launch.joined_env() if step.config_schema == "training" else None
@@ -154,6 +156,9 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
     speaks = joined is None or (joined.rank == 0 and not launch.launched_by_chatft())
     if speaks:
         print_warnings(compiled.warnings)
+    if slurm_job is not None:
+        _submit_to_slurm(compiled, slurm_job, dry_run=dry_run, argv=argv)
+        return
     if dry_run:
         print(dry_run_text(compiled), end="")
     if compiled.refusal is not None:  # after the dry run's config, before anything is written or loaded
@@ -175,3 +180,20 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
         raise SystemExit(launch.launch_training(run_dir(compiled), processes_here, argv,
                                                 compiled.validated.run.env.nodes, place))
     _call(step.entry_point, compiled)
+
+
+def _submit_to_slurm(compiled: CompiledConfig, options: slurm.SlurmOptions, *, dry_run: bool, argv: list[str]) -> None:
+    """--launcher slurm: the sbatch script for the compiled run; printed on a dry run, else written and submitted."""
+    if compiled.refusal is not None:
+        raise compiled.refusal
+    cfg = compiled.validated
+    nodes = cfg.run.env.nodes
+    script = slurm.sbatch_script(compiled.step.id, run_dir(compiled), nodes,
+                                 launch.processes_per_node(cfg.data_parallel_size(), nodes), options,
+                                 shlex.join(["chatft", *redact_overrides(argv)]), Path.cwd())
+    if dry_run:
+        print(script, end="")
+        return
+    check_training_model(compiled)
+    write_job(compiled, argv)
+    slurm.write_and_submit(run_dir(compiled), script, to_yaml(compiled.effective()))
