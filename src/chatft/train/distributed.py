@@ -65,12 +65,12 @@ class World:
 
     # ------------------------------------------------------------------ collectives
 
-    def sum_(self, values: Iterable[float], device: torch.device | None = None) -> list[float]:
+    def sum_(self, values: Iterable[float]) -> list[float]:
         """Each value added across processes (float64)."""
         values = list(values)
         if not self.distributed:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device(device))
+        tensor = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -84,7 +84,7 @@ class World:
         """The largest of the processes' values."""
         if not self.distributed:
             return value
-        tensor = torch.tensor([value], dtype=torch.int64)
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
@@ -161,8 +161,9 @@ class World:
             raise failure[0]
         return work()
 
-    def _collective_device(self, device: torch.device | None) -> torch.device:
-        return device if self.backend == "nccl" and device is not None else torch.device("cpu")
+    def _collective_device(self) -> torch.device:
+        """Where the host numbers of a collective go: NCCL reduces only GPU tensors, gloo takes CPU ones."""
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
