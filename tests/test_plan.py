@@ -377,6 +377,7 @@ def test_a_multi_node_plan_writes_the_command_for_each_node(tmp_path):
     text = (out / "plan.md").read_text()
     assert "`R` replaced by that machine's node rank (0 to 1)" in text and "`HOST:PORT` by a free port" in text
     assert "shared file system" in text
+    assert "`chatft run STEP -c CONFIG --launcher slurm --nodes 2 --gpus-per-node 8`" in text
     assert re.search(r"full SFT \(DDP, replicated, local_batch_size \d\): [\d.]+ GB per GPU, fits", text)
     train_estimate_shown(result, text)
 

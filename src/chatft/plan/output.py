@@ -391,7 +391,9 @@ def layout_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str)
                 f"{code}{RDZV_ENDPOINT}{code} by a free port on the machine with node rank 0 that the others reach "
                 f"(e.g. node0:29500). Every machine must see {plan.out} (and the data and model) at the same path, "
                 "e.g. on a shared file system: the configs' paths are absolute. The other steps run on one machine, "
-                "those before training first")
+                "those before training first. On a Slurm cluster, instead: "
+                f"{code}chatft run STEP -c CONFIG --launcher slurm --nodes {layout.nodes} --gpus-per-node "
+                f"{procs_per_node(layout)}{code} writes and submits an sbatch script that does this")
         return notes
     waiting = ", ".join(f"{code}{path.name}{code}" for step, path in written if not runs_today(plan, step))
     mode = "LoRA" if plan.decision.lora else "full SFT"
