@@ -124,6 +124,34 @@ def test_a_refusal_reaches_the_console_once(work, tiny_model_dir):
     assert "holds a finished run" in stderr
 
 
+# Loaded by every Python process of the run through PYTHONPATH: in the process of rank 1 only, the model's
+# forward runs out of memory at the third step, as a GPU that is fuller than the others would.
+RANK_ONE_RUNS_OUT_OF_MEMORY = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    from chatft.train import loop
+    original = loop.Trainer._optimizer_step
+
+    def third_step_runs_out(self, *args):
+        if self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args)
+
+    loop.Trainer._optimizer_step = third_step_runs_out
+"""
+
+
+def test_an_error_on_rank_one_only_reaches_the_console_once(work, tiny_model_dir, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(RANK_ONE_RUNS_OUT_OF_MEMORY)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([CHATFT, *command(tiny_model_dir, "lora", "rank-one-oom", 2)], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    stderr = assert_error_block(result, "oom")
+    assert "out of memory at step 3" in stderr and "peft.dim" in stderr, stderr
+    assert "rank_1.log" in os.listdir(work / "rank-one-oom" / "logs")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
