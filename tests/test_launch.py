@@ -60,8 +60,22 @@ def test_an_error_of_another_rank_is_printed_once_and_rank_zeros_own_not_again(t
     rank_log(tmp_path, 1).write_text("--- rank 1\nerror[bad_row]: row 3: no messages\n  hint: fix row 3\n")
     assert launch._report_failures(tmp_path, {0: -signal.SIGTERM, 1: 2}) == 2
     assert capsys.readouterr().err == "error[bad_row]: row 3: no messages\n  hint: fix row 3\n"
+    rank_log(tmp_path, 0).write_text("--- rank 0\nerror[bad_row]: row 3: no messages\n  hint: fix row 3\n")
     assert launch._report_failures(tmp_path, {0: 2, 1: 2}) == 2  # rank 0 printed it on its own console
     assert capsys.readouterr().err == ""
+
+
+def test_the_erring_process_is_found_by_its_error_whatever_status_the_agent_left_it(tmp_path, capsys):
+    rank_log(tmp_path, 1).parent.mkdir()
+    rank_log(tmp_path, 0).write_text("--- rank 0\nstep 2\n")
+    # an earlier run's error in the same (appended) log is not this run's
+    rank_log(tmp_path, 1).write_text("--- rank 1\nerror[oom]: old\n  hint: h\n--- rank 1\n"
+                                     "error[oom]: out of memory at step 3\n  hint: lower peft.dim\n")
+    assert launch._report_failures(tmp_path, {0: 1, 1: -signal.SIGTERM}) == 2
+    assert capsys.readouterr().err == "error[oom]: out of memory at step 3\n  hint: lower peft.dim\n"
+    rank_log(tmp_path, 1).write_text("--- rank 1\nerror[oom]: old\n  hint: h\n--- rank 1\nstep 3\n")
+    launch._report_failures(tmp_path, {0: 1, 1: -signal.SIGKILL})
+    assert "error[process_failed]: training process rank 1 was killed by SIGKILL (step 3)" in capsys.readouterr().err
 
 
 def test_a_run_stopped_by_a_signal_keeps_its_status(tmp_path):

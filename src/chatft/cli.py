@@ -203,6 +203,19 @@ def plan(
                          out=out, seq_length=seq_length, local_batch_size=local_batch_size))
 
 
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A training run dir (checkpoint.checkpoint_dir)."),
+    eval_dirs: Optional[list[str]] = typer.Argument(None, metavar="[EVAL_DIR]...",
+                                                    help="Output dirs of eval/model_eval to show with the run."),
+    out: Optional[str] = typer.Option(None, "-o", "--output", help="Where to write (default: RUN_DIR/report.html)."),
+) -> None:
+    """Write the run's report.html: job, data, curves, memory, and the eval results given; one offline file."""
+    from chatft.report import write_report
+
+    print(f"report: {write_report(run_dir, list(eval_dirs or []), out)}")
+
+
 def main() -> None:
     try:
         app()

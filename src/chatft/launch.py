@@ -29,6 +29,7 @@ from chatft.run_layout import launcher_log, logs_dir, rank_log
 # Set in the processes chatft starts: they join, and leave job.yaml to the launcher that wrote it.
 LAUNCHED_BY_CHATFT = "CHATFT_LAUNCHED"
 EXIT_USER_ERROR = 2
+RANK_LOG_HEADER = "--- rank "  # how each process starts its part of logs/rank_N.log (`train.distributed`)
 _ERROR_BLOCK = re.compile(r"^error\[[a-z_]+\]: .*(?:\n  hint: .*(?:\n {8}.*)*)?", re.MULTILINE)
 
 
@@ -166,12 +167,13 @@ def _report_failures(run_dir: Path, exit_codes: dict[int, int]) -> int:
     stopped = [code for code in exit_codes.values() if code in (128 + signal.SIGTERM, 128 + signal.SIGINT)]
     if stopped and len(stopped) == len(exit_codes):
         return stopped[0]  # stopped by a signal, checkpoint saved: rank 0 has said how to resume
-    refused = sorted(rank for rank, code in exit_codes.items() if code == EXIT_USER_ERROR)
-    if refused:
-        if 0 not in refused:
-            print(_last_error_block(rank_log(run_dir, refused[0])) or
-                  f"error: process rank {refused[0]} stopped with an error; see {rank_log(run_dir, refused[0])}",
-                  file=sys.stderr)
+    # A process stopped by a named error wrote its block to its log (rank 0 to this console as well): that is the
+    # cause, whatever statuses the others got from the broken run (a failed collective, the agent's SIGTERM, which
+    # may even reach the erring process while it exits).
+    named = {rank: block for rank in sorted(exit_codes) if (block := _last_error_block(rank_log(run_dir, rank)))}
+    if named:
+        if 0 not in named:
+            print(named[min(named)], file=sys.stderr)
         return EXIT_USER_ERROR
     # The cause first: a process killed by something else than the agent's SIGTERM (which the agent sends to the
     # survivors once one has failed), then one that crashed, then the lowest rank.
@@ -187,18 +189,21 @@ def _report_failures(run_dir: Path, exit_codes: dict[int, int]) -> int:
     return EXIT_USER_ERROR
 
 
-def _last_error_block(path: Path) -> str | None:
+def _this_run(path: Path) -> str:
+    """The part of a rank's log written by this run (logs are appended to: a resumed run writes on)."""
     try:
-        blocks = _ERROR_BLOCK.findall(path.read_text(encoding="utf-8", errors="replace"))
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return None
+        return ""
+    start = text.rfind(RANK_LOG_HEADER)
+    return text[start:] if start >= 0 else text
+
+
+def _last_error_block(path: Path) -> str | None:
+    blocks = _ERROR_BLOCK.findall(_this_run(path))
     return blocks[-1] if blocks else None
 
 
 def _last_line(path: Path) -> str | None:
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    except OSError:
-        return None
-    lines = [line for line in lines if line]
+    lines = [line.strip() for line in _this_run(path).splitlines() if line.strip()]
     return lines[-1][:200] if lines else None

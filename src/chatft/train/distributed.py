@@ -210,7 +210,7 @@ def process_output(run_dir: Path, world: World) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", buffering=1, encoding="utf-8") as log:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        log.write(f"--- rank {world.rank} of {world.size} (local rank {world.local_rank}), pid {os.getpid()}, "
+        log.write(f"{launch.RANK_LOG_HEADER}{world.rank} of {world.size} (local rank {world.local_rank}), pid {os.getpid()}, "
                   f"host {socket.gethostname()}, {started}\n")
         if world.is_main:
             streams = (sys.stdout, sys.stderr)

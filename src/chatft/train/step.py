@@ -20,6 +20,7 @@ from chatft.config.support import check_supported
 from chatft.config.schema import TrainingConfig
 from chatft.data import pipeline
 from chatft.data.types import PreparedData
+from chatft.report import write_report_after_training
 from chatft.train import distributed, memory
 from chatft.train.loop import Trainer, TrainResult
 from chatft.train.metrics import require_tensorboard
@@ -97,6 +98,8 @@ def _train(cfg: TrainingConfig, run_dir: Path, world: distributed.World, train_d
     trainer.setup(resume_from, notes=notes)
     result = trainer.train()
     result.trainer = trainer
+    if world.is_main:  # report.html; a failure there is a warning, never the run's
+        write_report_after_training(run_dir)
     return result
 
 
