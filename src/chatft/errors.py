@@ -25,6 +25,7 @@ ERROR_IDS: dict[str, str] = {
     "bad_row": "a row cannot be used (strict mode names it)",
     "chat_template_missing": "the tokenizer has no chat template and the config names none",
     "template_not_prefix_stable": "the chat template renders a conversation differently from its prefixes",
+    "template_drops_field": "the chat template renders rows without their tool calls, tools or reasoning",
     "no_supervised_tokens": "no assistant tokens are left to train on",
     "sequence_too_long": "a row exceeds dataset.seq_length and truncation is `error`",
     "oom": "out of memory, predicted or caught",

@@ -3,8 +3,9 @@
 In: a compiled training config. Out (stdout): N rows with the supervised tokens marked, per-row
 supervised/total token counts, the dataset's token-length quantiles, how many rows exceed
 `dataset.seq_length` and what the truncation policy does with them, how the first epoch fills micro-batches
-(the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), the
-validation rows' counts when `validation_dataset` is set, and the memory estimate (sized, as training sizes it,
+(the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), the rows
+whose chat template leaves out their tool calls, tools or reasoning (counted per field, where training refuses
+them), the validation rows' counts when `validation_dataset` is set, and the memory estimate (sized, as training sizes it,
 for the longest training and validation rows).
 `--json` prints `{rows: [{input_ids, labels_mask, text}], stats: {...}}`.
 """
@@ -45,7 +46,9 @@ def _row_counts(report: Any) -> dict[str, Any]:
     """What a dataset's rows came to: the counts preview reports for training and validation data alike."""
     return {"rows_in": report.rows_in, "rows_used": report.rows_used, "dropped_by_reason": report.dropped_by_reason,
             "over_seq_length": report.over_length, "truncated": report.truncated,
-            "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens}
+            "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens,
+            "fields_dropped_by_template": report.fields_dropped_by_template,
+            "template_drop_examples": report.template_drop_examples}
 
 
 def _stats(data: PreparedData, val_data: PreparedData | None, cfg: TrainingConfig,
@@ -100,10 +103,12 @@ def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     from chatft.train.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_training_data(_reporting(cfg.dataset), tokenizer)
+    # Rows whose template leaves out fields are counted, not refused as training refuses them.
+    data = prepare_training_data(_reporting(cfg.dataset), tokenizer, refuse_template_drops=False)
     val_data = None
     if cfg.validation_dataset is not None:
-        val_data = prepare_training_data(_reporting(cfg.validation_dataset), tokenizer, key="validation_dataset")
+        val_data = prepare_training_data(_reporting(cfg.validation_dataset), tokenizer, key="validation_dataset",
+                                         refuse_template_drops=False)
     stats = _stats(data, val_data, cfg, _memory_estimate(cfg, data, val_data))
     shown = data.rows[:rows]
     if as_json:
@@ -133,6 +138,13 @@ def _rows_line(label: str, counts: dict[str, Any]) -> str:
             + "".join(f", {n} {reason}" for reason, n in counts["dropped_by_reason"].items()))
 
 
+def _template_drops_lines(label: str, counts: dict[str, Any]) -> list[str]:
+    """Per field, how many rows the chat template renders without it, and the first of them."""
+    return [f"{label}template drops {field}: {n} rows, refused by training with error[template_drops_field] "
+            f"(first: {counts['template_drop_examples'][field]})"
+            for field, n in counts["fields_dropped_by_template"].items()]
+
+
 def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -159,10 +171,12 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
         f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
         _batching_line(stats["batching"]),
+        *_template_drops_lines("", stats),
     ]
     if stats["validation"] is not None:
         val = stats["validation"]
         lines.append(_rows_line("validation rows", val) + f"; {val['over_seq_length']} over seq_length")
+        lines.extend(_template_drops_lines("validation: ", val))
     lines.append(stats["memory_estimate"]["summary"])
     for line in lines:
         print(line, file=sys.stdout)

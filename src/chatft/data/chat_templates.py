@@ -28,6 +28,7 @@ from chatft.errors import ChatftError, did_you_mean
 __all__ = [
     "ALIASES",
     "BUNDLED",
+    "RENDERS_TOOLS",
     "TEMPLATES_DIR",
     "bundled_template",
     "has_generation_tags",
@@ -53,6 +54,10 @@ BUNDLED: dict[str, str] = {
     "phi3": "phi3.jinja",  # Phi-3 Instruct
     "phi3_5": "phi3_5.jinja",  # Phi-3.5 Instruct
 }
+
+# The bundled templates that render assistant tool calls and the row's `tools` (the others render only `content`).
+# None renders `reasoning_content`.
+RENDERS_TOOLS: tuple[str, ...] = ("qwen2_5", "llama3", "llama3_2", "mistral")
 
 # Other spellings users reach for; keys are compared after `_normalize_name`.
 ALIASES: dict[str, str] = {

@@ -6,8 +6,8 @@ Out: a `Conversation` (messages, the row's tools if any, and the changes made on
 `RowDropped(reason, detail)` when the row cannot become a training conversation. `DROP_REASONS` lists every
 reason; data prep counts each dropped row under exactly one of them.
 
-Every format first becomes a list of messages, each `{"role", "content": str}` plus `tool_calls` (assistant)
-or `tool_call_id`/`name` (tool); then the same guards run on all of them (`check_conversation`):
+Every format first becomes a list of messages, each `{"role", "content": str}` plus `tool_calls` and `reasoning_content`
+(assistant) or `tool_call_id`/`name` (tool); then the same guards run on all of them (`check_conversation`):
   - a conversation needs an assistant message;
   - turns after the last assistant message (an unanswered user turn, a trailing tool result) are cut, since
     nothing after the last reply is trained on; the row is kept and the cut is counted as a change;
@@ -342,6 +342,9 @@ def _openai_message(raw: Any, where: str) -> dict[str, Any]:
         for key in ("tool_call_id", "name"):
             if isinstance(raw.get(key), str):
                 message[key] = raw[key]
+    reasoning = raw.get("reasoning_content")
+    if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():  # kept for templates that render it
+        message["reasoning_content"] = reasoning
     if role == "assistant" and raw.get("train") is False:  # chatft's per-message opt-out of the loss
         message["train"] = False
     return message

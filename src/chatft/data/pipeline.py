@@ -5,8 +5,10 @@ tokenizer's `chat_template` set to the template trained with (it is saved with t
 
 Steps: refuse missing paths and packed Parquet; choose the chat template and the masking method; read
 and validate `messages` rows (the same row guards as `chatft prep`); render + mask each row (in several
-processes for large files); apply the over-length policy; refuse a dataset with nothing to learn. The
-result is cached on disk per (data, tokenizer, template, settings).
+processes for large files); check that the rendering carries what each row says (tool calls, tools, reasoning,
+content: `template_fields`) and refuse training when it does not (`template_drops_field`; preview counts
+instead); apply the over-length policy; refuse a dataset with nothing to learn. The result is cached on disk
+per (data, tokenizer, template, settings).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Callable
 from chatft import artifacts
 from chatft.data import cache
 from chatft.data.guards import check_dataset_path
-from chatft.data.masks import MaskOptions, RowMaskError, mask_conversation
+from chatft.data.masks import MaskOptions, RowMaskError, TemplateDropsFields, mask_conversation
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft.errors import ChatftError
 
@@ -78,27 +80,33 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_state.update(state)
 
 
-def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, Any]]:
-    """(row number, row) → (row number, (ids, mask) or the drop reason)."""
+Result = tuple[int, Any, list[Any]]  # row number, (ids, mask) or the drop reason, the fields the template dropped
+
+
+def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[Result]:
+    """(row number, row) → (row number, (ids, mask) or the drop reason, the `DroppedField`s if any)."""
     state = _worker_state
     results = []
     for row_number, row in chunk:
         try:
             ids_mask = mask_conversation(state["tokenizer"], state["template"], row["messages"], row.get("tools"),
                                          state["options"], state["tagged"])
+        except TemplateDropsFields as err:
+            results.append((row_number, err.reason, err.dropped))
+            continue
         except RowMaskError as err:
-            results.append((row_number, err.reason))
+            results.append((row_number, err.reason, []))
             continue
         except ChatftError:
             raise
         except Exception:  # the template itself refused the row (e.g. raise_exception on role order)
-            results.append((row_number, "template_error"))
+            results.append((row_number, "template_error", []))
             continue
-        results.append((row_number, ids_mask))
+        results.append((row_number, ids_mask, []))
     return results
 
 
-def _tokenize_all(rows: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> list[tuple[int, Any]]:
+def _tokenize_all(rows: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> list[Result]:
     if len(rows) < PARALLEL_MIN_ROWS or (os.cpu_count() or 1) < 2:
         _init_worker(state)
         return _tokenize_chunk(rows)
@@ -140,11 +148,51 @@ def length_quantiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
+def template_drops_error(report: DataReport, key: str) -> ChatftError:
+    """The refusal of a dataset whose chat template leaves out fields of some rows' messages."""
+    from chatft.data.chat_templates import RENDERS_TOOLS
+
+    fields = report.fields_dropped_by_template
+    rows = report.dropped_by_reason.get("template_drops_field", 0)
+    found = "; ".join(f"{field} in {count} rows (first: {report.template_drop_examples[field]})"
+                      for field, count in fields.items())
+    hints = []
+    if {"tool_calls", "tools"} & set(fields):
+        hints.append("set dataset.chat_template to a template that renders tool calls and tools: the model's own "
+                     "tool-aware template (the path of its chat_template.jinja), or the bundled one of its family "
+                     f"where that renders them ({', '.join(RENDERS_TOOLS)})")
+    if "reasoning_content" in fields:
+        hints.append("for reasoning_content, set dataset.chat_template to a template that renders it (the reasoning "
+                     "model's own; no bundled template does), or remove reasoning_content from the rows if the "
+                     "reasoning is not to be trained")
+    if "content" in fields:
+        hints.append("for content, give a template that writes the assistant's content as the rows have it (this "
+                     "one rewrites it, e.g. strips <think> blocks)")
+    hints.append("`chatft preview -c CONFIG` counts the rows affected per field")
+    return ChatftError(
+        "template_drops_field",
+        f"the chat template ({report.template_source}) cannot render what the messages say in {rows} of "
+        f"{report.rows_in} rows of {key} ({report.path}); training them would teach the model turns without it: "
+        f"{found}",
+        "; ".join(hints),
+    )
+
+
+def _count_template_drops(counts: Counter[str], examples: dict[str, str], row_number: int,
+                          dropped: list[Any]) -> None:
+    """Count a row under each field its template dropped; keep the first row's account per field."""
+    for item in dropped:
+        examples.setdefault(item.field, f"row {row_number}, {item.describe()}")
+        counts[item.field] += 1
+
+
 def prepare_training_data(
     section: Any, tokenizer: Any, *, key: str = "dataset", use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr), refuse_template_drops: bool = True,
 ) -> PreparedData:
-    """Token ids and loss masks for every usable row of `section` (a DatasetSection)."""
+    """Token ids and loss masks for every usable row of `section` (a DatasetSection). A chat template that
+    drops fields of some rows' messages is refused (`template_drops_field`) unless `refuse_template_drops` is
+    false (preview), when those rows are counted as dropped."""
     from chatft.data.sources import read_message_rows
 
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
@@ -160,6 +208,8 @@ def prepare_training_data(
     }
     entry = cache.cache_key(settings)
     if use_cache and source.sha256 is not None and (cached := cache.load(entry)) is not None:
+        if refuse_template_drops and cached.report.fields_dropped_by_template:
+            raise template_drops_error(cached.report, key)
         log(f"{key}: {cached.report.rows_used} rows from the tokenization cache ({entry[:12]})")
         return cached
 
@@ -170,9 +220,12 @@ def prepare_training_data(
     rows: list[TokenizedRow] = []
     truncated = 0
     results = _tokenize_all(source.rows, state)
-    lengths = [len(result[0]) for _, result in results if not isinstance(result, str)]
-    for row_number, result in results:
+    lengths = [len(result[0]) for _, result, _ in results if not isinstance(result, str)]
+    field_drops: Counter[str] = Counter()
+    field_examples: dict[str, str] = {}
+    for row_number, result, dropped_fields in results:
         reason = result if isinstance(result, str) else None
+        _count_template_drops(field_drops, field_examples, row_number, dropped_fields)
         if reason is None:
             ids, mask = result
             if not any(mask):
@@ -197,8 +250,11 @@ def prepare_training_data(
         over_length=sum(n > section.seq_length for n in lengths), template_source=choice.source, mask_method=choice.method,
         flagged_by_reason=dict(source.flagged),
         flagged_examples_by_reason=source.flagged_examples,
+        fields_dropped_by_template=dict(field_drops), template_drop_examples=field_examples,
     )
     assert report.rows_in == report.rows_used + sum(dropped.values()), "every row is used or counted as dropped"
+    if report.fields_dropped_by_template and (refuse_template_drops or not rows):
+        raise template_drops_error(report, key)
     if not rows:
         reasons = ", ".join(f"{n} {r}" for r, n in report.dropped_by_reason.items()) or "the file has no rows"
         raise ChatftError(
@@ -238,6 +294,10 @@ def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, ke
         log(f"{key}: dropped {count} rows: {reason} (first rows: {first})")
     if report.truncated:
         log(f"{key}: truncated {report.truncated} rows to dataset.seq_length")
+    if report.fields_dropped_by_template:
+        counts = ", ".join(f"{field} in {n} rows" for field, n in report.fields_dropped_by_template.items())
+        log(f"WARNING {key}: the chat template leaves out {counts}; training refuses such rows "
+            "(error[template_drops_field])")
     # The template's own end-of-turn token (Llama 3's <|eot_id|> is not its EOS), or the EOS.
     end_ids = {artifacts.end_of_turn_token_id(tokenizer), tokenizer.eos_token_id} - {None}
     ends_trained = sum(1 for row in rows if any(row.input_ids[i] in end_ids for i, m in enumerate(row.loss_mask) if m))

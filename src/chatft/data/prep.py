@@ -298,6 +298,7 @@ def _characters(conversation: Conversation) -> int:
         total += len(message["content"])
         if "tool_calls" in message:
             total += len(json.dumps(message["tool_calls"], ensure_ascii=False))
+        total += len(message.get("reasoning_content", ""))
     return total
 
 

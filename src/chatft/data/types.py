@@ -44,6 +44,10 @@ class DataReport:
     flagged_by_reason: dict[str, int] = field(default_factory=dict)  # rows used as they are that look wrong
     flagged_examples_by_reason: dict[str, list[int]] = field(default_factory=dict)  # first row numbers of each
     mask_method: str | None = None  # generation_tags | prefix_rendering
+    # Rows whose rendering lacks a field of their messages (template_fields.FIELDS), per field (a row may count
+    # under several); they are dropped as `template_drops_field`, which training refuses.
+    fields_dropped_by_template: dict[str, int] = field(default_factory=dict)
+    template_drop_examples: dict[str, str] = field(default_factory=dict)  # per field, the first row's account
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
