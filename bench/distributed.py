@@ -6,8 +6,10 @@ The `cpu-smollm-lora` workload (SmolLM2-135M-Instruct, LoRA, float32, Alpaca con
 - `one process`:          `chatft run peft/automodel ...`, every core to one process;
 - `torchrun, world 1`:    `torchrun --nproc-per-node 1 -m chatft run ...`: chatft joined to a launcher it did not
                           start, at world size 1 (the distributed path's bookkeeping without a peer);
-- `N processes x 1 core`: `chatft run ... --nproc-per-node N` (N = the machine's cores), gloo, gradients added
-                          across processes once per step.
+- `N processes x 1 core, ddp`: `chatft run ... --nproc-per-node N` (N = the machine's cores), gloo, the model on
+                          every process, gradients added across processes once per step (LoRA's default);
+- `N processes x 1 core, fsdp2`: the same with `distributed.strategy=fsdp2`: the model split across the
+                          processes, each layer's weights gathered for every pass.
 
 Each is reported as the median tokens/s of its steps after the warm-up ones, and as a ratio to `one process`.
 Usage: `python bench/distributed.py [--steps 8] [--warmup 2] [--out bench/results]`.
@@ -49,8 +51,10 @@ def ways(cores: int) -> dict[str, tuple[list[str], list[str], int]]:
     use."""
     chatft = [sys.executable, "-m", "chatft"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "chatft"]
+    several = ["--nproc-per-node", str(cores)]
     return {"one process": (chatft, [], cores), "torchrun, world 1": (torchrun, [], cores),
-            f"{cores} processes x 1 core": (chatft, ["--nproc-per-node", str(cores)], 1)}
+            f"{cores} processes x 1 core, ddp": (chatft, ["distributed.strategy=ddp", *several], 1),
+            f"{cores} processes x 1 core, fsdp2": (chatft, ["distributed.strategy=fsdp2", *several], 1)}
 
 
 def measure(name: str, command: list[str], threads: int, run_dir: Path, warmup: int) -> dict[str, Any]:

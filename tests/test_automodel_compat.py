@@ -60,8 +60,7 @@ def test_step_catalog_config_uses_the_launcher_layout_and_warns_per_setting():
         "model.backend.linear: te",
         "distributed.ep_size: 8",
         "run.env.container_image: nvcr.io/nvidia/nemo-automodel:26.04",
-        "distributed.strategy: fsdp2",  # FSDP2Config on 16 processes: trained replicated, said once
-    }
+    }  # FSDP2Config on 16 processes: sharded as it says, so no word about it
     assert all(" does not apply: " in line for line in compiled.warnings)
     # rms_norm: torch_fp32 is what the model's own norm does: no warning for it.
     assert not any("rms_norm" in line for line in compiled.warnings)
@@ -77,8 +76,7 @@ def test_split_distributed_form_clipping_and_mlflow():
     assert cfg.mlflow.tags == {"team": "chat"}
     assert cfg.dataset.chat_template.startswith("{% for m in messages %}")
     warned = {line.split("`")[1] for line in compiled.warnings}
-    assert warned == {"distributed.tp_size: 2", "step_scheduler.save_checkpoint_every_epoch: true",
-                      "distributed.strategy: fsdp2"}
+    assert warned == {"distributed.tp_size: 2", "step_scheduler.save_checkpoint_every_epoch: true"}
 
 
 def test_overrides_apply_on_top_of_an_automodel_config():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,10 @@ import pytest
 
 from chatft.data import chat_templates as ct
 from chatft.errors import ChatftError
+from original_templates import SKIP_REASON, TRL_DIR, original
 
 
-def _trl_templates_dir() -> Path | None:
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
-    return folder if folder.is_dir() else None
-
-
-TRL_DIR = _trl_templates_dir()
-needs_trl = pytest.mark.skipif(TRL_DIR is None, reason="trl (a test extra) ships the original templates")
-
-
-def original(name: str) -> str:
-    assert TRL_DIR is not None
-    return (TRL_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+needs_trl = pytest.mark.skipif(TRL_DIR is None, reason=SKIP_REASON)
 
 
 # SmolLM2-Instruct's own template (chatft's demo model), written out as the reference to compare with.

@@ -23,10 +23,10 @@ CONDITIONAL = {
     "compile.fullgraph": "compile.enabled=true",
     "compile.backend": "compile.enabled=true",
     "checkpoint.checkpoint_dir": "read by `chatft run` from the compiled config (run.run_dir); tests pass the dir",
-    **{f"wandb.{key}": "the wandb section is refused (not_available_yet)"
-       for key in ("project", "entity", "name", "save_dir")},
-    **{f"mlflow.{key}": "the mlflow section is refused (not_available_yet)"
-       for key in ("experiment_name", "run_name", "tracking_uri", "artifact_location", "tags")},
+    **{f"wandb.{key}": "read when the wandb section is on (chatft.trackers, tests/test_trackers.py)"
+       for key in ("project", "entity", "name", "group", "tags", "notes", "save_dir")},
+    **{f"mlflow.{key}": "read when the mlflow section is on (chatft.trackers, tests/test_trackers.py)"
+       for key in ("experiment_name", "run_name", "tracking_uri", "artifact_location", "tags", "description")},
 }
 
 
@@ -93,8 +93,7 @@ def test_unread_keys_warn_once_and_unsupported_settings_are_refused_at_compile_t
     two = helpers.training_config(tiny_model_dir, tmp_path, distributed__dp_size=2,
                                   step_scheduler__global_batch_size=4, dist_env__timeout_minutes=99)
     assert support.unsupported(two) is None and support.no_effect_warnings(two) == []
-    for overrides, words in [({"wandb": {"project": "x"}}, "wandb"),
-                             ({"packed_sequence__split_across_pack": True}, "splitting a conversation")]:
+    for overrides, words in [({"packed_sequence__split_across_pack": True}, "splitting a conversation")]:
         refusal = support.unsupported(helpers.training_config(tiny_model_dir, tmp_path, **overrides))
         assert refusal is not None and refusal.id == "not_available_yet" and words in refusal.message
 

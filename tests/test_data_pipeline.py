@@ -135,6 +135,21 @@ def test_cache_is_reused_and_invalidated_by_a_template_change(tmp_path, tokenize
     assert prepare(path, tokenizer, logs).report.rows_used == 3
 
 
+def test_a_cache_entry_of_another_shape_is_rebuilt(tmp_path, tokenizer):
+    from safetensors.numpy import load_file, save_file
+
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("hello", "hi")])
+    logs: list[str] = []
+    first = prepare(path, tokenizer, logs)
+    (entry,) = (tmp_path / "cache" / "tokenized").glob("*.safetensors")  # as written before an array was added
+    arrays = load_file(entry)
+    del arrays["message"]
+    save_file(arrays, entry)
+    again = prepare(path, tokenizer, logs)
+    assert "from the tokenization cache" not in logs[-1]
+    assert [r.input_ids for r in again.rows] == [r.input_ids for r in first.rows]
+
+
 def test_packed_parquet_is_refused_with_the_source_named(tmp_path, tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq

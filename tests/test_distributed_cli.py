@@ -1,6 +1,7 @@
 """Training on two processes through the real CLI (`--nproc-per-node 2`: torchrun's engine, gloo on CPU) trains
 what one process trains: the same conversations per step, the loss divided by the supervised tokens of the whole
-step, the gradients added across processes. Per-step loss and final weights agree within float32 rounding; a
+step, the gradients added across processes, with the weights copied to each (ddp) or split across them (fsdp2,
+the default for full SFT). Per-step loss and final weights agree within float32 rounding; a
 checkpoint written at one world size resumes at the other; two "nodes" (two launchers meeting at a rendezvous on
 127.0.0.1) train what one process trains; a refusal reaches the console once; a killed process becomes one
 `error[process_failed]`, and running the same command again resumes."""
@@ -81,24 +82,33 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("kind,layout", [("full", "padding-free"), ("full", "padded"), ("lora", "padding-free"),
-                                         ("lora", "token-budget")])
-def test_two_processes_train_what_one_trains(work, tiny_model_dir, kind, layout):
+# The default strategy (auto) shards full SFT (fsdp2) and replicates LoRA (ddp); each kind also runs the other one.
+# Every case has a step whose single row leaves the second process without rows (empty passes under FSDP2).
+@pytest.mark.parametrize("kind,layout,strategy", [("full", "padding-free", "fsdp2"), ("full", "padded", "ddp"),
+                                                  ("lora", "padding-free", "ddp"), ("lora", "token-budget", "fsdp2")])
+def test_two_processes_train_what_one_trains(work, tiny_model_dir, kind, layout, strategy):
     name = f"{kind}-{layout}"
     settings = LAYOUTS[layout]
     train(work, tiny_model_dir, kind, f"{name}-1", 1, *settings)
-    result = train(work, tiny_model_dir, kind, f"{name}-2", 2, *settings)
+    result = train(work, tiny_model_dir, kind, f"{name}-2", 2, *settings, f"distributed.strategy={strategy}")
     assert_same_training(work / f"{name}-1", work / f"{name}-2")
     assert result.stdout.count("done: 3 steps") == 1  # rank 0 alone speaks
+    assert ("FSDP2: weights, gradients and optimizer states split over 2 processes" in result.stdout) == (
+        strategy == "fsdp2")
     manifest = json.loads((work / f"{name}-2" / "final" / "chatft_manifest.json").read_text())
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["launcher"] == "torchrun"
+    assert manifest["metrics"]["strategy"] == strategy
+    assert manifest["metrics"]["tokens"] == json.loads((work / f"{name}-1" / "final" / "chatft_manifest.json")
+                                                       .read_text())["metrics"]["tokens"]  # empty passes count none
     assert {p.name for p in (work / f"{name}-2" / "logs").iterdir()} >= {"rank_0.log", "rank_1.log"}
 
 
 def test_validation_is_scored_over_both_shares(work, tiny_model_dir):
+    """5 validation rows: 3 on the first process, 2 on the second, which makes up the count with an empty pass
+    (FSDP2: every process gathers every layer's weights the same number of times)."""
     validation = ("validation_dataset.path_or_dataset_id=val.jsonl", "step_scheduler.val_every_steps=2")
     train(work, tiny_model_dir, "lora", "val-1", 1, *validation)
-    train(work, tiny_model_dir, "lora", "val-2", 2, *validation)
+    train(work, tiny_model_dir, "lora", "val-2", 2, *validation, "distributed.strategy=fsdp2")
     rows = [[json.loads(line) for line in (work / run / "validation.jsonl").read_text().splitlines()]
             for run in ("val-1", "val-2")]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [2, 3]
@@ -200,14 +210,15 @@ def _wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen, deadli
 LONG_RUN = ("step_scheduler.num_epochs=200", "step_scheduler.ckpt_every_steps=5")
 
 
-def _start(work: Path, model: Path, run: str) -> subprocess.Popen:
+def _start(work: Path, model: Path, run: str, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CHATFT_CACHE_DIR": str(work / "cache")}
-    return subprocess.Popen([CHATFT, *command(model, "lora", run, 2, *LONG_RUN)], cwd=work, env=env,
+    return subprocess.Popen([CHATFT, *command(model, "lora", run, 2, *LONG_RUN, *overrides)], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigterm_to_the_launcher_saves_once_and_the_same_command_resumes(work, tiny_model_dir):
-    process = _start(work, tiny_model_dir, "stopped")
+    """Sharded (FSDP2): the checkpoint gathers every process's shard, so all of them take part in the save."""
+    process = _start(work, tiny_model_dir, "stopped", "distributed.strategy=fsdp2")
     _wait_for_steps(work / "stopped", 7, process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -215,8 +226,8 @@ def test_sigterm_to_the_launcher_saves_once_and_the_same_command_resumes(work, t
     assert stdout.count("stopped by SIGTERM") == 1 and "Traceback" not in stderr, stdout + stderr
     saved = int(re.search(r"after step (\d+)", stdout).group(1))
     assert (work / "stopped" / "checkpoints" / f"step_{saved}").is_dir()
-    again = run_chatft(*command(tiny_model_dir, "lora", "stopped", 2, *LONG_RUN, "step_scheduler.max_steps=" +
-                                str(saved + 2)), cwd=work)
+    again = run_chatft(*command(tiny_model_dir, "lora", "stopped", 2, *LONG_RUN, "distributed.strategy=fsdp2",
+                                "step_scheduler.max_steps=" + str(saved + 2)), cwd=work)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"(step {saved})" in again.stdout
 

@@ -57,7 +57,7 @@ def packed_parquet(path: Path) -> Path:
 
 def test_every_rule_is_a_table_row_with_a_test():
     ids = [rule.id for rule in RULES]
-    assert len(ids) == len(set(ids)) == 12
+    assert len(ids) == len(set(ids)) == 13
     source = Path(__file__).read_text()
     for rule in RULES:
         assert rule.constraint and rule.decision
@@ -111,13 +111,28 @@ def test_rule_megatron_input(tmp_path):
 
 
 def test_rule_model_parallelism():
-    result = plan("meta-llama/Llama-3.1-70B-Instruct", gpus=2)
+    result = plan("meta-llama/Llama-3.1-405B-Instruct", gpus=2)  # not even LoRA on a 4-bit base fits
     assert "tensor/pipeline" in fired(result)["model_parallelism"]
     assert result.decision.route == "megatron" and result.decision.refusal is None
-    assert result.facts.full_fit is None and result.facts.lora_fit is None
+    assert result.facts.full_fit is None and result.facts.lora_fit is None and result.facts.qlora_fit is None
     # with 8 GPUs the frozen base shards over FSDP2 and LoRA fits: chatft keeps the job
     bigger = plan("meta-llama/Llama-3.1-70B-Instruct", gpus=8)
     assert "model_parallelism" not in fired(bigger) and bigger.fit.strategy == "fsdp2"
+
+
+def test_rule_qlora():
+    def fired_and_plan(model: str, gpus: int) -> tuple[dict[str, str], object]:
+        result = plan(model, gpus=gpus)
+        return fired(result), result
+
+    rules, result = fired_and_plan("meta-llama/Llama-3.1-70B-Instruct", 2)  # 2 x 80 GB: LoRA does not fit, QLoRA does
+    assert "4-bit NF4 base" in rules["qlora"] and "model_parallelism" not in rules
+    assert result.decision.quantization == "nf4" and result.fit.quantization == "nf4" and result.fit.fits
+    rules, result = fired_and_plan("meta-llama/Llama-3.1-405B-Instruct", 2)  # not even on a 4-bit base
+    assert "qlora" not in rules and "tensor/pipeline" in rules["model_parallelism"]
+    assert result.facts.qlora_fit is None
+    rules, result = fired_and_plan("meta-llama/Llama-3.1-70B-Instruct", 8)  # LoRA fits (FSDP2): no 4-bit base
+    assert "qlora" not in rules and result.decision.quantization is None
 
 
 def test_fsdp2_estimates_count_the_gathered_layers():
@@ -393,7 +408,7 @@ def test_training_that_needs_fsdp2_sharding_is_not_given_a_command(tmp_path):
     for argv in commands:
         assert_runs(argv, tmp_path)
     text = (out / "plan.md").read_text()
-    assert "not runnable in this release" in text and "FSDP2 sharding is not in this release" in text
+    assert "not runnable yet" in text and "FSDP2 sharding is not planned yet" in text
     assert "not available" not in text and "scale-out" not in text
     assert re.search(r"full SFT \(DDP, replicated, local_batch_size 1, activation checkpointing\): [\d.]+ GB per "
                      r"GPU, does NOT fit", text)  # the smallest replicated ask
@@ -401,7 +416,7 @@ def test_training_that_needs_fsdp2_sharding_is_not_given_a_command(tmp_path):
     assert suggested == [f"chatft plan --gpus 8 --gpu-memory-gb 80 --model {LLAMA_8B} --want adapter",
                          f"chatft plan --gpus 1 --gpu-memory-gb 80 --model {LLAMA_8B}"]
     train_config = config_path(result, 2, result.chain.steps[1]).read_text()
-    assert "# Run:" not in train_config and "FSDP2 sharding is not in this release" in train_config
+    assert "# Run:" not in train_config and "FSDP2 sharding is not planned yet" in train_config
     assert yaml.safe_load(train_config)["distributed"]["strategy"] == "fsdp2"
     for index, line in enumerate(suggested):  # every command of a suggested plan runs today
         # planned in this process (the CLI's `chatft plan` is tested above; a second torch start costs seconds)

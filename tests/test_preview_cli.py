@@ -45,7 +45,8 @@ def test_preview_json(data_dir, tiny_model_dir):
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     row = payload["rows"][0]
-    assert set(row) == {"source_row", "input_ids", "labels_mask", "text"}
+    assert set(row) == {"source_row", "message", "input_ids", "labels_mask", "text"}
+    assert row["message"] is None  # one row per conversation: ChatML keeps history
     assert len(row["input_ids"]) == len(row["labels_mask"]) and 0 < sum(row["labels_mask"]) < len(row["input_ids"])
     assert payload["stats"]["truncation"] == "error"
     assert payload["stats"]["rows_in"] == 3 and payload["stats"]["over_seq_length"] == 0

@@ -155,7 +155,7 @@ def test_a_finished_run_is_refused_unless_overwrite_or_resume_path(tiny_model_di
 
 
 def test_resume_false_does_not_mix_with_earlier_checkpoints(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "_save_final", lambda self, elapsed: None)  # an unfinished run
+    monkeypatch.setattr(Trainer, "_save_final", lambda self, elapsed, weights: None)  # an unfinished run
     train(config(tiny_model_dir, tmp_path, False, step_scheduler__max_steps=2), tmp_path, data, tokenizer=tokenizer)
     with pytest.raises(ChatftError) as err:
         train(config(tiny_model_dir, tmp_path, False, checkpoint__resume="false"), tmp_path, data, tokenizer=tokenizer)
@@ -163,7 +163,7 @@ def test_resume_false_does_not_mix_with_earlier_checkpoints(tiny_model_dir, toke
 
 
 def test_resume_refuses_a_changed_batch_size(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "_save_final", lambda self, elapsed: None)
+    monkeypatch.setattr(Trainer, "_save_final", lambda self, elapsed, weights: None)
     train(config(tiny_model_dir, tmp_path, False, step_scheduler__max_steps=2), tmp_path, data, tokenizer=tokenizer)
     changed = config(tiny_model_dir, tmp_path, False, step_scheduler__global_batch_size=8)
     with pytest.raises(ChatftError) as err:

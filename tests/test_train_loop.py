@@ -244,8 +244,6 @@ def test_weight_decay_skips_norms_and_biases(tiny_model_dir, tokenizer, tmp_path
 
 
 @pytest.mark.parametrize("override, words", [
-    ({"wandb": {"project": "x"}}, "wandb"),
-    ({"mlflow": {"experiment_name": "x"}}, "mlflow"),
     ({"packed_sequence__split_across_pack": True}, "splitting a conversation"),
 ])
 def test_refuses_what_is_not_available_yet(tiny_model_dir, tmp_path, override, words):

@@ -1,10 +1,8 @@
-"""The memory estimate, `error[oom]` (predicted and caught), and the optional TensorBoard logging."""
+"""The memory estimate and `error[oom]` (predicted and caught)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -291,40 +289,6 @@ def test_estimate_and_measured_peak_are_recorded(tiny_model_dir, tokenizer, data
 def test_free_memory_reads_the_machine():
     free = memory.free_memory(torch.device("cpu"))
     assert free is None or free > 0
-
-
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
-def test_tensorboard_without_the_extra_names_it(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(Trainer, "setup", lambda *args, **kwargs: pytest.fail("refused only after loading"))
-    with pytest.raises(ChatftError) as err:
-        train(helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True), tmp_path, data,
-              tokenizer=tokenizer)
-    assert err.value.id == "config_invalid" and "chatft[tensorboard]" in err.value.hint
-
-
-def test_tensorboard_gets_train_and_validation_scalars(tiny_model_dir, tokenizer, data, tmp_path, monkeypatch):
-    written: list[tuple[str, float, int]] = []
-
-    class FakeWriter:
-        def __init__(self, log_dir):
-            self.log_dir = log_dir
-
-        def add_scalar(self, tag, value, step):
-            written.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    cfg = helpers.training_config(tiny_model_dir, tmp_path, logging__tensorboard=True, step_scheduler__max_steps=2)
-    train(cfg, tmp_path, data, helpers.prepared(helpers.chat_rows(tokenizer, 2, offset=50)), tokenizer=tokenizer)
-    tags = {(tag, step) for tag, _, step in written}
-    assert {("train/loss", 1), ("train/loss", 2), ("train/lr", 2), ("validation/loss", 2),
-            ("validation/token_accuracy", 2)} <= tags
 
 
 def test_the_plan_of_several_processes_covers_every_share_once(tiny_model_dir, tmp_path):

@@ -5,9 +5,11 @@ supervised/total token counts, the dataset's token-length quantiles, how many ro
 `dataset.seq_length` and what the truncation policy does with them, how the first epoch fills micro-batches
 (the padding a padded layout would compute, how full the packs of `packed_sequence_size` are), the rows
 whose chat template leaves out their tool calls, tools or reasoning (counted per field, where training refuses
-them), the validation rows' counts when `validation_dataset` is set, and the memory estimate (sized, as training sizes it,
-for the longest training and validation rows).
-`--json` prints `{rows: [{input_ids, labels_mask, text}], stats: {...}}`.
+them), how conversations became rows (`dataset.multi_turn`: rows and tokens before and after a per-turn
+expansion), the validation rows' counts when `validation_dataset` is set, and the memory estimate (sized, as
+training sizes it, for the longest training and validation rows).
+`--json` prints `{rows: [{source_row, message, input_ids, labels_mask, text}], stats: {...}}` (`message`: the
+assistant message a per-turn row trains).
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
 
 def _row_counts(report: Any) -> dict[str, Any]:
     """What a dataset's rows came to: the counts preview reports for training and validation data alike."""
+    from chatft.data.pipeline import expansion_summary
+
     return {"rows_in": report.rows_in, "rows_used": report.rows_used, "dropped_by_reason": report.dropped_by_reason,
             "over_seq_length": report.over_length, "truncated": report.truncated,
             "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens,
             "fields_dropped_by_template": report.fields_dropped_by_template,
-            "template_drop_examples": report.template_drop_examples}
+            "template_drop_examples": report.template_drop_examples,
+            "multi_turn": report.multi_turn, "expansion": report.expansion,
+            "multi_turn_summary": expansion_summary(report), "drop_details": report.drop_details}
 
 
 def _stats(data: PreparedData, val_data: PreparedData | None, cfg: TrainingConfig,
@@ -113,8 +119,9 @@ def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
     shown = data.rows[:rows]
     if as_json:
         payload = {
-            "rows": [{"source_row": r.source_row, "input_ids": r.input_ids, "labels_mask": [int(m) for m in r.loss_mask],
-                      "text": tokenizer.decode(r.input_ids)} for r in shown],
+            "rows": [{"source_row": r.source_row, "message": r.message, "input_ids": r.input_ids,
+                      "labels_mask": [int(m) for m in r.loss_mask], "text": tokenizer.decode(r.input_ids)}
+                     for r in shown],
             "stats": stats,
         }
         print(json.dumps(payload))
@@ -145,6 +152,13 @@ def _template_drops_lines(label: str, counts: dict[str, Any]) -> list[str]:
             for field, n in counts["fields_dropped_by_template"].items()]
 
 
+def _drop_detail_lines(label: str, counts: dict[str, Any]) -> list[str]:
+    """The first row's account of drops that training refuses (a turn its template cannot render as generated)."""
+    return [f"{label}{reason}: {counts['dropped_by_reason'][reason]} rows, refused by training with "
+            f"error[template_not_prefix_stable] (first: {detail})"
+            for reason, detail in counts["drop_details"].items() if reason == "generation_prompt_mismatch"]
+
+
 def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -152,8 +166,9 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
     console = Console(highlight=False, soft_wrap=True)  # the terminal wraps; inserted breaks would look like text
     colour = console.is_terminal
     for row in shown:
-        console.print(f"[bold]row {row.source_row}[/bold]: {row.num_supervised} supervised / {len(row)} tokens"
-                      if colour else f"row {row.source_row}: {row.num_supervised} supervised / {len(row)} tokens")
+        label = f"row {row.source_row}" + (f", assistant message {row.message}" if row.message else "")
+        counts = f"{row.num_supervised} supervised / {len(row)} tokens"
+        console.print(f"[bold]{label}[/bold]: {counts}" if colour else f"{label}: {counts}")
         text = Text()
         for segment, supervised in _segments(tokenizer, row):
             if colour:
@@ -170,6 +185,8 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         f"over seq_length={stats['seq_length']}: {stats['over_seq_length']} rows, "
         f"{POLICY_WORDS[stats['truncation']]} (dataset.truncation={stats['truncation']})",
         f"tokens: {stats['supervised_tokens']} supervised of {stats['total_tokens']}",
+        stats["multi_turn_summary"],
+        *_drop_detail_lines("", stats),
         _batching_line(stats["batching"]),
         *_template_drops_lines("", stats),
     ]
@@ -177,6 +194,8 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         val = stats["validation"]
         lines.append(_rows_line("validation rows", val) + f"; {val['over_seq_length']} over seq_length")
         lines.extend(_template_drops_lines("validation: ", val))
+        lines.append("validation " + val["multi_turn_summary"])
+        lines.extend(_drop_detail_lines("validation: ", val))
     lines.append(stats["memory_estimate"]["summary"])
     for line in lines:
         print(line, file=sys.stdout)

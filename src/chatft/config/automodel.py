@@ -263,8 +263,57 @@ def _drop_emptied(tr: Translation, path: str) -> None:
         tr.pop(path)
 
 
+# NeMo AutoModel's QLoRA block: a top-level `quantization` section of BitsAndBytesConfig arguments, mapped to
+# chatft's `model` keys (key -> the model key it sets, or None: read below).
+AUTOMODEL_QUANTIZATION = {
+    "load_in_4bit": None,
+    "load_in_8bit": None,
+    "bnb_4bit_quant_type": None,
+    "bnb_4bit_use_double_quant": "model.double_quantization",
+    "bnb_4bit_compute_dtype": "model.quantization_compute_dtype",
+    "bnb_4bit_quant_storage": None,
+}
+
+
+def _translate_quantization(tr: Translation) -> None:
+    present, block = tr.get("quantization")
+    if not present:
+        return
+    tr.pop("quantization")
+    block = {} if block is None else block
+    unknown = [key for key in block if key not in AUTOMODEL_QUANTIZATION] if isinstance(block, dict) else [block]
+    if unknown:
+        raise ChatftError("config_invalid", f"`quantization` holds what AutoModel's QLoRA block does not: {unknown}",
+                          f"the block takes {', '.join(AUTOMODEL_QUANTIZATION)}; or set model.quantization=nf4 "
+                          "(chatft's own key)")
+    if block.get("load_in_8bit"):
+        raise ChatftError("not_available_yet", "`quantization.load_in_8bit: true`: an 8-bit base is not implemented",
+                          "use a 4-bit base (quantization.load_in_4bit: true, or model.quantization=nf4)")
+    if not block.get("load_in_4bit"):
+        for key, value in block.items():
+            if key not in ("load_in_4bit", "load_in_8bit") and value is not None:
+                tr.warn(f"quantization.{key}", value, "quantization.load_in_4bit is not true: no quantization")
+        return
+    kind = block.get("bnb_4bit_quant_type") or "nf4"
+    present, current = tr.get("model.quantization")
+    if present and current is not None and current != kind:
+        raise ChatftError("config_invalid",
+                          f"model.quantization={current} and quantization.bnb_4bit_quant_type={kind} disagree",
+                          "set one of them")
+    tr.set("model.quantization", kind)
+    for key, target in AUTOMODEL_QUANTIZATION.items():
+        if target is not None and block.get(key) is not None:
+            tr.set(target, block[key])
+    storage = block.get("bnb_4bit_quant_storage")
+    if storage not in (None, "uint8", "torch.uint8"):
+        tr.warn("quantization.bnb_4bit_quant_storage", storage,
+                "chatft keeps the 4-bit codes in uint8 (the same bytes); a float storage matters only for FSDP "
+                "sharding of a 4-bit base, which chatft does not do")
+
+
 def _translate_training(tr: Translation) -> None:
     cfg = tr.config
+    _translate_quantization(tr)
     step_recipe = cfg.pop("_step_recipe", None)
     if step_recipe is not None and not str(step_recipe).endswith(":TrainFinetuneRecipeForNextTokenPrediction"):
         tr.refused.append(f"`_step_recipe: {step_recipe}` is not a recipe chatft runs")

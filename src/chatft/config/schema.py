@@ -58,8 +58,19 @@ class ModelSection(Section):
     torch_dtype: TorchDtype = Field("bfloat16", description="weights and compute dtype")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    quantization: Literal["nf4", "fp4"] | None = Field(
+        None, description="QLoRA: load the frozen base in 4 bits through bitsandbytes (LoRA only)")
+    double_quantization: bool = Field(True, description="with quantization: quantize the 4-bit blocks' scales too")
+    quantization_compute_dtype: TorchDtype = Field(
+        "auto", description="with quantization: the dtype 4-bit weights are dequantized to for each matmul "
+        "(auto: the run's compute dtype)")
 
-    _dtype = field_validator("torch_dtype", mode="before")(normalise_dtype)
+    _dtype = field_validator("torch_dtype", "quantization_compute_dtype", mode="before")(normalise_dtype)
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _no_quantization(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in ("none", "null", "false") else value
 
 
 class DatasetSection(Section):
@@ -71,14 +82,31 @@ class DatasetSection(Section):
     truncation: Literal["drop", "truncate", "error"] = "drop"
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     mask_generation_prompt: bool = True
+    multi_turn: Literal["auto", "per_turn", "as_rendered", "last_assistant"] = Field(
+        "auto", description="conversations -> rows: auto (one row, or one per assistant turn where the template "
+        "rewrites history), per_turn, as_rendered (one row; refuse such templates), last_assistant (final turn only)")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="variables every chat template render gets, e.g. {enable_thinking: false}")
     num_samples_limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # These are apply_chat_template's own arguments, which chatft sets per render.
+        taken = sorted(set(value) & {"conversation", "messages", "tools", "documents", "chat_template",
+                                     "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                                     "truncation", "max_length", "return_tensors", "return_dict",
+                                     "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here: chatft sets them for each render")
+        return value
 
 
 class ValidationDatasetSection(DatasetSection):
     """Rows are rendered, cut and masked as the training rows are unless set here (`INHERITED`)."""
 
     INHERITED: ClassVar[tuple[str, ...]] = ("seq_length", "chat_template", "truncation", "train_on",
-                                            "mask_generation_prompt")
+                                            "mask_generation_prompt", "multi_turn", "chat_template_kwargs")
 
 
 class DataloaderSection(Section):
@@ -137,7 +165,9 @@ class DistEnvSection(Section):
 
 
 class DistributedSection(Section):
-    strategy: Literal["fsdp2", "ddp"] | None = Field(None, description="None: ddp (fsdp2 is not implemented yet and runs as ddp, with a warning)")
+    strategy: Literal["fsdp2", "ddp", "auto"] | None = Field(
+        None, description="fsdp2: weights, gradients and optimizer states split across the processes; ddp: copied to "
+                          "each; auto / None: fsdp2 for full SFT, ddp for LoRA (`train/distributed.strategy_for`)")
     # AutoModel writes `dp_size: none` for "all remaining ranks"; None means the same here.
     dp_size: int | None = Field(None, ge=1)
     activation_checkpointing: bool | Literal["selective", "auto"] = Field(
@@ -201,22 +231,28 @@ class LoggingSection(Section):
 
 
 class WandbSection(Section):
-    """Optional extra `chatft[wandb]`; off unless the section is present."""
+    """Weights & Biases (extra `chatft[wandb]`, `chatft.trackers`): AutoModel's keys, passed to `wandb.init`.
+    Off when the project resolves to null (and WANDB_PROJECT is unset)."""
 
     project: str | None = None
     entity: str | None = None
-    name: str | None = None
-    save_dir: str | None = None
+    name: str | None = Field(None, description="run name; unset or empty: the run dir's name")
+    group: str | None = None
+    tags: list[str] | None = None
+    notes: str | None = None
+    save_dir: str | None = Field(None, description="where W&B keeps its local files; unset: the run dir")
 
 
 class MlflowSection(Section):
-    """Optional extra; off unless the section is present."""
+    """MLflow (extra `chatft[mlflow]`, `chatft.trackers`): AutoModel's keys. Off when the tracking URI resolves to
+    null (and MLFLOW_TRACKING_URI is unset)."""
 
-    experiment_name: str | None = None
-    run_name: str | None = None
+    experiment_name: str | None = Field(None, description="created when missing; unset: MLflow's Default")
+    run_name: str | None = Field(None, description="unset or empty: the run dir's name")
     tracking_uri: str | None = None
-    artifact_location: str | None = None
+    artifact_location: str | None = Field(None, description="artifact root of an experiment chatft creates")
     tags: dict[str, str] | None = None
+    description: str | None = Field(None, description="the run's note in the MLflow UI")
 
 
 class TrainingConfig(Section):

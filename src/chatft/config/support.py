@@ -47,23 +47,11 @@ def no_effect_warnings(cfg: TrainingConfig) -> list[str]:
     table = {**NO_EFFECT, **(ONLY_WITH_SEVERAL_PROCESSES if cfg.data_parallel_size() == 1 else {})}
     warnings = [does_not_apply(key, value, why) for key, why in table.items()
                 if (value := _get(cfg, key)) != _get(defaults, key)]
-    if cfg.data_parallel_size() > 1 and cfg.distributed.strategy == "fsdp2":
-        # Sharding changes where the weights live, not what is trained: the run goes on replicated.
-        warnings.append(does_not_apply("distributed.strategy", "fsdp2", "FSDP2 sharding is not implemented yet; "
-                                       "the run trains the same steps with every process holding the whole model and "
-                                       "optimizer states (ddp), so each needs the memory of a one-process run"))
     return warnings
 
 
 def unsupported(cfg: TrainingConfig) -> ChatftError | None:
     """The first thing in `cfg` this release cannot do, as the error to raise, or None."""
-    for section in ("wandb", "mlflow"):
-        if getattr(cfg, section) is not None:
-            return ChatftError(
-                "not_available_yet",
-                f"the `{section}` section is set but {section} logging is not implemented yet",
-                f"remove the `{section}` section; metrics.jsonl, loss.png and logging.tensorboard=true are available",
-            )
     if cfg.packed_sequence.split_across_pack:
         return ChatftError(
             "not_available_yet",

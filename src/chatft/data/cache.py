@@ -20,7 +20,7 @@ import numpy as np
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft import paths
 
-FORMAT_VERSION = 3  # bump when the tokenization, the stored layout or the report's fields change
+FORMAT_VERSION = 4  # bump when the tokenization, the stored layout or the report's fields change
 
 
 def cache_root() -> Path:
@@ -45,15 +45,17 @@ def load(key: str, root: Path | None = None) -> PreparedData | None:
     try:
         arrays = load_file(tensors_path)
         meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None  # a damaged entry is rebuilt, not trusted
-    offsets = arrays["offsets"].tolist()
-    ids, mask, sources = arrays["input_ids"], arrays["loss_mask"], arrays["source_row"].tolist()
+        offsets = arrays["offsets"].tolist()
+        ids, mask, sources = arrays["input_ids"], arrays["loss_mask"], arrays["source_row"].tolist()
+        messages = [None if number < 0 else number for number in arrays["message"].tolist()]
+        report = DataReport(**meta["report"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged entry, or one of another shape, is rebuilt, not trusted
     rows = [
-        TokenizedRow(ids[start:end].tolist(), mask[start:end].astype(bool).tolist(), sources[i])
+        TokenizedRow(ids[start:end].tolist(), mask[start:end].astype(bool).tolist(), sources[i], messages[i])
         for i, (start, end) in enumerate(zip(offsets[:-1], offsets[1:]))
     ]
-    return PreparedData(rows, DataReport(**meta["report"]))
+    return PreparedData(rows, report)
 
 
 def save(key: str, data: PreparedData, root: Path | None = None) -> None:
@@ -67,6 +69,7 @@ def save(key: str, data: PreparedData, root: Path | None = None) -> None:
         "loss_mask": np.fromiter((m for row in data.rows for m in row.loss_mask), dtype=np.uint8, count=sum(lengths)),
         "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
         "source_row": np.array([row.source_row for row in data.rows], dtype=np.int64),
+        "message": np.array([-1 if row.message is None else row.message for row in data.rows], dtype=np.int64),
     }
     tensors_path, meta_path = _paths(key, root)
     # Write both files under temporary names, then rename: readers never see half an entry.

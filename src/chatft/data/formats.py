@@ -7,7 +7,8 @@ Out: a `Conversation` (messages, the row's tools if any, and the changes made on
 reason; data prep counts each dropped row under exactly one of them.
 
 Every format first becomes a list of messages, each `{"role", "content": str}` plus `tool_calls` and `reasoning_content`
-(assistant) or `tool_call_id`/`name` (tool); then the same guards run on all of them (`check_conversation`):
+(assistant; also read from `reasoning`/`thinking`, and in data prep from a `<think>` block opening the content) or
+`tool_call_id`/`name` (tool); then the same guards run on all of them (`check_conversation`):
   - a conversation needs an assistant message;
   - turns after the last assistant message (an unanswered user turn, a trailing tool result) are cut, since
     nothing after the last reply is trained on; the row is kept and the cut is counted as a change;
@@ -51,7 +52,15 @@ DROP_REASONS: dict[str, str] = {
 CHANGES: dict[str, str] = {
     "trailing_turns_trimmed": "turns after the last assistant message were cut",
     "consecutive_user_merged": "consecutive user turns were joined with a blank line",
+    "reasoning_from_field": "an assistant's `reasoning` or `thinking` field became its reasoning_content",
+    "reasoning_from_think_tags": "a <think>...</think> block opening an assistant's content became its "
+                                 "reasoning_content (data prep only)",
 }
+
+# Where assistant reasoning arrives besides `reasoning_content`: other exports' field names, and inline in the
+# content as reasoning models write it (`<think>...</think>` first, then the answer).
+REASONING_FIELDS = ("reasoning", "thinking")
+INLINE_THINK = re.compile(r"\A\s*<think>(.*?)</think>\s*", re.DOTALL)
 
 # Rows that are kept as they are but look wrong; counted (with the first row numbers) and warned about.
 FLAGS: dict[str, str] = {
@@ -99,11 +108,38 @@ class Conversation:
 
 
 def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen",
-                consecutive_user: str = "merge") -> Conversation:
-    """One source row in format `fmt` → a checked Conversation, or RowDropped."""
+                consecutive_user: str = "merge", inline_think: bool = False) -> Conversation:
+    """One source row in format `fmt` → a checked Conversation, or RowDropped. `inline_think` (data prep) also
+    moves a `<think>` block that opens an assistant's content into its reasoning_content; training leaves the
+    content as it is, for the model's own template to read."""
     messages, tools = BUILDERS[fmt](row, text_field)
+    messages, reasoning_changes = take_reasoning(messages, inline_think)
     messages, changes = check_conversation(messages, consecutive_user)
-    return Conversation(messages, tools, changes)
+    return Conversation(messages, tools, reasoning_changes + changes)
+
+
+def take_reasoning(messages: list[dict[str, Any]], inline_think: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """Assistant reasoning in its one shape, `reasoning_content`: from a `reasoning`/`thinking` field, or (with
+    `inline_think`) from a `<think>...</think>` block at the start of the content. A message that already has
+    reasoning_content keeps it and its content as they are. Out: the messages and the changes made."""
+    changes: list[str] = []
+    taken = []
+    for message in messages:
+        message = dict(message)
+        fields = {key: message.pop(key) for key in REASONING_FIELDS if key in message}
+        if message["role"] == "assistant" and "reasoning_content" not in message:
+            reasoning = next((value for value in fields.values() if value.strip()), None)
+            match = INLINE_THINK.match(message["content"]) if inline_think else None
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+                changes.append("reasoning_from_field")
+            elif match is not None:
+                if match.group(1).strip():  # an empty block is how some templates mark "no reasoning"
+                    message["reasoning_content"] = match.group(1).strip()
+                message["content"] = message["content"][match.end():]
+                changes.append("reasoning_from_think_tags")
+        taken.append(message)
+    return taken, sorted(set(changes))
 
 
 def unfilled_placeholder(messages: list[dict[str, Any]]) -> str | None:
@@ -342,9 +378,10 @@ def _openai_message(raw: Any, where: str) -> dict[str, Any]:
         for key in ("tool_call_id", "name"):
             if isinstance(raw.get(key), str):
                 message[key] = raw[key]
-    reasoning = raw.get("reasoning_content")
-    if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():  # kept for templates that render it
-        message["reasoning_content"] = reasoning
+    if role == "assistant":  # reasoning is kept for templates that render it (`take_reasoning` picks one)
+        for key in ("reasoning_content", *REASONING_FIELDS):
+            if isinstance(raw.get(key), str) and raw[key].strip():
+                message[key] = raw[key]
     if role == "assistant" and raw.get("train") is False:  # chatft's per-message opt-out of the loss
         message["train"] = False
     return message

@@ -1,7 +1,9 @@
 """One conversation → token ids + a loss mask that marks exactly what the assistant emits.
 
 In: a `messages` list (OpenAI style, optionally `tools`), a tokenizer, the chat template to render with
-and the masking options. Out: `(input_ids, loss_mask)`.
+and the masking options (`template_kwargs` reach every render). Out: `(input_ids, loss_mask)` for the
+conversation as one row, or (`conversation_rows`) its training rows, one per assistant turn where the template
+rewrites history.
 
 Supervised tokens are the assistant's content and its end-of-turn token; the assistant header
 (`<|im_start|>assistant\\n`) is not trained unless `mask_generation_prompt` is false. Two methods:
@@ -11,8 +13,12 @@ Supervised tokens are the assistant's content and its end-of-turn token; the ass
   cannot map (transformers issue #47325) silently marks the rest of the sequence.
 - **prefix rendering**: render the conversation up to each assistant message with and without it; the
   text it adds (trailing whitespace after the end-of-turn token excluded) is supervised. Every partial
-  render must be a prefix of the full render, else the template rewrites history and the mask would be
-  wrong: `template_not_prefix_stable`.
+  render must be a prefix of the full render, else the template rewrites history (reasoning models drop
+  the reasoning of earlier turns) and one row would train turns the model never sees at inference: such a
+  conversation becomes one row per trained turn, row i being messages[:i] rendered with the generation
+  prompt followed by turn i as the template renders it when it is the turn being generated
+  (`dataset.multi_turn`; `as_rendered` refuses instead: `template_not_prefix_stable`). A turn whose render
+  does not start with its generation prompt cannot be trained as generated (`generation_prompt_mismatch`).
 
 Either way the rendered turns are then checked against the messages (`template_fields`): a template that
 drops an assistant's tool calls, reasoning or content, or the row's tools, fails the row with
@@ -22,7 +28,8 @@ drops an assistant's tool calls, reasoning or content, or the row's tools, fails
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from chatft.data.template_fields import DroppedField, dropped_fields
@@ -33,6 +40,8 @@ from chatft.errors import ChatftError
 class MaskOptions:
     train_on: str = "all_assistant"  # all_assistant | last_assistant
     mask_generation_prompt: bool = True
+    multi_turn: str = "auto"  # auto | per_turn | as_rendered | last_assistant (see conversation_rows)
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra template variables (enable_thinking)
 
 
 class RowMaskError(ValueError):
@@ -76,55 +85,78 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def trained_assistant_indices(messages: list[dict[str, Any]], options: MaskOptions) -> list[int]:
     """Which assistant messages are supervised: all (or only the last), minus those marked `train: false`."""
     assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if options.train_on == "last_assistant":
+    if "last_assistant" in (options.train_on, options.multi_turn):
         assistant = assistant[-1:]
     return [i for i in assistant if messages[i].get("train", True) is not False]
 
 
-def _render(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, generation_prompt: bool) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, generation_prompt: bool,
+           template_kwargs: Mapping[str, Any]) -> str:
+    """The template's text for `messages` (already `template_messages`), with the config's template variables."""
     return tokenizer.apply_chat_template(
-        messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt,
+        **template_kwargs,
     )
 
 
-def supervised_char_spans(
-    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions
-) -> tuple[str, list[tuple[int, int]]]:
-    """Prefix rendering: the full text and the [start, end) character ranges to supervise."""
-    full, turns = _turn_char_spans(tokenizer, template, messages, tools, options)
-    return full, [(start, end) for start, end in turns.values() if end > start]
+@dataclass
+class _TurnRenders:
+    """The renders prefix masking reads, per trained assistant message `index`: `prompt[index]` is
+    messages[:index] with the generation prompt (without it when the header is trained) and `through[index]`
+    is messages[:index + 1]; `full` is the whole conversation."""
+
+    full: str
+    prompt: dict[int, str]
+    through: dict[int, str]
 
 
-def _turn_char_spans(
-    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions
-) -> tuple[str, dict[int, tuple[int, int]]]:
-    """Prefix rendering: the full text and, per trained assistant message, its [start, end) character range
-    (empty when the template renders nothing for it)."""
+def _turn_renders(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any,
+                  options: MaskOptions) -> _TurnRenders:
     shown = template_messages(messages)
-    full = _render(tokenizer, template, shown, tools, False)
-    spans = {}
+    kwargs = options.template_kwargs
+    renders = _TurnRenders(render(tokenizer, template, shown, tools, False, kwargs), {}, {})
     for index in trained_assistant_indices(messages, options):
-        before = _render(tokenizer, template, shown[:index], tools, options.mask_generation_prompt) if index else ""
-        through = _render(tokenizer, template, shown[: index + 1], tools, False)
-        for partial in (before, through):
-            if not full.startswith(partial):
-                raise ChatftError(
-                    "template_not_prefix_stable",
-                    f"the chat template renders message {index} differently once later messages follow it "
-                    f"(it rewrites earlier turns), so the assistant tokens cannot be located",
-                    "train on the final turn only (dataset.train_on=last_assistant), or give a template that "
-                    "keeps history verbatim or has {% generation %} tags (dataset.chat_template=...)",
-                )
-        if not through.startswith(before):
-            raise ChatftError(
+        renders.prompt[index] = (render(tokenizer, template, shown[:index], tools, options.mask_generation_prompt,
+                                        kwargs) if index else "")
+        renders.through[index] = render(tokenizer, template, shown[: index + 1], tools, False, kwargs)
+    return renders
+
+
+def _first_unstable(renders: _TurnRenders) -> ChatftError | None:
+    """Why the whole rendering cannot be masked as one row, or None: a prompt or a turn that is not a prefix of
+    the full text (the template rewrites history), or a generation prompt that does not start its turn."""
+    for index, through in renders.through.items():
+        prompt = renders.prompt[index]
+        if not (renders.full.startswith(prompt) and renders.full.startswith(through)):
+            return ChatftError(
                 "template_not_prefix_stable",
-                f"the generation prompt of message {index} is not a prefix of the rendered assistant turn",
-                "give a template whose add_generation_prompt output starts each assistant turn "
-                "(dataset.chat_template=...)",
+                f"the chat template renders message {index + 1} differently once later messages follow it "
+                "(it rewrites earlier turns), so the conversation cannot be trained as one rendered row",
+                "train each assistant turn as its own row, as the template renders it when that turn is generated "
+                "(dataset.multi_turn=per_turn, the default auto does so for such conversations), or supervise only "
+                "the final turn (dataset.multi_turn=last_assistant)",
             )
-        end = len(through.rstrip())  # whitespace after the end-of-turn token is never generated
-        spans[index] = (len(before), max(end, len(before)))
-    return full, spans
+        if not through.startswith(prompt):
+            return _generation_prompt_error(index, prompt, through)
+    return None
+
+
+def _generation_prompt_error(index: int, prompt: str, through: str) -> ChatftError:
+    common = len(_common_prefix(prompt, through))
+    return ChatftError(
+        "template_not_prefix_stable",
+        f"the chat template's generation prompt does not start assistant message {index + 1} as it renders it: "
+        f"after the prompt's {common} shared characters the prompt goes on with {prompt[common:][:60]!r}, "
+        f"the turn with {through[common:][:60]!r}",
+        "give a template whose add_generation_prompt output starts each assistant turn (dataset.chat_template=...)",
+    )
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def _mask_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -150,10 +182,8 @@ class _Rendered:
     prompt_text: Any  # a callable returning the text, so rows without tools never build it
 
 
-def _prefix_rendering(
-    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions
-) -> _Rendered:
-    text, turns = _turn_char_spans(tokenizer, template, messages, tools, options)
+def _encode(tokenizer: Any, text: str, turns: dict[int, tuple[int, int]]) -> _Rendered:
+    """Tokenize `text` and supervise the tokens that start in each turn's [start, end) character range."""
     spans = [(start, end) for start, end in turns.values() if end > start]
     # The template writes its own special tokens (BOS included): add none on top.
     # verbose=False: no "Token indices sequence length is longer than ..." from transformers; the length policy
@@ -168,10 +198,42 @@ def _prefix_rendering(
                      {index: text[start:end] for index, (start, end) in turns.items()}, prompt_text)
 
 
+def _as_one_row(tokenizer: Any, renders: _TurnRenders) -> _Rendered:
+    """Prefix rendering of a conversation the template renders stably: every trained turn is the text its
+    render adds to the one before (trailing whitespace after the end-of-turn token excluded: never generated)."""
+    turns = {index: (len(renders.prompt[index]), max(len(through.rstrip()), len(renders.prompt[index])))
+             for index, through in renders.through.items()}
+    return _encode(tokenizer, renders.full, turns)
+
+
+def _turn_row(tokenizer: Any, renders: _TurnRenders, index: int) -> _Rendered:
+    """One per-turn row: messages[:index] rendered with the generation prompt, then assistant message `index`
+    as the template renders it when it is the turn being generated, through its end-of-turn token. Only that
+    turn is supervised. Raises `RowMaskError("generation_prompt_mismatch")` when the turn's render does not
+    start with the prompt (the template cannot render the turn it asks the model to generate)."""
+    prompt, through = renders.prompt[index], renders.through[index]
+    if not through.startswith(prompt):
+        raise RowMaskError("generation_prompt_mismatch", str(_generation_prompt_error(index, prompt, through)))
+    end = max(len(through.rstrip()), len(prompt))
+    return _encode(tokenizer, through[:end], {index: (len(prompt), end)})
+
+
+def _one_row(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions,
+             tagged_template: str | None) -> _Rendered:
+    """The whole conversation as one row; a template that rewrites history is refused."""
+    if _uses_tags(tagged_template, options):
+        return _generation_tags(tokenizer, tagged_template, messages, tools, options)
+    renders = _turn_renders(tokenizer, template, messages, tools, options)
+    if (unstable := _first_unstable(renders)) is not None:
+        raise unstable
+    return _as_one_row(tokenizer, renders)
+
+
 def mask_by_prefix_rendering(
     tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions
 ) -> tuple[list[int], list[bool]]:
-    rendered = _prefix_rendering(tokenizer, template, messages, tools, options)
+    """One row for the whole conversation by prefix rendering; a template that rewrites history is refused."""
+    rendered = _one_row(tokenizer, template, messages, tools, options, None)
     return rendered.input_ids, rendered.mask
 
 
@@ -217,7 +279,8 @@ def _generation_tags(
     encoded = tokenizer.apply_chat_template(
         template_messages(messages), tools=tools, chat_template=template, tokenize=True, return_dict=True,
         return_assistant_tokens_mask=True, add_generation_prompt=False,
-        tokenizer_kwargs={"verbose": False},  # chatft reports over-long rows itself: see mask_by_prefix_rendering
+        tokenizer_kwargs={"verbose": False},  # chatft reports over-long rows itself: see _encode
+        **options.template_kwargs,
     )
     input_ids = list(encoded["input_ids"])
     mask = [bool(flag) for flag in encoded["assistant_masks"]]
@@ -252,20 +315,87 @@ def mask_by_generation_tags(
     return rendered.input_ids, rendered.mask
 
 
+def _check_fields(messages: list[dict[str, Any]], tools: Any, rendered: _Rendered) -> None:
+    dropped = dropped_fields(messages, tools, rendered.turn_texts, rendered.prompt_text() if tools else None)
+    if dropped:
+        raise TemplateDropsFields(dropped)
+
+
+def _uses_tags(tagged_template: str | None, options: MaskOptions) -> bool:
+    """Generation tags mask the whole rendering at once; they are used unless the header must be trained
+    (generation spans never include it) or each turn is to be its own row."""
+    return tagged_template is not None and options.mask_generation_prompt and options.multi_turn != "per_turn"
+
+
 def mask_conversation(
     tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any = None,
-    options: MaskOptions = MaskOptions(), tagged_template: str | None = None, check_fields: bool = True,
+    options: MaskOptions = MaskOptions(), tagged_template: str | None = None,
 ) -> tuple[list[int], list[bool]]:
-    """Token ids and loss mask for one conversation. `tagged_template`, when given, is a template with
-    generation tags that renders identically to `template`; it is used unless the header must be trained
-    (generation spans never include it). With `check_fields`, a rendering that lacks an assistant's tool calls,
-    reasoning or content, or the row's tools, raises `TemplateDropsFields`."""
-    if tagged_template is not None and options.mask_generation_prompt:
-        rendered = _generation_tags(tokenizer, tagged_template, messages, tools, options)
-    else:
-        rendered = _prefix_rendering(tokenizer, template, messages, tools, options)
-    if check_fields:
-        dropped = dropped_fields(messages, tools, rendered.turn_texts, rendered.prompt_text() if tools else None)
-        if dropped:
-            raise TemplateDropsFields(dropped)
+    """Token ids and loss mask for one conversation as one row. `tagged_template`, when given, is a template
+    with generation tags that renders identically to `template`. A template that rewrites history is refused
+    (`template_not_prefix_stable`; `conversation_rows` trains such conversations one row per turn), and a
+    rendering that lacks an assistant's tool calls, reasoning or content, or the row's tools, raises
+    `TemplateDropsFields`."""
+    rendered = _one_row(tokenizer, template, messages, tools, options, tagged_template)
+    _check_fields(messages, tools, rendered)
     return rendered.input_ids, rendered.mask
+
+
+# (input_ids, loss_mask, message) with `message` the 1-based number of the turn a per-turn row trains (None for
+# a whole conversation), or a RowMaskError saying why this row cannot be trained.
+RowOutcome = Any
+
+
+@dataclass
+class ConversationRows:
+    """What one conversation becomes: one row, or (per turn) one row per trained assistant turn, each built or
+    failed on its own. `whole_tokens` is the conversation's length rendered as one row (what the expansion is
+    measured against)."""
+
+    outcomes: list[RowOutcome]
+    per_turn: bool
+    whole_tokens: int
+
+
+def conversation_rows(
+    tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any = None,
+    options: MaskOptions = MaskOptions(), tagged_template: str | None = None,
+) -> ConversationRows:
+    """The training rows of one conversation, per `options.multi_turn`:
+
+    - `as_rendered`: one row, the whole conversation as the template renders it; a template that rewrites
+      history is refused (`template_not_prefix_stable`);
+    - `per_turn`: one row per trained assistant turn (`_turn_row`): the history as the template renders it at
+      that turn, then the turn as generated;
+    - `auto` (and `last_assistant`, which trains only the final turn): one row when the template renders the
+      conversation stably (the row then equals its per-turn rows put together), per-turn rows when it rewrites
+      history.
+    Every row is checked for the fields its template drops (`TemplateDropsFields` as its outcome). Errors that
+    concern the template as a whole (`ChatftError`) and the template's own exceptions propagate."""
+    if _uses_tags(tagged_template, options) or options.multi_turn == "as_rendered":
+        return ConversationRows(*_one_row_outcome(
+            messages, tools, lambda: _one_row(tokenizer, template, messages, tools, options, tagged_template)))
+    renders = _turn_renders(tokenizer, template, messages, tools, options)
+    unstable = _first_unstable(renders)
+    if options.multi_turn != "per_turn" and unstable is None:
+        return ConversationRows(*_one_row_outcome(messages, tools, lambda: _as_one_row(tokenizer, renders)))
+    outcomes: list[RowOutcome] = []
+    for index in renders.through:
+        try:
+            rendered = _turn_row(tokenizer, renders, index)
+            _check_fields(messages, tools, rendered)
+        except RowMaskError as err:
+            outcomes.append(err)
+            continue
+        outcomes.append((rendered.input_ids, rendered.mask, index + 1))
+    whole = tokenizer(renders.full, add_special_tokens=False, verbose=False)["input_ids"]
+    return ConversationRows(outcomes, True, len(whole))
+
+
+def _one_row_outcome(messages: list[dict[str, Any]], tools: Any, build: Any) -> tuple[list[RowOutcome], bool, int]:
+    try:
+        rendered = build()
+        _check_fields(messages, tools, rendered)
+    except RowMaskError as err:
+        return [err], False, 0
+    return [(rendered.input_ids, rendered.mask, None)], False, len(rendered.input_ids)

@@ -4,10 +4,12 @@ In: `dataset` (or `validation_dataset`) config section and the tokenizer. Out: `
 tokenizer's `chat_template` set to the template trained with (it is saved with the model).
 
 Steps: refuse missing paths and packed Parquet; choose the chat template and the masking method; read
-and validate `messages` rows (the same row guards as `chatft prep`); render + mask each row (in several
-processes for large files); check that the rendering carries what each row says (tool calls, tools, reasoning,
-content: `template_fields`) and refuse training when it does not (`template_drops_field`; preview counts
-instead); apply the over-length policy; refuse a dataset with nothing to learn. The result is cached on disk
+and validate `messages` rows (the same row guards as `chatft prep`); render + mask each conversation (in several
+processes for large files) as one row, or as one row per assistant turn where the template rewrites history
+(`dataset.multi_turn`, reported as the expansion); check that the rendering carries what each row says (tool
+calls, tools, reasoning, content: `template_fields`) and that each turn follows its generation prompt, and
+refuse training when not (`template_drops_field`, `template_not_prefix_stable`; preview counts instead);
+apply the over-length policy to each training row; refuse a dataset with nothing to learn. The result is cached on disk
 per (data, tokenizer, template, settings).
 """
 
@@ -19,14 +21,14 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Callable
 
 from chatft import artifacts
 from chatft.data import cache
 from chatft.data.guards import check_dataset_path
-from chatft.data.masks import MaskOptions, RowMaskError, TemplateDropsFields, mask_conversation
+from chatft.data.masks import MaskOptions, RowMaskError, TemplateDropsFields, conversation_rows
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft.errors import ChatftError
 
@@ -80,29 +82,45 @@ def _init_worker(state: dict[str, Any]) -> None:
     _worker_state.update(state)
 
 
-Result = tuple[int, Any, list[Any]]  # row number, (ids, mask) or the drop reason, the fields the template dropped
+@dataclass
+class RowResult:
+    """One training row of a conversation, built (`ids`, `mask`) or not (`reason`, and the fields its template
+    dropped or a detail); plain data, so that worker processes can return it."""
+
+    ids: list[int] | None = None
+    mask: list[bool] | None = None
+    reason: str | None = None
+    dropped: list[Any] = field(default_factory=list)
+    detail: str | None = None
+    message: int | None = None  # per-turn rows: the 1-based number of the assistant message trained
+
+
+Result = tuple[int, list[RowResult], bool, int]  # row number, its rows, whether per turn, tokens as one row
+
+
+def _row_result(outcome: Any) -> RowResult:
+    if isinstance(outcome, TemplateDropsFields):
+        return RowResult(reason=outcome.reason, dropped=outcome.dropped)
+    if isinstance(outcome, RowMaskError):
+        return RowResult(reason=outcome.reason, detail=str(outcome))
+    ids, mask, message = outcome
+    return RowResult(ids, mask, message=message)
 
 
 def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[Result]:
-    """(row number, row) → (row number, (ids, mask) or the drop reason, the `DroppedField`s if any)."""
+    """(row number, row) → (row number, its training rows, per turn or not, its tokens as one row)."""
     state = _worker_state
     results = []
     for row_number, row in chunk:
         try:
-            ids_mask = mask_conversation(state["tokenizer"], state["template"], row["messages"], row.get("tools"),
-                                         state["options"], state["tagged"])
-        except TemplateDropsFields as err:
-            results.append((row_number, err.reason, err.dropped))
-            continue
-        except RowMaskError as err:
-            results.append((row_number, err.reason, []))
-            continue
+            built = conversation_rows(state["tokenizer"], state["template"], row["messages"], row.get("tools"),
+                                      state["options"], state["tagged"])
         except ChatftError:
             raise
         except Exception:  # the template itself refused the row (e.g. raise_exception on role order)
-            results.append((row_number, "template_error", []))
+            results.append((row_number, [RowResult(reason="template_error")], False, 0))
             continue
-        results.append((row_number, ids_mask, []))
+        results.append((row_number, [_row_result(o) for o in built.outcomes], built.per_turn, built.whole_tokens))
     return results
 
 
@@ -148,6 +166,11 @@ def length_quantiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
+def training_rows(report: DataReport) -> int:
+    """The rows the data came to: the source rows, with each conversation trained per turn counted per turn."""
+    return report.rows_in + report.expansion.get("rows_after", 0) - report.expansion.get("rows_before", 0)
+
+
 def template_drops_error(report: DataReport, key: str) -> ChatftError:
     """The refusal of a dataset whose chat template leaves out fields of some rows' messages."""
     from chatft.data.chat_templates import RENDERS_TOOLS
@@ -172,10 +195,53 @@ def template_drops_error(report: DataReport, key: str) -> ChatftError:
     return ChatftError(
         "template_drops_field",
         f"the chat template ({report.template_source}) cannot render what the messages say in {rows} of "
-        f"{report.rows_in} rows of {key} ({report.path}); training them would teach the model turns without it: "
-        f"{found}",
+        f"{training_rows(report)} rows of {key} ({report.path}); training them would teach the model turns "
+        f"without it: {found}",
         "; ".join(hints),
     )
+
+
+def generation_prompt_error(report: DataReport, section: Any, key: str) -> ChatftError:
+    """The refusal of a dataset whose template cannot render some turns after its own generation prompt."""
+    count = report.dropped_by_reason["generation_prompt_mismatch"]
+    hint = ("give a template that renders the turn it asks the model to generate right after its generation "
+            "prompt (dataset.chat_template=...: the model's own, or its family's training variant)")
+    if section.chat_template_kwargs.get("enable_thinking") is False:
+        hint = ("with enable_thinking=false the generation prompt closes an empty reasoning block, so a turn that "
+                "carries reasoning cannot follow it: remove those turns' reasoning_content, or unset "
+                "dataset.chat_template_kwargs.enable_thinking; " + hint)
+    else:
+        hint = ("where the generation prompt opens a reasoning block, a turn without reasoning_content cannot follow "
+                "it: give those turns their reasoning, or train them with "
+                "dataset.chat_template_kwargs='{enable_thinking: false}'; " + hint)
+    return ChatftError(
+        "template_not_prefix_stable",
+        f"in {count} training rows of {key} ({report.path}) the chat template renders the assistant turn "
+        f"differently from the generation prompt it gives the model, so the turn cannot be trained as generated "
+        f"({report.drop_details.get('generation_prompt_mismatch', '')})",
+        hint + "; `chatft preview -c CONFIG` counts the rows (generation_prompt_mismatch)",
+    )
+
+
+def _refuse_unrenderable(report: DataReport, section: Any, key: str) -> None:
+    """Refuse rows whose template cannot say what the assistant said: trained, they would teach something else."""
+    if report.fields_dropped_by_template:
+        raise template_drops_error(report, key)
+    if report.dropped_by_reason.get("generation_prompt_mismatch"):
+        raise generation_prompt_error(report, section, key)
+
+
+def expansion_summary(report: DataReport) -> str:
+    """One line: how conversations became training rows (`dataset.multi_turn`)."""
+    expansion = report.expansion
+    setting = f"dataset.multi_turn={report.multi_turn}"
+    if not expansion.get("per_turn_conversations"):
+        return f"multi-turn: one row per conversation ({setting})"
+    why = ("" if report.multi_turn == "per_turn" else
+           f", chosen where the chat template rewrites earlier turns, first at row {expansion['first_per_turn_row']}")
+    return (f"multi-turn: {expansion['per_turn_conversations']} of {expansion['rows_before']} conversations trained "
+            f"one row per assistant turn ({setting}{why}): {expansion['rows_before']} -> {expansion['rows_after']} "
+            f"rows, {expansion['tokens_before']:,} -> {expansion['tokens_after']:,} tokens")
 
 
 def _count_template_drops(counts: Counter[str], examples: dict[str, str], row_number: int,
@@ -186,61 +252,81 @@ def _count_template_drops(counts: Counter[str], examples: dict[str, str], row_nu
         counts[item.field] += 1
 
 
+def _expansion(results: list[Result]) -> dict[str, int | None]:
+    """Conversations → training rows, for `DataReport.expansion`. Rows that could not be built add no tokens."""
+    return {
+        "per_turn_conversations": sum(per_turn for _, _, per_turn, _ in results),
+        "first_per_turn_row": next((number for number, _, per_turn, _ in results if per_turn), None),
+        "rows_before": len(results), "rows_after": sum(len(items) for _, items, _, _ in results),
+        "tokens_before": sum(whole for _, _, _, whole in results),
+        "tokens_after": sum(len(item.ids) for _, items, _, _ in results for item in items if item.ids is not None),
+    }
+
+
 def prepare_training_data(
     section: Any, tokenizer: Any, *, key: str = "dataset", use_cache: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr), refuse_template_drops: bool = True,
 ) -> PreparedData:
     """Token ids and loss masks for every usable row of `section` (a DatasetSection). A chat template that
-    drops fields of some rows' messages is refused (`template_drops_field`) unless `refuse_template_drops` is
-    false (preview), when those rows are counted as dropped."""
+    drops fields of some rows' messages (`template_drops_field`), or cannot render a turn after its own
+    generation prompt (`template_not_prefix_stable`), is refused unless `refuse_template_drops` is false
+    (preview), when those rows are counted as dropped."""
     from chatft.data.sources import read_message_rows
 
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
     choice = choose_template(tokenizer, section.chat_template)
     source = read_message_rows(section, key=key)
-    options = MaskOptions(train_on=section.train_on, mask_generation_prompt=section.mask_generation_prompt)
+    options = MaskOptions(train_on=section.train_on, mask_generation_prompt=section.mask_generation_prompt,
+                          multi_turn=section.multi_turn, template_kwargs=dict(section.chat_template_kwargs))
     settings = {
         "data": source.sha256, "split": section.split, "limit": section.num_samples_limit,
         "tokenizer": artifacts.tokenizer_fingerprint(tokenizer), "template": choice.sha256, "template_source": choice.source,
         "tagged": hashlib.sha256(choice.tagged.encode()).hexdigest() if choice.tagged else None,
         "seq_length": section.seq_length, "truncation": section.truncation, "train_on": section.train_on,
-        "mask_generation_prompt": section.mask_generation_prompt,
+        "mask_generation_prompt": section.mask_generation_prompt, "multi_turn": section.multi_turn,
+        "chat_template_kwargs": section.chat_template_kwargs,
     }
     entry = cache.cache_key(settings)
     if use_cache and source.sha256 is not None and (cached := cache.load(entry)) is not None:
-        if refuse_template_drops and cached.report.fields_dropped_by_template:
-            raise template_drops_error(cached.report, key)
+        if refuse_template_drops:
+            _refuse_unrenderable(cached.report, section, key)
         log(f"{key}: {cached.report.rows_used} rows from the tokenization cache ({entry[:12]})")
+        if cached.report.expansion.get("per_turn_conversations"):
+            log(f"{key}: {expansion_summary(cached.report)}")
         return cached
 
     started = time.perf_counter()
     state = {"tokenizer": tokenizer, "template": choice.template, "tagged": choice.tagged, "options": options}
     dropped: Counter[str] = Counter(source.dropped)
     examples: dict[str, list[int]] = {reason: rows[:MAX_EXAMPLE_ROWS] for reason, rows in source.examples.items()}
+    details: dict[str, str] = {}
     rows: list[TokenizedRow] = []
     truncated = 0
     results = _tokenize_all(source.rows, state)
-    lengths = [len(result[0]) for _, result, _ in results if not isinstance(result, str)]
+    lengths = [len(item.ids) for _, items, _, _ in results for item in items if item.ids is not None]
+    expansion = _expansion(results)
     field_drops: Counter[str] = Counter()
     field_examples: dict[str, str] = {}
-    for row_number, result, dropped_fields in results:
-        reason = result if isinstance(result, str) else None
-        _count_template_drops(field_drops, field_examples, row_number, dropped_fields)
-        if reason is None:
-            ids, mask = result
-            if not any(mask):
-                reason = "no_supervised_tokens"
-            else:
-                cut_ids, cut_mask, reason = _apply_length_policy(ids, mask, section.seq_length, section.truncation,
-                                                                 row_number, key)
-                if reason is None:
-                    truncated += len(cut_ids) < len(ids)
-                    rows.append(TokenizedRow(cut_ids, cut_mask, row_number))
-        if reason is not None:
-            dropped[reason] += 1
-            examples.setdefault(reason, [])
-            if len(examples[reason]) < MAX_EXAMPLE_ROWS:
-                examples[reason].append(row_number)
+    for row_number, items, _, _ in results:
+        for item in items:
+            reason = item.reason
+            _count_template_drops(field_drops, field_examples, row_number, item.dropped)
+            if reason is None:
+                if not any(item.mask):
+                    reason = "no_supervised_tokens"
+                else:
+                    cut_ids, cut_mask, reason = _apply_length_policy(item.ids, item.mask, section.seq_length,
+                                                                     section.truncation, row_number, key)
+                    if reason is None:
+                        truncated += len(cut_ids) < len(item.ids)
+                        rows.append(TokenizedRow(cut_ids, cut_mask, row_number, item.message))
+            if reason is not None:
+                dropped[reason] += 1
+                examples.setdefault(reason, [])
+                if len(examples[reason]) < MAX_EXAMPLE_ROWS and row_number not in examples[reason]:
+                    examples[reason].append(row_number)  # per-turn rows share their conversation's number
+                if item.detail and reason not in details:
+                    details[reason] = f"row {row_number}: {item.detail}"
 
     report = DataReport(
         path=section.path_or_dataset_id, sha256=source.sha256, rows_in=source.rows_in, rows_used=len(rows),
@@ -251,10 +337,12 @@ def prepare_training_data(
         flagged_by_reason=dict(source.flagged),
         flagged_examples_by_reason=source.flagged_examples,
         fields_dropped_by_template=dict(field_drops), template_drop_examples=field_examples,
+        drop_details=details, multi_turn=section.multi_turn, expansion=expansion,
     )
-    assert report.rows_in == report.rows_used + sum(dropped.values()), "every row is used or counted as dropped"
-    if report.fields_dropped_by_template and (refuse_template_drops or not rows):
-        raise template_drops_error(report, key)
+    assert report.rows_in + expansion["rows_after"] - expansion["rows_before"] == \
+        report.rows_used + sum(dropped.values()), "every training row is used or counted as dropped"
+    if refuse_template_drops or not rows:
+        _refuse_unrenderable(report, section, key)
     if not rows:
         reasons = ", ".join(f"{n} {r}" for r, n in report.dropped_by_reason.items()) or "the file has no rows"
         raise ChatftError(
@@ -266,6 +354,8 @@ def prepare_training_data(
     elapsed = time.perf_counter() - started
     log(f"{key}: tokenized {source.rows_in} rows in {elapsed:.1f}s ({source.rows_in / max(elapsed, 1e-9):.0f} rows/s), "
         f"{report.rows_used} used, masks by {choice.method}")
+    if expansion["per_turn_conversations"]:
+        log(f"{key}: {expansion_summary(report)}")
     _warn_about(report, rows, tokenizer, key, log)
     _warn_about_source(source, section.path_or_dataset_id, key, log)
     data = PreparedData(rows, report)

@@ -246,7 +246,8 @@ def _convert(source_row: SourceRow, fmt: str, config: DataPrepConfig) -> Convers
         raise RowDropped(source_row.problem, source_row.detail or "the line is not valid JSON")
     if not isinstance(source_row.value, dict):
         raise RowDropped("not_an_object", f"the row is a {type(source_row.value).__name__}, not an object")
-    return convert_row(source_row.value, fmt, text_field=config.text_field, consecutive_user=config.consecutive_user)
+    return convert_row(source_row.value, fmt, text_field=config.text_field, consecutive_user=config.consecutive_user,
+                       inline_think=True)
 
 
 def _snippet(source_row: SourceRow) -> str:

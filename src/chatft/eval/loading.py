@@ -11,8 +11,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from chatft import quantization
 from chatft.adapter_base import check_weights
-from chatft.artifacts import text_sha256
+from chatft.artifacts import read_manifest, text_sha256
 from chatft.config.schema import EvalConfig
 from chatft.data.pipeline import TemplateChoice, choose_template
 from chatft.errors import ChatftError
@@ -26,10 +27,24 @@ def load_target_tokenizer(cfg: EvalConfig, target: Target):
     return load_tokenizer(target.model_section(cfg, source), key=target.key if source == target.model else "adapter")
 
 
+def quantization_trained_on(target: Target) -> dict[str, Any] | None:
+    """The adapter target's QLoRA record: how its base was quantized in training (None: an unquantized base)."""
+    if target.adapter_dir is None:
+        return None
+    return (read_manifest(target.adapter_dir) or {}).get("quantization")
+
+
 def load_target_model(cfg: EvalConfig, target: Target, device: Any, dtype: Any):
     """The target's model on `device` in `dtype`, in eval mode; the adapter target is its base with the
-    adapter loaded by PEFT, not merged."""
-    model = load_model(target.model_section(cfg), device, dtype, key=target.key)
+    adapter loaded by PEFT, not merged. A QLoRA adapter is scored on its base quantized as in training."""
+    section = target.model_section(cfg)
+    record = quantization_trained_on(target)
+    if record:
+        section = section.model_copy(update=quantization.section_update(record))
+        note = f"scored on its base in {quantization.describe(record)}, as trained"
+        target.notes.append(note)
+        log(f"{target.name}: {note}")
+    model = load_model(section, device, dtype, key=target.key, training=False)
     if target.adapter_base is None:
         return model.eval()
     from peft import PeftModel  # imported only when an adapter is scored
@@ -49,7 +64,7 @@ def load_target_model(cfg: EvalConfig, target: Target, device: Any, dtype: Any):
             "set base to the model the adapter was trained on (its chatft_manifest.json or adapter_config.json "
             "names it)",
         ) from None
-    return model.to(device).eval()
+    return (model if record else model.to(device)).eval()  # a 4-bit base is placed by its loading already
 
 
 def _template_text(tokenizer: Any) -> str | None:

@@ -1,7 +1,8 @@
 """The prompts every target answers: `generation.num_prompts` conversations up to their last assistant turn.
 
 In: an `EvalConfig`, the rows that were scored (`PreparedData`) and the chat template in use. Out: `Prompt`s,
-chosen with the seed among the scored rows, in row order, rendered with the generation prompt and tokenized once,
+chosen with the seed among the scored rows, in row order, rendered with the generation prompt (and
+`dataset.chat_template_kwargs`, as the scored rows are) and tokenized once,
 so every target answers the same token ids; the last assistant turn is the reference answer.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatft.config.schema import EvalConfig
-from chatft.data.masks import template_messages
+from chatft.data.masks import render, template_messages
 from chatft.data.sources import read_message_rows
 from chatft.data.types import PreparedData
 
@@ -47,9 +48,8 @@ def generation_prompts(cfg: EvalConfig, data: PreparedData, use: TemplateUse) ->
     chosen = sorted(random.Random(cfg.seed).sample(candidates, min(wanted, len(candidates))), key=lambda c: c[0])
     prompts = []
     for number, messages, reference, tools in chosen:
-        text = use.tokenizer.apply_chat_template(template_messages(messages), tools=tools,
-                                                 chat_template=use.choice.template, tokenize=False,
-                                                 add_generation_prompt=True)
+        text = render(use.tokenizer, use.choice.template, template_messages(messages), tools, True,
+                      cfg.dataset.chat_template_kwargs)
         ids = use.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own specials
         prompts.append(Prompt(number, messages, reference, list(ids)))
     return prompts

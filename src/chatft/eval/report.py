@@ -37,6 +37,12 @@ def agreement_line(check: dict[str, Any] | None) -> str | None:
     verdict = "PASS" if check["passed"] else "FAIL: the merged model is not this adapter merged into this base"
     if check.get("merged_records_this_adapter") is False:
         verdict += " (its manifest records another adapter)"
+    if check.get("adapter_on_4bit_base"):  # losses differ by the quantization of the base: not compared
+        recorded = {True: "records this adapter", None: "does not say which adapter it holds"}.get(
+            check.get("merged_records_this_adapter"), "records another adapter")
+        return (f"adapter vs merged: loss {check['adapter_loss']:.6f} (adapter on its 4-bit base) vs "
+                f"{check['merged_loss']:.6f} (merged into the full-precision base), not compared; the merged "
+                f"model {recorded}: {'PASS' if check['passed'] else 'FAIL'}")
     sign = "<=" if check["passed"] else ">"
     return (f"adapter vs merged: loss {check['adapter_loss']:.6f} vs {check['merged_loss']:.6f}, relative difference "
             f"{check['relative_difference']:.1e} {sign} {check['tolerance']:.0e} ({check['dtype']}): {verdict}")

@@ -28,7 +28,7 @@ from chatft.data.pipeline import prepare_training_data
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
 from chatft.eval import log
-from chatft.eval.loading import TemplateUse, choose_eval_template, load_target_model
+from chatft.eval.loading import TemplateUse, choose_eval_template, load_target_model, quantization_trained_on
 from chatft.eval.prompts import Prompt, generation_prompts
 from chatft.eval.targets import Target
 from chatft.train import batching, losses, padding_free
@@ -197,20 +197,26 @@ def target_record(target: Target, metrics: dict[str, Any], dataset: dict[str, An
 # --------------------------------------------------------------------------- every target
 
 
-def agreement(results: dict[str, dict[str, Any]], dtype_name: str) -> dict[str, Any] | None:
-    """adapter vs merged: relative loss difference against the tolerance of the dtype scored in."""
+def agreement(results: dict[str, dict[str, Any]], dtype_name: str,
+              quantized_base: bool = False) -> dict[str, Any] | None:
+    """adapter vs merged: relative loss difference against the tolerance of the dtype scored in.
+
+    A QLoRA adapter is scored on its 4-bit base and the merged model holds the full-precision one, so their losses
+    differ by what quantizing changes in the base (10% relative on the demo model, 6 QLoRA steps): no tolerance
+    tells a wrong merge from that, and the merged model's record of the adapter it holds decides instead."""
     if "adapter" not in results or "merged" not in results:
         return None
     adapter, merged = results["adapter"]["metrics"]["loss"], results["merged"]["metrics"]["loss"]
     relative = abs(adapter - merged) / max(abs(adapter), abs(merged), 1e-12)
-    tolerance = AGREEMENT_TOLERANCE[dtype_name]
     # A merge by chatft records the adapter it folded in; None when the merged model does not say.
     merged_dir = Path(results["merged"]["path"])
     recorded = ((artifacts.read_manifest(merged_dir) or {}).get("adapter") or {}).get("fingerprint") \
         if merged_dir.is_dir() else None
     same_adapter = None if recorded is None else recorded == results["adapter"]["model_fingerprint"]
+    tolerance = None if quantized_base else AGREEMENT_TOLERANCE[dtype_name]
+    passed = same_adapter is not False if tolerance is None else relative <= tolerance
     return {"adapter_loss": adapter, "merged_loss": merged, "relative_difference": relative,
-            "tolerance": tolerance, "dtype": dtype_name, "passed": relative <= tolerance,
+            "tolerance": tolerance, "dtype": dtype_name, "adapter_on_4bit_base": quantized_base, "passed": passed,
             "merged_records_this_adapter": same_adapter}
 
 
@@ -266,4 +272,5 @@ def score_targets(cfg: EvalConfig, targets: list[Target]) -> Scores:
             f"accuracy {metrics['token_accuracy']:.3f} ({metrics['elapsed_s']:.1f}s)")
     generations = [{"row": p.row, "prompt": p.messages, "reference": p.reference,
                     "answers": {name: answers[name][i] for name in results}} for i, p in enumerate(prompts)]
-    return Scores(dataset, settings, results, agreement(results, dtype_name), generations)
+    quantized = any(quantization_trained_on(t) for t in targets)
+    return Scores(dataset, settings, results, agreement(results, dtype_name, quantized), generations)

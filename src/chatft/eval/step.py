@@ -40,6 +40,15 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, *, resolved_config: dict[s
     scores = score_targets(cfg, targets)
     results = write_results(cfg, targets, scores, output_dir, resolved_config)
     check = scores.agreement
+    if check is not None and not check["passed"] and check["adapter_on_4bit_base"]:
+        raise ChatftError(
+            AGREEMENT_ERROR_ID,
+            f"the merged model {cfg.merged} records another adapter than {cfg.adapter} in its chatft_manifest.json "
+            f"(the adapter was scored on its 4-bit base, so the losses {check['adapter_loss']:.6f} and "
+            f"{check['merged_loss']:.6f} are not compared; results were written to {output_dir})",
+            "merge this adapter into this base (chatft run convert/merge_lora lora_checkpoint=ADAPTER "
+            "output_hf_path=DIR) and evaluate that, or point adapter/base/merged at artifacts that belong together",
+        )
     if check is not None and not check["passed"]:
         raise ChatftError(
             AGREEMENT_ERROR_ID,

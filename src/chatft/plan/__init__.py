@@ -102,6 +102,9 @@ def make_plan(request: PlanRequest) -> Plan:
         full_fit=ladder(model, layout, lora=False, seq_length=seq_length, local_batch_size=start, batch_fixed=fixed),
         lora_fit=ladder(model, layout, lora=True, seq_length=seq_length, local_batch_size=start, batch_fixed=fixed),
     )
+    if facts.lora_fit is None:  # the next rung of the `oom` ladder: LoRA on a 4-bit base
+        facts.qlora_fit = ladder(model, layout, lora=True, seq_length=seq_length, local_batch_size=start,
+                                 batch_fixed=fixed, quantization="nf4")
     decision = decide(facts)
     data_label = Path(data.path).name if data.path else "data/train.jsonl"
     chain = build_chain(decision, model.given, data_label)

@@ -8,12 +8,13 @@ model's `meta` skeleton with `torch.device("cuda")` and `torch_dtype: bfloat16` 
 works on a machine without a GPU). What the planner adds is the layout. On several GPUs, either mode runs
 replicated data parallel (`ddp`: every process holds the whole model, gradients and optimizer states, so each
 GPU needs what one process needs; this is how `chatft run --nproc-per-node N` trains) or, estimated for the plan
-but not in this release, FSDP2, which shards weights, gradients and optimizer states over the data-parallel
-ranks and also holds two decoder layers whole while it gathers them (`fsdp2_gathered_bytes`). The allocator
-slack of `check_fits` (x1.10) is added. With `--gpus 0` the plan is for CPU training in float32.
+but not yet planned (training's memory check counts no sharding), FSDP2, which shards weights, gradients and
+optimizer states over the data-parallel ranks and also holds two decoder layers whole while it gathers them
+(`fsdp2_gathered_bytes`). The allocator slack of `check_fits` (x1.10) is added. With `--gpus 0` the plan is for CPU training in float32.
 
 The ladder follows the `oom` hint's order: full SFT -> LoRA, then a smaller `local_batch_size` (grad
-accumulation keeps the global batch), then activation checkpointing; a smaller model is the user's call. On
+accumulation keeps the global batch), then activation checkpointing; LoRA on a 4-bit NF4 base (QLoRA) is walked
+the same way when plain LoRA fits nowhere; a smaller model is the user's call. On
 several GPUs it walks every rung replicated before any sharded: DDP wherever it fits (as the field does, LoRA
 commonly), FSDP2 only for what fits nowhere else.
 """
@@ -70,6 +71,7 @@ class GpuEstimate:
     slack: float
     budget: int
     gathered: int = 0  # FSDP2: the layers all-gathered whole at a time
+    quantization: str | None = None  # QLoRA: the base's 4-bit type
 
     @property
     def total(self) -> int:
@@ -82,6 +84,8 @@ class GpuEstimate:
 
     @property
     def mode(self) -> str:
+        if self.quantization:
+            return f"LoRA on a 4-bit {self.quantization.upper()} base"
         return "LoRA" if self.lora else "full SFT"
 
     def settings(self) -> str:
@@ -102,10 +106,11 @@ class GpuEstimate:
 
 
 def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
-             activation_checkpointing: bool = False, strategy: str | None = None) -> GpuEstimate:
+             activation_checkpointing: bool = False, strategy: str | None = None,
+             quantization: str | None = None) -> GpuEstimate:
     """One configuration's memory per GPU, from `estimate_memory` plus the sharding of its strategy. Without a
     strategy: `single` on one process; on several, FSDP2 for full SFT (the least full SFT can need: what the
-    `lora_first` rule compares against) and DDP for LoRA."""
+    `lora_first` rule compares against) and DDP for LoRA. `quantization` (LoRA only): the base in 4 bits."""
     import torch
 
     from chatft.config.schema import TrainingConfig
@@ -113,7 +118,8 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
 
     strategy = strategy or ("single" if layout.world == 1 else "ddp" if lora else "fsdp2")
     cfg = TrainingConfig.model_validate({
-        "model": {"pretrained_model_name_or_path": model.location, "torch_dtype": layout.dtype},
+        "model": {"pretrained_model_name_or_path": model.location, "torch_dtype": layout.dtype,
+                  "quantization": quantization if lora else None},
         "dataset": {"path_or_dataset_id": "planned", "seq_length": seq_length},
         "step_scheduler": {"global_batch_size": local_batch_size, "local_batch_size": local_batch_size},
         "distributed": {"activation_checkpointing": activation_checkpointing},
@@ -126,6 +132,7 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
         gradients, optimizer = raw.gradients, raw.optimizer
     else:
         weights, gradients, optimizer = raw.weights * scale, raw.gradients * scale, raw.optimizer * scale
+    # (QLoRA: the frozen base's bytes, 4-bit layers and float32 rest, scale with the model like any base.)
     # `ddp` needs exactly what one process needs: chatft adds the gradients across processes after the last
     # micro-batch's backward, through a flat buffer of at most `BUCKET_BYTES` plus one gradient, at a moment
     # when the activations counted here are already freed.
@@ -135,7 +142,8 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     return GpuEstimate(lora, strategy, seq_length, local_batch_size, activation_checkpointing,
                        int(weights / shards), int(gradients / shards), int(optimizer / shards),
                        raw.activations, raw.logits, layout.slack, layout.memory,
-                       gathered=fsdp2_gathered_bytes(model, layout) if strategy == "fsdp2" else 0)
+                       gathered=fsdp2_gathered_bytes(model, layout) if strategy == "fsdp2" else 0,
+                       quantization=quantization if lora else None)
 
 
 def fsdp2_gathered_bytes(model: ModelFacts, layout: Layout) -> int:
@@ -146,19 +154,21 @@ def fsdp2_gathered_bytes(model: ModelFacts, layout: Layout) -> int:
 
 
 def ladder(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
-           batch_fixed: bool) -> GpuEstimate | None:
+           batch_fixed: bool, quantization: str | None = None) -> GpuEstimate | None:
     """The first rung that fits: lower local_batch_size (unless the user fixed it), then activation
     checkpointing. On several GPUs, every rung replicated (DDP) before any sharded (FSDP2): DDP trains in this
     release and needs no gathers, so a smaller batch or recomputation is the better price than sharding."""
     sizes = [local_batch_size]
     while not batch_fixed and sizes[-1] > 1:
         sizes.append(sizes[-1] // 2)
-    strategies = ["ddp", "fsdp2"] if layout.world > 1 else [None]
+    # A 4-bit base is not sharded (chatft's FSDP2 does not shard bitsandbytes weights): QLoRA is planned replicated.
+    strategies = (["ddp"] if quantization else ["ddp", "fsdp2"]) if layout.world > 1 else [None]
     for strategy in strategies:
         for checkpointing in (False, True):
             for size in sizes:
                 result = estimate(model, layout, lora=lora, seq_length=seq_length, local_batch_size=size,
-                                  activation_checkpointing=checkpointing, strategy=strategy)
+                                  activation_checkpointing=checkpointing, strategy=strategy,
+                                  quantization=quantization)
                 if result.fits:
                     return result
     return None

@@ -6,7 +6,8 @@ command that runs it; the report, as terminal text or as `plan.md` (with the cha
 Every written config is compiled before the plan calls it ready: one that does not compile is a planner bug.
 Paths in the configs are absolute (inputs) or under the plan dir (outputs), so the commands run from anywhere.
 
-On several GPUs `chatft run --nproc-per-node G` trains replicated (DDP); FSDP2 sharding is not in this release.
+On several GPUs `chatft run --nproc-per-node G` trains replicated (DDP) or FSDP2-sharded, but its memory check before
+training still estimates a whole model per process, so a mode that fits only sharded would be refused there.
 So when the chosen mode fits replicated on each GPU (`plan.fit.strategy == "ddp"`, which the ladder prefers),
 the training config is sized for the plan's data-parallel size and its command starts the processes:
 `--nproc-per-node G`, and on each of K machines also `--nnodes K --node-rank R --rdzv-endpoint HOST:PORT`
@@ -75,13 +76,13 @@ def replicated_floor(plan: Plan) -> GpuEstimate:
     facts = plan.facts
     return estimate(facts.model, facts.layout, lora=plan.decision.lora, seq_length=facts.seq_length,
                     local_batch_size=plan.request.local_batch_size or 1, activation_checkpointing=True,
-                    strategy="ddp" if facts.layout.world > 1 else None)
+                    strategy="ddp" if facts.layout.world > 1 else None, quantization=plan.decision.quantization)
 
 
 def trains_today(plan: Plan) -> bool:
-    """Whether the training step runs in this release: on one process, or replicated on several. A mode that
-    fits only FSDP2-sharded fits on no single GPU either (replicated, each GPU needs what one process needs, and
-    the ladder tried every rung replicated first), so nothing of that mode trains today."""
+    """Whether the training step passes `chatft run`'s memory check today: on one process, or replicated on
+    several. A mode that fits only FSDP2-sharded fits on no single GPU either (replicated, each GPU needs what one
+    process needs, and the ladder tried every rung replicated first), so nothing of that mode trains today."""
     return plan.fit is not None and plan.fit.strategy != "fsdp2"
 
 
@@ -140,6 +141,8 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
     if decision.lora and step.id == "sft/automodel":
         settings["peft"] = "lora"
         settings["optimizer.lr"] = LORA_LR
+    if decision.quantization:
+        settings["model.quantization"] = decision.quantization
     return settings
 
 
@@ -188,10 +191,10 @@ def config_text(plan: Plan, step: PlannedStep) -> str:
         else:
             header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
     elif step.role == "train":
-        header += (f"# Fits the {layout.world} GPUs of the plan only FSDP2-sharded, and FSDP2 sharding is not in this "
-                   "release\n# (several processes would train replicated, which does not fit); see plan.md.\n")
+        header += (f"# Fits the {layout.world} GPUs of the plan only FSDP2-sharded, and FSDP2 sharding is not "
+                   "planned yet\n# (chatft run's memory check counts no sharding and would refuse it); see plan.md.\n")
     else:
-        header += ("# Runs after the training step, which needs FSDP2 sharding (not in this release); "
+        header += ("# Runs after the training step, which needs FSDP2 sharding (not planned yet); "
                    "see plan.md.\n")
     document = {"defaults": str(default_path), **body}
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
@@ -216,7 +219,7 @@ def command(plan: Plan, step: PlannedStep, path: Path) -> str:
 
 
 def plan_command(plan: Plan, *, gpus: int | None = None, nodes: int | None = None, want: str | None = None) -> str:
-    """`chatft plan` again with another layout or output: a plan whose every command runs in this release."""
+    """`chatft plan` again with another layout or output: a plan whose every command runs today."""
     request, layout = plan.request, plan.facts.layout
     gpus = layout.gpus if gpus is None else gpus
     nodes = layout.nodes if nodes is None else nodes
@@ -258,7 +261,7 @@ def layout_words(plan: Plan, fit: GpuEstimate) -> str:
     if world == 1:
         return ""
     if fit.strategy == "fsdp2":
-        return f", FSDP2-sharded over {world} GPUs (not in this release)"
+        return f", FSDP2-sharded over {world} GPUs (not planned yet)"
     return f", on {world} processes (DDP, replicated)"
 
 
@@ -272,6 +275,8 @@ def decision_line(plan: Plan) -> str:
         what = "LoRA with `sft/automodel peft=lora`"
     else:
         what = "full SFT with `sft/automodel`"
+    if d.quantization:
+        what += f" on the base loaded in 4-bit {d.quantization.upper()} (QLoRA, `model.quantization={d.quantization}`)"
     extras = [s for s, on in (("`data_prep/chat_jsonl` first", d.prep),
                               ("`convert/merge_lora` to a standalone model", d.merge),
                               ("`eval/model_eval` before and after", d.eval)) if on]
@@ -293,17 +298,19 @@ def memory_lines(plan: Plan) -> list[str]:
         for strategy in strategies:
             result = estimate(facts.model, layout, lora=lora, seq_length=facts.seq_length, local_batch_size=local,
                               activation_checkpointing=checkpointing, strategy=strategy)
-            lines.append(f"  {result.line()}" + ("; FSDP2 sharding is not in this release" if strategy == "fsdp2"
+            lines.append(f"  {result.line()}" + ("; FSDP2 sharding is not planned yet" if strategy == "fsdp2"
                                                   else ""))
             if result.fits:  # replicated fits: sharding is not needed
                 break
+    if fit is not None and fit.quantization:
+        lines.append(f"  {fit.line()}")
     if fit is not None and fit.strategy == "fsdp2":
         lines.append(f"  replicated, no rung of the ladder fits; the smallest: {replicated_floor(plan).line()}")
     if fit is not None and fit.lora and facts.full_fit is not None:
         full = facts.full_fit
         if full.strategy == "fsdp2":
             lines.append(f"  full SFT fits only FSDP2-sharded, at {full.settings()} ({full.total / GB:,.1f} GB per "
-                         "GPU): not in this release")
+                         "GPU): not planned yet")
         else:
             lines.append(f"  full SFT also fits at {full.settings()} ({full.total / GB:,.1f} GB per GPU): the next "
                          "step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
@@ -397,9 +404,10 @@ def layout_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str)
         return notes
     waiting = ", ".join(f"{code}{path.name}{code}" for step, path in written if not runs_today(plan, step))
     mode = "LoRA" if plan.decision.lora else "full SFT"
-    notes = [f"not runnable in this release: {waiting}, because {mode} fits the {_where(layout)} only FSDP2-sharded, "
-             "and FSDP2 sharding is not in this release (`chatft run` on several processes trains replicated, DDP, "
-             f"and replicated it needs at least {replicated_floor(plan).total / GB:,.1f} GB per GPU)"]
+    notes = [f"not runnable yet: {waiting}, because {mode} fits the {_where(layout)} only FSDP2-sharded, "
+             "and FSDP2 sharding is not planned yet (`chatft run` can shard, but its memory check before training "
+             "counts a whole model per process, and replicated it needs at least "
+             f"{replicated_floor(plan).total / GB:,.1f} GB per GPU)"]
     lora = facts.lora_fit
     if not plan.decision.lora and lora is not None and lora.strategy == "ddp":
         # LoRA fits replicated, so on one GPU too: both of these plans run every command today.

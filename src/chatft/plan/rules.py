@@ -35,6 +35,7 @@ class Facts:
     full_start: GpuEstimate  # full SFT at the starting settings
     full_fit: GpuEstimate | None  # the first rung of the ladder that fits, if any
     lora_fit: GpuEstimate | None
+    qlora_fit: GpuEstimate | None = None  # LoRA on a 4-bit NF4 base; looked for only when LoRA fits nowhere
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Decision:
     route: str = "hf"  # hf | megatron
     train_step: str = "sft/automodel"
     lora: bool = False
+    quantization: str | None = None  # QLoRA: the base's 4-bit type
     prep: bool = False
     merge: bool = False
     eval: bool = False
@@ -107,10 +109,11 @@ def _megatron_input(f: Facts, d: Decision) -> str | None:
 
 
 def _parallelism(f: Facts, d: Decision) -> str | None:
-    if f.full_fit is not None or f.lora_fit is not None:
+    if f.full_fit is not None or f.lora_fit is not None or f.qlora_fit is not None:
         return None
     return (f"nothing fits in {f.layout.memory / GB:,.0f} GB per GPU at seq_length {f.seq_length}, even LoRA with "
-            f"local_batch_size 1, FSDP2 and activation checkpointing: the model must be split across GPUs "
+            f"local_batch_size 1, FSDP2 and activation checkpointing, or on a 4-bit base: the model must be split "
+            f"across GPUs "
             f"(tensor/pipeline{'/expert' if f.model.moe else ''} parallelism)")
 
 
@@ -130,6 +133,13 @@ def _lora_first(f: Facts, d: Decision) -> str | None:
     if f.layout.gpus and f.layout.world <= 2:
         found.append(f"{f.layout.world} GPU{'s' if f.layout.world > 1 else ''}")
     return "; ".join(found) or None
+
+
+def _qlora(f: Facts, d: Decision) -> str | None:
+    if not (d.in_chatft and d.lora) or f.lora_fit is not None or f.qlora_fit is None:
+        return None
+    return (f"LoRA fits no rung of the ladder in {f.layout.memory / GB:,.0f} GB per GPU; on a 4-bit NF4 base it "
+            f"needs {f.qlora_fit.total / GB:,.1f} GB ({f.qlora_fit.settings()})")
 
 
 def _not_messages(f: Facts, d: Decision) -> str | None:
@@ -184,6 +194,9 @@ RULES: tuple[Rule, ...] = (
     Rule("adapter_only", "adapter-only tuning on HF data", "`peft/automodel`", _adapter_only, "adapter"),
     Rule("lora_first", "small data (under ~10k clean rows), tight memory, or 1-2 GPUs",
          "LoRA before full SFT (`peft=lora` or `peft/automodel`)", _lora_first, "lora"),
+    Rule("qlora", "LoRA does not fit in memory, LoRA on a 4-bit base does",
+         "QLoRA: LoRA on the base loaded in 4-bit NF4 (`model.quantization=nf4`, needs `chatft[qlora]`)", _qlora,
+         "qlora"),
     Rule("prep_first", "data not in OpenAI `messages`", "add `data_prep/chat_jsonl` first", _not_messages, "prep"),
     Rule("merge_adapter", "an adapter must become a standalone model", "add `convert/merge_lora`", _standalone,
          "merge"),
@@ -208,6 +221,8 @@ def decide(facts: Facts) -> Decision:
             decision.train_step, decision.lora = "peft/automodel", True
         elif rule.effect == "lora":
             decision.lora = True
+        elif rule.effect == "qlora":
+            decision.quantization = "nf4"
         elif rule.effect == "prep":
             decision.prep = True
         elif rule.effect == "merge":
@@ -220,4 +235,6 @@ def decide(facts: Facts) -> Decision:
 
 
 def chosen_fit(facts: Facts, decision: Decision) -> GpuEstimate | None:
+    if decision.quantization:
+        return facts.qlora_fit
     return facts.lora_fit if decision.lora else facts.full_fit

@@ -24,7 +24,9 @@ Modules, in the order a run uses them:
   queued_step.py   a step's loss and gradient norm kept on the device until logged (`PendingRow`)
   stop_signal.py   SIGTERM/SIGINT: finish the step, checkpoint, exit 128 + signal
   checkpoints.py   resumable checkpoints: atomic save, LATEST, keep_last, loading without pickle
-  metrics.py       metrics.jsonl / validation.jsonl, loss.png, TensorBoard, progress display
+  distributed.py   the processes of a run (torchrun): rank, collectives, per-rank logs, strategy (ddp | fsdp2)
+  sharding.py      FSDP2: weights, gradients and optimizer states split across the processes
+  metrics.py       metrics.jsonl / validation.jsonl, loss.png, progress display (trackers: `chatft.trackers`)
   final_artifact.py  final/: the model or adapter, tokenizer and manifest, written atomically
   loop.py          the Trainer: setup, then the whole loop in one readable method
 The names inside a run dir are in `chatft.run_layout`.

@@ -30,6 +30,7 @@ from torch import nn
 
 from chatft.errors import ChatftError
 from chatft.run_layout import CHECKPOINTS, checkpoints_dir
+from chatft.train import sharding
 
 LATEST = "LATEST"
 WEIGHTS = "trainable.safetensors"
@@ -68,17 +69,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep_last: int,
+    *, weights: dict[str, torch.Tensor] | None = None, optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `checkpoints/step_{step}` atomically, point LATEST at it, keep the newest `keep_last`."""
+    """Write `checkpoints/step_{step}` atomically, point LATEST at it, keep the newest `keep_last`. `weights` and
+    `optimizer_state`: the full ones when the model's are shards (FSDP2 gathers them: `sharding.full_state`); the
+    files are the same whatever the number of processes, so a run resumes at any world size."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    trainable = trainable_state(model) if weights is None else _trainable_only(weights, model)
+    save_file(trainable, str(tmp / WEIGHTS))
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
     torch.save(rng_state(), tmp / RNG)
     python_rng = random.getstate()
     full_state = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}
@@ -167,9 +172,17 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from `path`; return the trainer state."""
-    weights = load_file(str(path / WEIGHTS), device=str(device))
+def _trainable_only(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of a full state dict, by parameter name (a tied head is one tensor, as in
+    `named_parameters`)."""
+    return {name: weights[name].contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                    sharded: bool = False) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from `path`; return the trainer state. `sharded`: the model is
+    split across processes (FSDP2), each of which reads the files and keeps its shard."""
+    weights = load_file(str(path / WEIGHTS), device="cpu" if sharded else str(device))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
@@ -179,10 +192,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})",
             "resume with the same model and peft settings it was written with, or checkpoint.resume=false",
         )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name])
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    if sharded:
+        sharding.load_full_state(model, optimizer, weights, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+        optimizer.load_state_dict(optimizer_state)
     rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

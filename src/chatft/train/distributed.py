@@ -15,7 +15,8 @@ micro-batches than another in a step (a token budget packs its rows differently)
 rows), and a model may have weights a given batch never reaches. Each process's loss is already divided by the
 supervised tokens of the whole step, so the step's gradient is exactly the sum of the processes' gradients: one
 all-reduce per optimizer step, in buckets, after the last micro-batch, which is what DDP computes under
-`no_sync` accumulation. The weights and optimizer states are replicated (strategy `ddp`).
+`no_sync` accumulation. The weights and optimizer states are replicated (strategy `ddp`). Strategy `fsdp2` splits
+them across the processes instead (`sharding`); which one a run uses: `strategy_for`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from chatft.errors import ChatftError
 from chatft.run_layout import rank_log
 
 T = TypeVar("T")
-STRATEGY = "ddp"  # replicated weights and optimizer states, gradients added across processes
 BUCKET_BYTES = 32 * 1024 * 1024  # gradients all-reduced per call: few calls, bounded extra memory
 # Rank 0 tokenizes the data while the others wait: a large dataset takes far longer than a collective's usual
 # timeout, so that one wait has its own.
@@ -90,17 +90,26 @@ class World:
 
     def broadcast_trainable(self, model: torch.nn.Module) -> None:
         """Give every process rank 0's trainable weights (they load the same files, but a LoRA initialisation or
-        a model's own random init must not be trusted to agree)."""
-        if self.distributed:
-            for param in model.parameters():
-                if param.requires_grad:
-                    dist.broadcast(param.data, src=0)
+        a model's own random init must not be trusted to agree). Weights on the CPU under NCCL (FSDP2 loads there)
+        travel through this process's GPU, one tensor at a time."""
+        if not self.distributed:
+            return
+        device = self._collective_device()
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            if param.device == device:
+                dist.broadcast(param.data, src=0)
+            else:
+                on_device = param.data.to(device)
+                dist.broadcast(on_device, src=0)
+                param.data.copy_(on_device)
 
-    def record(self) -> dict[str, Any]:
+    def record(self, strategy: str) -> dict[str, Any]:
         """How the run was spread, for the manifest's metrics (nothing for one process)."""
         if not self.distributed:
             return {}
-        return {"world_size": self.size, "nodes": self.nodes, "strategy": STRATEGY, "launcher": "torchrun",
+        return {"world_size": self.size, "nodes": self.nodes, "strategy": strategy, "launcher": "torchrun",
                 "backend": self.backend}
 
     def barrier(self) -> None:
@@ -177,6 +186,17 @@ def _all_reduce_flat(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def strategy_for(configured: str | None, world_size: int, lora: bool) -> str:
+    """`distributed.strategy` as a run uses it: one process is `single`; `auto` (or unset) shards full SFT, whose
+    weights and optimizer states are the memory (`fsdp2`), and replicates LoRA, whose trained part is small and
+    whose frozen base then needs no gathering (`ddp`). The planner makes the same choice (`plan.fit`)."""
+    if world_size == 1:
+        return "single"
+    if configured in (None, "auto"):
+        return "ddp" if lora else "fsdp2"
+    return configured
 
 
 def backend_for(configured: str | None) -> str:

@@ -20,12 +20,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from chatft.config.schema import TrainingConfig
-from chatft.data.types import PreparedData
-from chatft.run_layout import METRICS_FILE, TENSORBOARD_DIR, VALIDATION_FILE
+from chatft.data.types import PreparedData, TokenizedRow
+from chatft.run_layout import METRICS_FILE, VALIDATION_FILE
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
-from chatft.train import final_artifact, resume_check
-from chatft.train.distributed import World
-from chatft.train.metrics import JsonlLog, ProgressDisplay, TensorBoard, done_line, plot_losses
+from chatft.train import final_artifact, resume_check, sharding
+from chatft.train.distributed import World, strategy_for
+from chatft.train.metrics import JsonlLog, ProgressDisplay, done_line, plot_losses
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 model_location, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
@@ -82,9 +82,11 @@ class Trainer:
 
     Several processes (`World`, started by torchrun): each takes its share of a step's rows, balanced by tokens (`batching.step_rows`);
     the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
-    gradients, once per optimizer step (`distributed.World.reduce_gradients`): weights and optimizer states stay
-    replicated and equal, so a step trains exactly what one process would. Rank 0 alone logs and saves; the
-    places that differ are marked "ranks".
+    gradients, so a step trains exactly what one process would. Strategy `ddp`: weights and optimizer states are
+    replicated and the gradients added once per optimizer step (`distributed.World.reduce_gradients`); `fsdp2`:
+    they are split across the processes (`sharding`), each pass gathers a layer's weights and reduce-scatters its
+    gradients, and every process runs the same number of passes. Rank 0 alone logs and saves; the places that
+    differ are marked "ranks".
     """
 
     def __init__(
@@ -109,6 +111,8 @@ class Trainer:
         self.rank, self.world_size = self.world.rank, self.world.size
         self.is_main = self.world.is_main  # ranks: only rank 0 logs and saves
         self.lora = cfg.peft is not None
+        self.strategy = strategy_for(cfg.distributed.strategy, self.world.size, self.lora)
+        self.sharded: sharding.Sharded | None = None  # set up with the model when the strategy is fsdp2
 
     # ------------------------------------------------------------------ setup
 
@@ -137,7 +141,10 @@ class Trainer:
             self.estimate = memory.estimate_memory(cfg, device=self.device,
                                                    lengths=memory.row_lengths(self.train_data, self.val_data))
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
-        model = load_model(cfg.model, self.device, self.precision.weights)
+        # FSDP2 loads on the CPU; splitting the model moves each process's shards to its device, so a model that
+        # fits only sharded is never whole on one GPU. The probes below run where the model is.
+        self.load_device = torch.device("cpu") if self.strategy == "fsdp2" else self.device
+        model = load_model(cfg.model, self.load_device, self.precision.weights)
         if self.recompute:
             enable_activation_checkpointing(model, self.recompute)
             self.notes.append(f"activation checkpointing: {recompute.DESCRIPTIONS[self.recompute]}")
@@ -152,12 +159,18 @@ class Trainer:
         self.params = count_parameters(model)
         self.padding_free = self._check_padding_free()
         with self._compute_precision():
-            self.loss_head = losses.head_for(self.model, probe_vocab_size(self.tokenizer, self.model), self.device)
+            self.loss_head = losses.head_for(self.model, probe_vocab_size(self.tokenizer, self.model),
+                                             self.load_device)
         if self.loss_head is None:
             self.notes.append("note: loss head: the model's own logits at supervised positions (its forward does "
                               "more than decoder + linear head, so the chunked head is not used)")
         if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
+        if self.strategy == "fsdp2":  # after the probes too: they run the decoder outside the sharding root
+            sharding.check_supported(self.precision)
+            self.sharded = sharding.Sharded(self.model, self.world, self.device)
+            self.notes.append(f"FSDP2: weights, gradients and optimizer states split over {self.world_size} "
+                              f"processes in {self.sharded.units} units (each decoder layer, and the rest)")
         # float16 gradients underflow without loss scaling (`precision`: the trained parameters are float32 then, so
         # their gradients can be unscaled). Disabled, the scaler passes everything through.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.loss_scaling)
@@ -172,7 +185,7 @@ class Trainer:
         """Padding-free micro-batches where asked for and the loaded model keeps them apart (`padding_free`);
         a fall-back to padded ones is estimated and checked again."""
         kept_apart, note = padding_free.choose_layout(
-            self.model, self.cfg, probe_vocab_size(self.tokenizer, self.model), self.device, self.dtype,
+            self.model, self.cfg, probe_vocab_size(self.tokenizer, self.model), self.load_device, self.dtype,
             self._compute_precision)
         self.notes.append(note or "")
         if note:
@@ -208,7 +221,7 @@ class Trainer:
         self.val_batches = []
         if self.val_data is not None:
             rows = self.val_data.rows[self.rank::self.world_size]  # ranks: each validates its share
-            self.val_batches = self._micro_batches(rows)
+            self.val_batches = self._same_count_everywhere(self._micro_batches(rows))
         # The data position: epoch, and optimizer steps taken within it.
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.tokens_seen, self.elapsed_before = 0, 0.0
@@ -220,8 +233,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = JsonlLog(self.run_dir / METRICS_FILE)
         self.validation_log = JsonlLog(self.run_dir / VALIDATION_FILE)
-        wanted = self.cfg.logging.tensorboard and self.is_main
-        self.tensorboard = TensorBoard(self.run_dir / TENSORBOARD_DIR) if wanted else None
+        # TensorBoard, W&B, MLflow: one writer on rank 0 for the rows below, set by `chatft.trackers.attached_to`
+        self.trackers: Any = None
 
     def _resume(self, path: Path | None) -> None:
         self.resumed_from = path
@@ -231,7 +244,8 @@ class Trainer:
                 self.metrics.truncate_after(0)
                 self.validation_log.truncate_after(0)
             return
-        state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device)
+        state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device,
+                                            sharded=self.sharded is not None)
         resume_check.check_data_position(state, str(path), global_batch_size=self.cfg.step_scheduler.global_batch_size,
                                          seed=self.cfg.seed, train_rows=len(self.lengths),
                                          kind="lora" if self.lora else "full")
@@ -322,7 +336,9 @@ class Trainer:
             return self._stopped(stop, elapsed)
         if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
             self._guard_oom(self._validate, print)
-        final = self._save_final(elapsed) if self.is_main else None
+        # ranks: every process takes part in gathering FSDP2's shards; rank 0 writes
+        weights = sharding.full_state(self.model, None, trainable_only=self.lora)[0] if self.sharded else None
+        final = self._save_final(elapsed, weights) if self.is_main else None
         self.world.barrier()  # ranks: the run ends when final/ is written
         result = TrainResult(self.run_dir, final, self.step, self.last_train_loss,
                              self.last_val and self.last_val["loss"], self.last_val and self.last_val["token_accuracy"],
@@ -339,7 +355,7 @@ class Trainer:
         return bool(signum)
 
     def _log_step(self, step: QueuedStep, note, display: ProgressDisplay | None) -> None:
-        """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, TensorBoard)."""
+        """Read a queued step's numbers from the device and write its row (metrics.jsonl, progress, trackers)."""
         loss, grad_norm, seconds, since_started = step.read(self._clock, self._origin)
         self.last_train_loss = loss
         row = {
@@ -357,8 +373,8 @@ class Trainer:
         if self.is_main:
             self.metrics.append(row)
             display.update(row)
-            if self.tensorboard:
-                self.tensorboard.log("train", row)
+            if self.trackers:
+                self.trackers.log("train", row)
 
     def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], began: Any) -> QueuedStep:
         """One optimizer step over its micro-batches (collated after the clock mark `began`). Nothing in it
@@ -369,16 +385,17 @@ class Trainer:
                                               sum(batching.input_tokens(b) for b in micro_batches)])
         num_supervised = max(1, int(supervised))
         total_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for batch in self._same_count_everywhere(micro_batches):
             loss_sum, _ = self._loss_sum(batch)
             loss = loss_sum / num_supervised  # the mean over the whole step, whatever the split
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
-        self.world.reduce_gradients(self.trainable)  # ranks: the step's gradient is the sum of the processes'
+        if self.sharded is None:  # ranks: the step's gradient is the sum of the processes' (FSDP2 summed them)
+            self.world.reduce_gradients(self.trainable)
         self.world.sum_tensor_(total_loss)
         self.scaler.unscale_(self.optimizer)  # clipping sees the true gradients
         max_norm = self.cfg.clip_grad_norm.max_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm if max_norm is not None else math.inf)
+        grad_norm = sharding.clip_gradients(self.trainable, max_norm if max_norm is not None else math.inf)
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -397,13 +414,14 @@ class Trainer:
         """Summed cross-entropy over supervised tokens (float32), and the count of correct predictions
         (shared with eval/model_eval: `losses.loss_sum`)."""
         with self._compute_precision():
-            return losses.loss_sum(self.model, batch, self.device, self.loss_head)
+            return sharding.run(self.sharded, lambda: losses.loss_sum(self.model, batch, self.device, self.loss_head))
 
     @torch.no_grad()
     def _validate(self, note) -> dict[str, Any]:
         self.model.eval()
-        with self._compute_precision():
-            score = losses.score_batches(self.model, self.val_batches, self.device, self.loss_head)
+        with self._compute_precision():  # ranks: under FSDP2 every batch gathers weights, all in one root pass
+            score = sharding.run(self.sharded, lambda: losses.score_batches(self.model, self.val_batches, self.device,
+                                                                            self.loss_head))
         self.model.train()
         loss_sum, correct, tokens = self.world.sum_([score.loss_sum, score.correct, score.tokens])  # ranks
         score = losses.LossScore(loss_sum, int(correct), int(tokens))
@@ -411,8 +429,8 @@ class Trainer:
         self.last_val = row
         if self.is_main:
             self.validation_log.append(row)
-            if self.tensorboard:
-                self.tensorboard.log("validation", row)
+            if self.trackers:
+                self.trackers.log("validation", row)
             note(f"validation at step {self.step}: loss {row['loss']:.4f}, token accuracy {row['token_accuracy']:.3f}")
         return row
 
@@ -431,6 +449,13 @@ class Trainer:
         self.step_in_epoch += 1
         rows = [self.train_data.rows[i] for i in indices]
         return self._micro_batches(rows)
+
+    def _same_count_everywhere(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """ranks: under FSDP2, empty micro-batches (nothing supervised) up to the most any process has."""
+        if self.sharded is None:
+            return batches
+        empty = TokenizedRow([self.pad_id] * 2, [False] * 2, source_row=0)
+        return sharding.pad_to_common_count(batches, self.world, lambda: self._micro_batches([empty])[0])
 
     def _due(self, every: int | None) -> bool:
         return every is not None and self.step % every == 0
@@ -451,6 +476,7 @@ class Trainer:
             raise memory.oom_error(
                 f"out of memory at step {self.step + 1} of {self.total_steps} ({self.device.type}){kept}",
                 self.lora, predicted=False,
+                offer_qlora=self.cfg.model.quantization is None and self.device.type != "cpu",
             ) from None
 
     def _peak_memory(self) -> int:
@@ -461,9 +487,12 @@ class Trainer:
     # ------------------------------------------------------------------ saving (rank 0)
 
     def _save_checkpoint(self, started: float) -> Path | None:
-        """Rank 0 writes the checkpoint (ranks: the state is replicated); the others wait until it is complete."""
+        """Rank 0 writes the checkpoint (ranks: the state is replicated, or gathered from the FSDP2 shards first);
+        the others wait until it is complete."""
         if not self.cfg.checkpoint.enabled:
             return None
+        weights, optimizer_state = (sharding.full_state(self.model, self.optimizer, trainable_only=True)
+                                    if self.sharded else (None, None))
         if not self.is_main:
             self.world.barrier()
             return None
@@ -480,7 +509,8 @@ class Trainer:
             "resumes": self.resumes,
         }
         saved = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                            self.cfg.checkpoint.keep_last)
+                                            self.cfg.checkpoint.keep_last, weights=weights,
+                                            optimizer_state=optimizer_state)
         self.world.barrier()
         return saved
 
@@ -488,8 +518,8 @@ class Trainer:
         latest = checkpoints.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.enabled else None
         if self.is_main:
             plot_losses(self.run_dir)
-            if self.tensorboard:
-                self.tensorboard.close()
+            if self.trackers:
+                self.trackers.close()
             again = f"`{self.resume_command}`" if self.resume_command else "the same command"
             where = f"checkpoint {latest}" if latest else "nothing (checkpoint.enabled=false)"
             print(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
@@ -497,12 +527,13 @@ class Trainer:
         return TrainResult(self.run_dir, None, self.step, self.last_train_loss, None, None, self.tokens_seen,
                            elapsed, stopped_by=stop.name, exit_code=stop.exit_code, checkpoint=latest)
 
-    def _save_final(self, elapsed: float) -> Path:
+    def _save_final(self, elapsed: float, weights: dict[str, torch.Tensor] | None) -> Path:
         final = final_artifact.save_final(self.run_dir, self.model, self.tokenizer, self._manifest(elapsed),
-                                          lora=self.lora, saved_dtype=self.precision.saved, pad_id=self.pad_id)
+                                          lora=self.lora, saved_dtype=self.precision.saved, pad_id=self.pad_id,
+                                          state_dict=weights)
         plot_losses(self.run_dir)
-        if self.tensorboard:
-            self.tensorboard.close()
+        if self.trackers:
+            self.trackers.close()
         return final
 
     def _manifest(self, elapsed: float) -> dict[str, Any]:
@@ -520,7 +551,7 @@ class Trainer:
             "loss_head": "chunked" if self.loss_head else "logits",
             "precision": self.precision.to_json(),
             "activation_checkpointing": self.recompute or "off",
-            **self.world.record(),
+            **self.world.record(self.strategy),
         }
         if self.scaler.is_enabled():
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)

@@ -1,9 +1,8 @@
 """What a run records and shows while it trains.
 
 In: one dict per optimizer step and per validation. Out: `metrics.jsonl` and `validation.jsonl` (one JSON
-object per line), `loss.png` (training and validation loss), TensorBoard scalars when
-`logging.tensorboard: true` (under `<run>/tensorboard`), and the progress display: a rich progress bar on a
-terminal, plain lines otherwise. Only rank 0 does any of this (a later multi-process issue relies on it).
+object per line), `loss.png` (training and validation loss), and the progress display: a rich progress bar on a
+terminal, plain lines otherwise. Only rank 0 does any of this. TensorBoard, W&B and MLflow are `chatft.trackers`.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatft.errors import ChatftError
 from chatft.run_layout import METRICS_FILE, PLOT_FILE, VALIDATION_FILE
 
 MB = 1024 * 1024
@@ -68,36 +66,6 @@ def plot_losses(run_dir: Path) -> Path | None:
     figure.savefig(path)
     plt.close(figure)
     return path
-
-
-def require_tensorboard() -> None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        raise ChatftError(
-            "config_invalid",
-            "logging.tensorboard=true but TensorBoard is not installed",
-            "pip install 'chatft[tensorboard]', or set logging.tensorboard=false",
-        ) from None
-
-
-class TensorBoard:
-    """Scalars under `train/*` and `validation/*`; imported only when asked for."""
-
-    def __init__(self, log_dir: Path) -> None:
-        require_tensorboard()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def log(self, prefix: str, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.writer.add_scalar(f"{prefix}/{key}", value, row["step"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def format_duration(seconds: float) -> str:

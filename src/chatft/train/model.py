@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chatft import quantization
 from chatft.config.schema import LoraSection, ModelSection
 from chatft.errors import ChatftError
 from chatft.train import recompute
@@ -147,12 +148,21 @@ def load_tokenizer(section: ModelSection, key: str = MODEL_KEY):
     return tokenizer
 
 
-def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, key: str = MODEL_KEY) -> nn.Module:
+def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, key: str = MODEL_KEY, *,
+               training: bool = True) -> nn.Module:
+    """The causal LM on `device` in `dtype`. With `model.quantization` its linear layers are 4-bit (QLoRA), their
+    matmuls in `dtype` unless the section names another compute dtype; `training` prepares such a base for LoRA
+    (`quantization.prepare_for_training`)."""
     from transformers import AutoModelForCausalLM
 
     check_attn_implementation(section.attn_implementation)
     if section.trust_remote_code:
         print("warning: model.trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
+    placement: dict[str, Any] = {}
+    if section.quantization is not None:
+        quantization.require_bitsandbytes(f"model.quantization={section.quantization}")
+        placement = {"quantization_config": quantization.bnb_config(section, dtype),
+                     "device_map": quantization.device_map(device)}
     with quiet_hub_progress(), no_hub_kernels(), model_load_errors(section, key):
         model = AutoModelForCausalLM.from_pretrained(
             model_location(section),
@@ -160,9 +170,13 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
             trust_remote_code=section.trust_remote_code,
             dtype=dtype,
             attn_implementation=section.attn_implementation,
+            **placement,
         )
     model.config.use_cache = False  # training never reuses the KV cache; saves memory
-    return model.to(device)
+    if section.quantization is None:
+        return model.to(device)
+    quantization.keep_computing_as_configured(model)
+    return quantization.prepare_for_training(model) if training else model  # placed by device_map already
 
 
 def probe_vocab_size(tokenizer: Any, model: nn.Module) -> int:
@@ -291,12 +305,18 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _weights_in(param: torch.Tensor) -> int:
+    """A parameter's weight count; a 4-bit one packs two weights a byte and keeps its shape in its quant state."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return shape.numel() if shape is not None else param.numel()
+
+
 def count_parameters(model: nn.Module) -> ParamCounts:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     frozen = [p for p in params if not p.requires_grad] or params
     return ParamCounts(
-        total=sum(p.numel() for p in params),
+        total=sum(_weights_in(p) for p in params),
         trainable=sum(p.numel() for p in trainable),
         base_dtype=dtype_name(frozen[0].dtype),
         trainable_dtype=dtype_name(trainable[0].dtype) if trainable else "-",

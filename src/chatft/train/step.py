@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from chatft import launch
+from chatft import launch, quantization, trackers
 from chatft.config.compile import CompiledConfig
 from chatft.config.support import check_supported
 from chatft.config.schema import TrainingConfig
@@ -23,7 +23,6 @@ from chatft.data.types import PreparedData
 from chatft.report import write_report_after_training
 from chatft.train import distributed, memory
 from chatft.train.loop import Trainer, TrainResult
-from chatft.train.metrics import require_tensorboard
 from chatft.train.model import load_tokenizer, pick_device
 from chatft.train.run_dir import prepare_run_dir
 
@@ -56,8 +55,8 @@ def train(
     model back."""
     run_dir = Path(run_dir)
     check_supported(cfg)
-    if cfg.logging.tensorboard:  # an optional extra: its absence is found before anything loads
-        require_tensorboard()
+    quantization.check_training(cfg)  # a 4-bit base: LoRA only, bitsandbytes installed, before anything loads
+    trackers.require_extras(cfg)  # TensorBoard, W&B, MLflow: a missing extra is found before anything loads
     joined = launch.joined_env()
     launch.check_layout(cfg.data_parallel_size(), joined.world_size if joined else 1)
     world = distributed.start(cfg.dist_env.backend, cfg.dist_env.timeout_minutes)
@@ -96,7 +95,10 @@ def _train(cfg: TrainingConfig, run_dir: Path, world: distributed.World, train_d
     trainer = Trainer(cfg, run_dir, tokenizer, train_data, val_data, estimate=estimate,
                       resolved_config=resolved_config, resume_command=resume_command, world=world)
     trainer.setup(resume_from, notes=notes)
-    result = trainer.train()
+    # rank 0: every step and validation also goes to the trackers that are on, then the final artifact's path
+    with trackers.attached_to(trainer, cfg, run_dir, main=world.is_main) as tracking:
+        result = trainer.train()
+        tracking.finish(result)
     result.trainer = trainer
     if world.is_main:  # report.html; a failure there is a warning, never the run's
         write_report_after_training(run_dir)
