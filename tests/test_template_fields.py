@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_masks import supervised_texts as supervised  # the decoded supervised runs
 from clirun import assert_error_block, run_chatft
 from transformers import AutoTokenizer
 
@@ -59,17 +60,6 @@ TOOL_AWARE = TOOL_AWARE_TAGGED.replace("{% generation %}", "").replace("{% endge
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def supervised(tokenizer, ids, mask) -> list[str]:
-    runs, current = [], []
-    for token, flag in zip(ids, mask):
-        if flag:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    return runs + ([tokenizer.decode(current)] if current else [])
 
 
 def mask(tokenizer, template, row, tagged=None, **options):
