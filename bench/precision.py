@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from chatft.artifacts import MANIFEST_FILE  # noqa: E402 (after the path set-up above)
+from chatft.run_layout import FINAL, METRICS_FILE  # noqa: E402
+
 MODES = {
     "float32": ["model.torch_dtype=float32"],
     "master": ["model.torch_dtype=bfloat16", "optimizer.master_weights=float32"],
@@ -77,8 +80,8 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, model: Path, out: 
            "step_scheduler.ckpt_every_steps=null", "step_scheduler.val_every_steps=null", "validation_dataset=null",
            "dataloader.shuffle=false", f"optimizer.lr={args.lr}", "optimizer.weight_decay=0.0",
            "lr_scheduler.lr_warmup_steps=0", "lr_scheduler.lr_decay_style=constant")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    manifest = json.loads((run_dir / "final" / "chatft_manifest.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    manifest = json.loads((run_dir / FINAL / MANIFEST_FILE).read_text())
     ends = [row["elapsed_s"] for row in rows]
     step_seconds = [b - a for a, b in zip(ends[1:], ends[2:])]  # after the first two steps
     return {
@@ -87,7 +90,7 @@ def run_mode(mode: str, args: argparse.Namespace, data: Path, model: Path, out: 
         "peak_mem_mb": max(row["peak_mem_mb"] for row in rows),
         "memory_estimate_mb": manifest["metrics"].get("memory_estimate_mb"),
         "precision": manifest["metrics"].get("precision"),
-        "bfloat16_changed": bfloat16_changed(run_dir / "final", model),
+        "bfloat16_changed": bfloat16_changed(run_dir / FINAL, model),
     }
 
 

@@ -103,6 +103,21 @@ def test_two_processes_train_what_one_trains(work, tiny_model_dir, kind, layout,
     assert {p.name for p in (work / f"{name}-2" / "logs").iterdir()} >= {"rank_0.log", "rank_1.log"}
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fsdp2_master_weights_below_float32_train_what_one_process_trains(work, tiny_model_dir, dtype):
+    """float32 master weights gathered in the compute dtype (FSDP2's mixed precision), gradients reduced in float32;
+    float16 with its loss scaler agreed across the shards. Equal to one process up to the compute dtype's rounding
+    (measured: 5e-5 for float16, 1e-3 for bfloat16, whose norms run in bfloat16 when gathered so)."""
+    settings = (f"model.torch_dtype={dtype}",)
+    train(work, tiny_model_dir, "full", f"{dtype}-1", 1, *settings)
+    train(work, tiny_model_dir, "full", f"{dtype}-2", 2, *settings)
+    first, second = losses(work / f"{dtype}-1"), losses(work / f"{dtype}-2")
+    assert len(first) == len(second) == 3 and max(abs(a - b) for a, b in zip(first, second)) < 5e-3, (first, second)
+    metrics = json.loads((work / f"{dtype}-2" / "final" / "chatft_manifest.json").read_text())["metrics"]
+    assert metrics["strategy"] == "fsdp2" and metrics["precision"]["weights"] == "float32"
+    assert metrics.get("loss_scaling", False) == (dtype == "float16")
+
+
 def test_validation_is_scored_over_both_shares(work, tiny_model_dir):
     """5 validation rows: 3 on the first process, 2 on the second, which makes up the count with an empty pass
     (FSDP2: every process gathers every layer's weights the same number of times)."""
@@ -122,8 +137,15 @@ def test_a_checkpoint_resumes_at_another_world_size(work, tiny_model_dir, first,
     train(work, tiny_model_dir, "full", reference, 1)
     run = f"resume-{first}-then-{then}"
     train(work, tiny_model_dir, "full", run, first, "step_scheduler.max_steps=2", "step_scheduler.ckpt_every_steps=1")
+    saved = work / run / "checkpoints" / "step_2"
+    if first == 2:  # fsdp2: each process wrote its own shards (DCP) and generator states, no whole tensor file
+        assert (saved / "sharded" / ".metadata").is_file() and not (saved / "trainable.safetensors").exists()
+        assert {p.name for p in saved.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    else:
+        assert (saved / "trainable.safetensors").is_file() and not (saved / "sharded").exists()
     result = train(work, tiny_model_dir, "full", run, then, f"checkpoint.resume={run}/checkpoints/step_2")
     assert "resuming from" in result.stdout
+    assert f"resumed on {then} processes from a checkpoint written by {first}" in result.stdout
     assert_same_training(work / reference, work / run)
 
 
@@ -217,7 +239,7 @@ def _start(work: Path, model: Path, run: str, *overrides: str) -> subprocess.Pop
 
 
 def test_sigterm_to_the_launcher_saves_once_and_the_same_command_resumes(work, tiny_model_dir):
-    """Sharded (FSDP2): the checkpoint gathers every process's shard, so all of them take part in the save."""
+    """Sharded (FSDP2): every process writes its shards of the checkpoint (DCP), and reads them back on resume."""
     process = _start(work, tiny_model_dir, "stopped", "distributed.strategy=fsdp2")
     _wait_for_steps(work / "stopped", 7, process)
     process.send_signal(signal.SIGTERM)
@@ -225,7 +247,8 @@ def test_sigterm_to_the_launcher_saves_once_and_the_same_command_resumes(work, t
     assert process.returncode == 143, stdout + stderr
     assert stdout.count("stopped by SIGTERM") == 1 and "Traceback" not in stderr, stdout + stderr
     saved = int(re.search(r"after step (\d+)", stdout).group(1))
-    assert (work / "stopped" / "checkpoints" / f"step_{saved}").is_dir()
+    assert (work / "stopped" / "checkpoints" / f"step_{saved}" / "sharded" / ".metadata").is_file()
+    assert not list((work / "stopped" / "checkpoints").glob(".tmp-*"))
     again = run_chatft(*command(tiny_model_dir, "lora", "stopped", 2, *LONG_RUN, "distributed.strategy=fsdp2",
                                 "step_scheduler.max_steps=" + str(saved + 2)), cwd=work)
     assert again.returncode == 0, again.stdout + again.stderr

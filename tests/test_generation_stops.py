@@ -60,3 +60,24 @@ def test_training_merge_and_eval_stop_at_the_same_ids(base_dir, tmp_path):
     sft_model = load_model(cfg.model.model_copy(update={"pretrained_model_name_or_path": str(sft.final_dir)}),
                            cpu, torch.float32)
     assert stop_ids(sft_model, tokenizer) == expected
+
+
+def test_the_end_of_turn_probe_renders_with_the_runs_template_kwargs(tiny_model_dir):
+    """A template whose turns end with <|endoftext|> under `plain_close`: the probe finds that token only when
+    given the kwargs the run rendered with, which `recorded_template_kwargs` reads from a run's manifest."""
+    from transformers import AutoTokenizer
+
+    from chatft import artifacts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = tiny_models.CHATML_TEMPLATE.replace(
+        "'<|im_end|>'", "('<|endoftext|>' if plain_close else '<|im_end|>')")
+    end_of_text, im_end = tokenizer.convert_tokens_to_ids([tiny_models.PAD_TOKEN, tiny_models.EOS_TOKEN])
+    manifest = {"config": {"dataset": {"chat_template_kwargs": {"plain_close": True}}}}
+    kwargs = artifacts.recorded_template_kwargs(manifest)
+    assert kwargs == {"plain_close": True}
+    assert artifacts.recorded_template_kwargs({"config": {"dataset": {}}}) == {}
+    assert artifacts.recorded_template_kwargs(None) == {}
+    assert artifacts.end_of_turn_token_id(tokenizer) == im_end
+    assert artifacts.end_of_turn_token_id(tokenizer, kwargs) == end_of_text
+    assert artifacts.generation_stop_ids(tokenizer, im_end, kwargs) == [im_end, end_of_text]

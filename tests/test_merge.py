@@ -139,6 +139,40 @@ def test_the_chat_template_training_used_wins_over_the_base_one(lora_run, tmp_pa
     assert "trained with a chat template other than the base's" in capsys.readouterr().err
 
 
+# ChatML whose turns end with <|endoftext|> instead of <|im_end|> when rendered with plain_close=true: a template
+# whose end of turn depends on the run's dataset.chat_template_kwargs.
+KWARG_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{{ ('<|endoftext|>' if plain_close else '<|im_end|>') + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def test_merge_renders_with_the_chat_template_kwargs_training_recorded(lora_run, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from chatft.merge import probe_rows
+
+    adapter = shutil.copytree(lora_run / "final", tmp_path / "adapter")
+    manifest = artifacts.read_manifest(adapter)
+    assert manifest["config"]["dataset"]["chat_template_kwargs"] == {}  # where training records them
+    tok = AutoTokenizer.from_pretrained(adapter)
+    tok.chat_template = KWARG_TEMPLATE
+    tok.save_pretrained(adapter)
+    manifest["tokenizer"]["chat_template_sha256"] = artifacts.chat_template_sha256(tok)
+    manifest["config"]["dataset"]["chat_template_kwargs"] = {"plain_close": True}
+    artifacts.write_manifest(adapter, manifest)
+    end_of_text, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+
+    # the probe rows are rendered as training rendered its rows
+    assert all(end_of_text in row and im_end not in row for row in probe_rows(tok, {"plain_close": True})[:2])
+    merge(merge_config(lora_checkpoint=adapter, output_hf_path=tmp_path / "merged"))
+    # the base's EOS first, then the turn end the template writes under the recorded kwargs
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id == [im_end, end_of_text]
+
+
 def test_bfloat16_output_and_auto_dtype(lora_run, tmp_path):
     from safetensors import safe_open
 

@@ -21,6 +21,8 @@ from chatft.plan.fit import GB, Layout, estimate
 from chatft.plan.models import resolve_model
 from chatft.plan.output import config_path, differing, step_settings
 from chatft.steps.registry import all_steps, is_a
+from chatft.train import memory
+from chatft.train.distributed import strategy_for
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = SHARED_DATA / "alpaca_en_demo.json"
@@ -140,8 +142,9 @@ def test_fsdp2_estimates_count_the_gathered_layers():
     layout = Layout(gpus=8, nodes=1, memory=80 * GB)
     sharded = estimate(model, layout, lora=True, seq_length=2048, local_batch_size=1, strategy="fsdp2")
     replicated = estimate(model, layout, lora=True, seq_length=2048, local_batch_size=1, strategy="ddp")
-    # Two of the 80 decoder layers whole in bfloat16 (about 0.86B parameters each), on top of the shards.
-    assert 3.0 * GB < sharded.gathered < 3.8 * GB and replicated.gathered == 0
+    # Two of the 80 decoder layers whole in bfloat16 (about 0.86B parameters each: 3.4 GB), and the root unit
+    # (embeddings and untied head, 2 x 128256 x 8192: 3.9 GB) whole, on top of the shards.
+    assert 7.1 * GB < sharded.gathered < 7.8 * GB and replicated.gathered == 0
     assert "gathered layers" in sharded.line() and "gathered layers" not in replicated.line()
 
 
@@ -234,14 +237,14 @@ def test_alpaca_json_gets_the_prep_step_first_and_sizes_seq_length(tmp_path):
     assert sharegpt.facts.data.format == "sharegpt" and "prep_first" in fired(sharegpt)
 
 
-def test_a_model_that_fits_fully_on_8x80gb_gets_full_sft_with_its_estimate(tmp_path):
-    result = plan(LLAMA_8B, gpus=8, gpu_memory_gb=80, out=str(tmp_path))
+def test_a_model_that_fits_fully_on_8x141gb_gets_full_sft_with_its_estimate(tmp_path):
+    result = plan(LLAMA_8B, gpus=8, gpu_memory_gb=141, out=str(tmp_path))
     assert not result.decision.lora and result.decision.train_step == "sft/automodel"
-    assert result.fit.strategy == "fsdp2" and result.fit.fits and result.fit.total < 80 * GB
-    run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=80, out=str(tmp_path)))
+    assert result.fit.strategy == "fsdp2" and result.fit.fits and result.fit.total < 141 * GB
+    run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=141, out=str(tmp_path)))
     text = (tmp_path / "plan.md").read_text()
     assert "full SFT with `sft/automodel`" in text
-    assert re.search(r"full SFT \(FSDP2-sharded, local_batch_size 4\): [\d.]+ GB per GPU, fits in 80.0 GB", text)
+    assert re.search(r"full SFT \(FSDP2-sharded, local_batch_size 4\): [\d.]+ GB per GPU, fits in 141.0 GB", text)
 
 
 def test_cli_packed_parquet_is_refused_naming_megatron_bridge(tmp_path):
@@ -370,7 +373,7 @@ def test_an_8_gpu_lora_plan_trains_on_8_processes(tmp_path):
     for argv in commands:
         assert_runs(argv, tmp_path)
     config = yaml.safe_load((out / "2-peft.yaml").read_text())
-    assert config["run"] == {"env": {"nprocs_per_node": 8}} and "strategy" not in config["distributed"]
+    assert config["run"] == {"env": {"nprocs_per_node": 8}} and "strategy" not in config["distributed"]  # auto
     text = (out / "plan.md").read_text()
     assert "on 8 processes (DDP, replicated)" in text and "8 processes x 2 accumulation step(s)" in text
     train_estimate_shown(result, text)
@@ -397,38 +400,34 @@ def test_a_multi_node_plan_writes_the_command_for_each_node(tmp_path):
     train_estimate_shown(result, text)
 
 
-def test_training_that_needs_fsdp2_sharding_is_not_given_a_command(tmp_path):
-    """Full SFT of an 8B model fits on 8 x 80 GB only sharded: its config is written for when FSDP2 sharding
-    comes, plan.md lists only the commands that run today, and the plans it suggests run every command."""
+def test_training_that_fits_only_sharded_gets_an_fsdp2_command(tmp_path):
+    from chatft.config.compile import compile_config
+
+    """Full SFT of an 8B model fits on 8 x 141 GB only sharded: the plan writes a training config that shards
+    (what `auto` does for full SFT on several processes), whose per-process estimate is training's own, and a
+    command for every step."""
     out = tmp_path / "plan"
-    result = run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=80, out=str(out)))
-    assert not result.decision.lora and result.fit.strategy == "fsdp2"
+    result = run_plan(PlanRequest(gpus=8, model=LLAMA_8B, gpu_memory_gb=141, out=str(out)))
+    assert not result.decision.lora and result.fit.strategy == "fsdp2" and result.fit.fits
     commands = plan_commands(out)
-    assert [argv[2] for argv in commands] == ["eval/model_eval"]  # the baseline; training and what follows wait
+    assert [argv[2] for argv in commands] == [step.id for step in result.chain.steps]
+    train = next(argv for argv in commands if argv[2] == "sft/automodel")
+    assert train[5:] == ["--nproc-per-node", "8"]
     for argv in commands:
         assert_runs(argv, tmp_path)
     text = (out / "plan.md").read_text()
-    assert "not runnable yet" in text and "FSDP2 sharding is not planned yet" in text
-    assert "not available" not in text and "scale-out" not in text
+    assert "not runnable" not in text and "planned yet" not in text
     assert re.search(r"full SFT \(DDP, replicated, local_batch_size 1, activation checkpointing\): [\d.]+ GB per "
-                     r"GPU, does NOT fit", text)  # the smallest replicated ask
-    suggested = re.findall(r"`(chatft plan [^`]+)`", text)
-    assert suggested == [f"chatft plan --gpus 8 --gpu-memory-gb 80 --model {LLAMA_8B} --want adapter",
-                         f"chatft plan --gpus 1 --gpu-memory-gb 80 --model {LLAMA_8B}"]
-    train_config = config_path(result, 2, result.chain.steps[1]).read_text()
-    assert "# Run:" not in train_config and "FSDP2 sharding is not planned yet" in train_config
-    assert yaml.safe_load(train_config)["distributed"]["strategy"] == "fsdp2"
-    for index, line in enumerate(suggested):  # every command of a suggested plan runs today
-        # planned in this process (the CLI's `chatft plan` is tested above; a second torch start costs seconds)
-        flags = dict(zip(shlex.split(line)[2::2], shlex.split(line)[3::2]))
-        assert set(flags) <= {"--gpus", "--gpu-memory-gb", "--model", "--want"}, flags
-        run_plan(PlanRequest(gpus=int(flags["--gpus"]), gpu_memory_gb=float(flags["--gpu-memory-gb"]),
-                             model=flags["--model"], want=flags.get("--want"),
-                             out=str(tmp_path / f"suggested-{index}")))
-        again = plan_commands(tmp_path / f"suggested-{index}")
-        assert any(a[2] in ("peft/automodel", "sft/automodel") for a in again)
-        for argv in again:
-            assert_runs(argv, tmp_path)
+                     r"GPU, does NOT fit", text)  # why it is sharded: the smallest replicated ask
+    assert re.search(r"full SFT \(FSDP2-sharded, local_batch_size \d+.*\): [\d.]+ GB per GPU, fits", text)
+    assert "Distributed Checkpoint" in text
+    train_config = yaml.safe_load(config_path(result, 2, result.chain.steps[1]).read_text())
+    assert strategy_for(train_config.get("distributed", {}).get("strategy"), 8, lora=False) == "fsdp2"
+    assert train_config["run"] == {"env": {"nprocs_per_node": 8}}
+    cfg = compile_config(all_steps()["sft/automodel"], str(config_path(result, 2, result.chain.steps[1]))).validated
+    check = memory.estimate_memory(cfg, result.facts.model.skeleton()[0], torch.device("cuda"))
+    assert check.strategy == "fsdp2" and check.world_size == 8  # what `error[oom]` will check, per process
+    assert abs(check.training * result.facts.model.skeleton()[1] - result.fit.total) < 0.02 * result.fit.total
 
 
 def test_chain_type_check_rejects_a_wrong_edge():
@@ -480,6 +479,13 @@ def test_local_model_estimate_is_the_training_engines_own(tiny_model_dir):
     sharded = estimate(facts, Layout(4, 1, 80 * GB), lora=False, seq_length=256, local_batch_size=2)
     single = estimate(facts, Layout(1, 1, 80 * GB), lora=False, seq_length=256, local_batch_size=2)
     assert sharded.optimizer == single.optimizer // 4 and sharded.activations == single.activations
+    cfg = TrainingConfig.model_validate({
+        "model": {"pretrained_model_name_or_path": str(tiny_model_dir), "torch_dtype": "bfloat16"},
+        "dataset": {"path_or_dataset_id": "x", "seq_length": 256},
+        "step_scheduler": {"global_batch_size": 8, "local_batch_size": 2}, "run": {"env": {"nprocs_per_node": 4}}})
+    engine = memory.estimate_memory(cfg, skeleton, torch.device("cuda"))  # 4 processes: auto shards full SFT
+    assert engine.strategy == "fsdp2" and engine.world_size == 4 and engine.gathered > 0
+    assert abs(sharded.total - engine.training) <= 1  # the plan's figure is the one training checks
 
 
 def test_real_smollm2_dir_is_read_locally(smollm2_dir, tmp_path):

@@ -71,8 +71,11 @@ def test_real_alpaca_file(tmp_path):
 
 
 @pytest.mark.parametrize(("fixture", "fmt", "rows_out", "changed"), [
-    ("messages_tools.jsonl", "messages", 4, {"trailing_turns_trimmed": 1}),
-    ("sharegpt_roles.json", "sharegpt", 3, {}),
+    # tool calls come out with ids paired to their results, object arguments and OpenAI-form tools
+    ("messages_tools.jsonl", "messages", 4, {"trailing_turns_trimmed": 1, "tool_arguments_decoded": 1,
+                                             "tool_call_ids_added": 1}),
+    ("sharegpt_roles.json", "sharegpt", 3, {"tool_arguments_decoded": 1, "tool_call_ids_added": 2,
+                                            "tools_normalised": 1}),
     ("alpaca_history.jsonl", "alpaca", 2, {}),
     ("prompt_completion.jsonl", "prompt_completion", 4, {}),
     ("hh.jsonl", "hh", 3, {"consecutive_user_merged": 1}),

@@ -22,6 +22,32 @@ def data(tokenizer):
     return helpers.prepared(helpers.chat_rows(tokenizer, 8))
 
 
+def test_under_fsdp2_each_process_is_estimated_for_its_shards_and_what_it_gathers(tiny_model_dir, tmp_path):
+    """The per-process estimate that `preview`, `error[oom]` and `chatft plan` share: full SFT on 2 processes
+    shards (auto), LoRA replicates; float32 master weights are gathered in bfloat16, so autocast makes no copies."""
+    cuda = torch.device("cuda")  # an estimate only: nothing touches CUDA
+    base = dict(step_scheduler__local_batch_size=2, model__torch_dtype="bfloat16")
+    one = helpers.training_config(tiny_model_dir, tmp_path, **base)
+    skeleton = memory.meta_model(one)
+    single = memory.estimate_memory(one, skeleton, cuda)
+    sharded = memory.estimate_memory(one, skeleton, cuda, world_size=2)
+    assert (single.strategy, single.world_size, single.gathered) == ("single", 1, 0)
+    assert sharded.strategy == "fsdp2" and sharded.world_size == 2
+    assert sharded.weights == single.weights // 2 and sharded.optimizer == single.optimizer // 2
+    assert single.compute_copies > 0 and sharded.compute_copies == 0
+    params = sum(p.numel() for p in skeleton.parameters())
+    root = 2 * skeleton.get_input_embeddings().weight.numel()  # embeddings and the untied head, whole all step
+    layer = (params - root) / skeleton.config.num_hidden_layers
+    assert sharded.gathered == int((root + 2 * layer) * 2 + layer * 4)  # bfloat16 gathers, a float32 gradient
+    assert sharded.activations == single.activations and sharded.training < single.training
+    assert "per process: fsdp2 over 2 processes" in sharded.lines()[0] and "gathered layers" in sharded.lines()[0]
+    lora = helpers.training_config(tiny_model_dir, tmp_path, lora=True, **base)
+    assert memory.estimate_memory(lora, skeleton, cuda, world_size=2).strategy == "ddp"
+    planned = helpers.training_config(tiny_model_dir, tmp_path, run__env__nprocs_per_node=2,
+                                      step_scheduler__global_batch_size=4, **base)
+    assert memory.estimate_memory(planned, skeleton, cuda).training == sharded.training  # the config's world
+
+
 def test_estimate_needs_no_weights_and_tells_lora_from_full(tiny_model_dir, tmp_path):
     full_cfg = helpers.training_config(tiny_model_dir, tmp_path, step_scheduler__local_batch_size=2)
     lora_cfg = helpers.training_config(tiny_model_dir, tmp_path, lora=True, step_scheduler__local_batch_size=2)

@@ -100,13 +100,24 @@ def chat_template_sha256(tokenizer: Any) -> str | None:
     return text_sha256(template if isinstance(template, str) else json.dumps(template, sort_keys=True))
 
 
-def end_of_turn_token_id(tokenizer: Any) -> int | None:
+def recorded_template_kwargs(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The `dataset.chat_template_kwargs` a run rendered its rows with (e.g. `{enable_thinking: false}`), from its
+    manifest's resolved config; empty when the manifest records none."""
+    dataset = (((manifest or {}).get("config") or {}).get("dataset") or {})
+    kwargs = dataset.get("chat_template_kwargs") if isinstance(dataset, dict) else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def end_of_turn_token_id(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> int | None:
     """The token the chat template puts right after an assistant message (`<|im_end|>`, `<|eot_id|>`):
-    generation must stop there. Falls back to the tokenizer's EOS."""
+    generation must stop there. `template_kwargs`: the variables the run's renders got
+    (`dataset.chat_template_kwargs`), since a template may end a turn differently under them. Falls back to the
+    tokenizer's EOS."""
     marker = "chatft0turn0marker"
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False,
+            **(template_kwargs or {}))
     except Exception:
         return tokenizer.eos_token_id
     after = text[text.rfind(marker) + len(marker):] if marker in text else ""
@@ -119,22 +130,24 @@ def end_of_turn_token_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id
 
 
-def generation_stop_ids(tokenizer: Any, model_eos: int | list[int] | None = None) -> list[int]:
+def generation_stop_ids(tokenizer: Any, model_eos: int | list[int] | None = None,
+                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """The ids generation stops at, one rule for the trained, merged and evaluated models alike: the model's own
-    EOS ids (its generation config's, first and kept), then the chat template's end-of-turn token, then the
-    tokenizer's EOS."""
+    EOS ids (its generation config's, first and kept), then the chat template's end-of-turn token (rendered with
+    the run's `template_kwargs`), then the tokenizer's EOS."""
     ids = [] if model_eos is None else ([model_eos] if isinstance(model_eos, int) else list(model_eos))
-    for token_id in (end_of_turn_token_id(tokenizer), tokenizer.eos_token_id):
+    for token_id in (end_of_turn_token_id(tokenizer, template_kwargs), tokenizer.eos_token_id):
         if token_id is not None and token_id not in ids:
             ids.append(token_id)
     return ids
 
 
-def stop_at_end_of_turn(model: Any, tokenizer: Any, pad_id: int | None = None) -> None:
+def stop_at_end_of_turn(model: Any, tokenizer: Any, pad_id: int | None = None,
+                        template_kwargs: dict[str, Any] | None = None) -> None:
     """Write `generation_stop_ids` into the model's generation config (and a pad id where it has none), so a
     saved model stops at the end of its turn under plain `generate()`."""
     generation = model.generation_config
-    ids = generation_stop_ids(tokenizer, generation.eos_token_id)
+    ids = generation_stop_ids(tokenizer, generation.eos_token_id, template_kwargs)
     generation.eos_token_id = ids[0] if len(ids) == 1 else ids
     if generation.pad_token_id is None and pad_id is not None:
         generation.pad_token_id = pad_id

@@ -27,7 +27,8 @@ alone), since the merged model cannot keep the 4-bit rounding the adapter was tr
 Tokens: the tokenizer is the base's own, eos and pad untouched; config.json keeps the base's eos/pad ids, and
 generation_config.json keeps the base's eos ids followed by the chat template's end-of-turn token and the
 tokenizer's EOS where missing (`artifacts.generation_stop_ids`, the rule training and eval use), so servers stop
-at the end of a turn. The chat template is the
+at the end of a turn. The probe rows and the end-of-turn probe render the template with the
+`dataset.chat_template_kwargs` the adapter's manifest records (e.g. `{enable_thinking: false}`), as training did. The chat template is the
 base's, unless the adapter's manifest shows training used another one: then that one, with a warning.
 """
 
@@ -284,15 +285,17 @@ def check_adapter_fits(model, adapter_dir: Path, strict: bool) -> list[str]:
     return []
 
 
-def probe_rows(tokenizer) -> list[list[int]]:
-    """A few short rows to compare logits on: chat conversations when the tokenizer has a template."""
+def probe_rows(tokenizer, template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
+    """A few short rows to compare logits on: chat conversations when the tokenizer has a template, rendered
+    with the variables training rendered its rows with (`template_kwargs`)."""
     rows = []
     for messages in PROBE_CONVERSATIONS:
         text = "\n".join(m["content"] for m in messages)
         if getattr(tokenizer, "chat_template", None):
             try:
                 text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                     add_generation_prompt=messages[-1]["role"] == "user")
+                                                     add_generation_prompt=messages[-1]["role"] == "user",
+                                                     **(template_kwargs or {}))
             except Exception:  # a template that refuses these roles (no system turn, say): plain text will do
                 pass
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:PROBE_MAX_TOKENS]
@@ -414,7 +417,8 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base_model, plan.adapter_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage)
     model.eval()
-    rows = probe_rows(tokenizer)
+    template_kwargs = artifacts.recorded_template_kwargs(plan.adapter_manifest)  # e.g. {enable_thinking: false}
+    rows = probe_rows(tokenizer, template_kwargs)
     reference = _logits(model, rows)
     with model.disable_adapter():
         base_logits = _logits(model, rows)
@@ -422,7 +426,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     as_trained = _as_trained_logits(plan, rows, cfg.trust_remote_code)  # QLoRA: never merged into 4-bit weights
     merged = model.merge_and_unload(safe_merge=True, progressbar=False)
     merged.to(_torch_dtype(dtype))
-    artifacts.stop_at_end_of_turn(merged, tokenizer)
+    artifacts.stop_at_end_of_turn(merged, tokenizer, template_kwargs=template_kwargs)
 
     tmp = plan.output.with_name(f".{plan.output.name}{TMP_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,10 +1,11 @@
 """Source rows → checked OpenAI-style conversations.
 
 In: one decoded source row (a dict) and the shape it is in: `messages`, `sharegpt`, `alpaca`,
-`prompt_completion` or `hh` (`detect_format` names it from the first rows when the config says `auto`).
+`prompt_completion`, `hh`, or the tool-calling sets' own `xlam` and `glaive` (tool_formats.py) (`detect_format`
+names it from the first rows when the config says `auto`).
 Out: a `Conversation` (messages, the row's tools if any, and the changes made on the way), or
-`RowDropped(reason, detail)` when the row cannot become a training conversation. `DROP_REASONS` lists every
-reason; data prep counts each dropped row under exactly one of them.
+`RowDropped(reason, detail)` when the row cannot become a training conversation. `DROP_REASONS` (drops.py) lists
+every reason; data prep counts each dropped row under exactly one of them.
 
 Every format first becomes a list of messages, each `{"role", "content": str}` plus `tool_calls` and `reasoning_content`
 (assistant; also read from `reasoning`/`thinking`, and in data prep from a `<think>` block opening the content) or
@@ -16,46 +17,25 @@ Every format first becomes a list of messages, each `{"role", "content": str}` p
     an assistant tool call (or another tool result), and a tool call must be followed by its results;
   - two user turns in a row are joined with a blank line (`consecutive_user: merge`) or drop the row (`drop`).
 Tool-call `arguments` are kept as given (a JSON string or an object); a string must decode to a JSON object.
+Data prep (`map_tools`) also maps the tool-call shapes of public datasets into OpenAI's, with paired ids and object
+arguments (tool_calls.py); training reads a `messages` file as it is.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from chatft.data import tool_calls
+from chatft.data.drops import CHANGES, DROP_REASONS, RowDropped
+from chatft.data.drops import short as _short
+from chatft.data.tool_calls import function_call_turn, json_or_none, parse_calls, parse_tools
+from chatft.data.tool_formats import from_glaive, from_xlam, is_glaive, is_xlam
 from chatft.errors import ChatftError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh")
-
-DROP_REASONS: dict[str, str] = {
-    "invalid_json": "the JSONL line is not valid JSON",
-    "not_utf8": "the JSONL line is not UTF-8 text (the file is in another encoding, e.g. latin-1)",
-    "not_an_object": "the row (or one of its messages/turns) is not a JSON object",
-    "missing_fields": "the row lacks the format's fields (or one has the wrong type)",
-    "missing_role": "a message has no role",
-    "unknown_role": "a role the format does not define",
-    "non_string_content": "content that is not text: a number, a list of non-parts, a dict",
-    "non_text_content": "a content part that is not text (image, audio, ...)",
-    "empty_content": "an empty or whitespace-only message (assistant tool calls may have empty content)",
-    "malformed_tool_call": "a tool call without a name or with non-JSON arguments, or a tool result without a call",
-    "malformed_tools": "the row's tools are not a list of objects (or a JSON string of one)",
-    "malformed_history": "alpaca history is not a list of [user, assistant] pairs",
-    "unparsable_text": "hh text that is not \\n\\nHuman: ... \\n\\nAssistant: ... turns",
-    "no_assistant": "no assistant message to learn from",
-    "roles_out_of_order": "system not first, user/assistant not alternating, or a tool call left unanswered",
-    "consecutive_user": "two user turns in a row with consecutive_user=drop",
-}
-
-# Rows that are kept but changed; counted in prep_report.json like drops.
-CHANGES: dict[str, str] = {
-    "trailing_turns_trimmed": "turns after the last assistant message were cut",
-    "consecutive_user_merged": "consecutive user turns were joined with a blank line",
-    "reasoning_from_field": "an assistant's `reasoning` or `thinking` field became its reasoning_content",
-    "reasoning_from_think_tags": "a <think>...</think> block opening an assistant's content became its "
-                                 "reasoning_content (data prep only)",
-}
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh", "xlam", "glaive")
+__all__ = ["CHANGES", "DROP_REASONS", "FORMATS", "Conversation", "RowDropped", "convert_row", "detect_format"]
 
 # Where assistant reasoning arrives besides `reasoning_content`: other exports' field names, and inline in the
 # content as reasoning models write it (`<think>...</think>` first, then the answer).
@@ -83,16 +63,6 @@ HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_MARKER = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
 
 
-class RowDropped(Exception):
-    """A row that cannot be used: `reason` is a key of DROP_REASONS, `detail` says where and why."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in DROP_REASONS, reason
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass
 class Conversation:
     messages: list[dict[str, Any]]
@@ -107,15 +77,28 @@ class Conversation:
         return row
 
 
-def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen",
-                consecutive_user: str = "merge", inline_think: bool = False) -> Conversation:
+def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen", consecutive_user: str = "merge",
+                inline_think: bool = False, map_tools: bool = False) -> Conversation:
     """One source row in format `fmt` → a checked Conversation, or RowDropped. `inline_think` (data prep) also
     moves a `<think>` block that opens an assistant's content into its reasoning_content; training leaves the
-    content as it is, for the model's own template to read."""
+    content as it is, for the model's own template to read. `map_tools` (data prep) maps the tool-call shapes
+    of public datasets into OpenAI's (tool_calls.py: legacy function calls, <tool_call>/<tool_response>/<tools>
+    text, ids pairing each result with its call, object arguments, tools in the OpenAI form)."""
+    changes: list[str] = []
+    if map_tools:
+        row, changes = tool_calls.legacy_functions(row)
     messages, tools = BUILDERS[fmt](row, text_field)
     messages, reasoning_changes = take_reasoning(messages, inline_think)
-    messages, changes = check_conversation(messages, consecutive_user)
-    return Conversation(messages, tools, reasoning_changes + changes)
+    changes += reasoning_changes
+    if map_tools:  # before the guards: a <tool_call> turn followed by its results is only in order once parsed
+        messages, tools, tag_changes = tool_calls.from_tags(messages, tools)
+        changes += tag_changes
+    messages, guard_changes = check_conversation(messages, consecutive_user)
+    changes += guard_changes
+    if map_tools:
+        messages, tools, finish_changes = tool_calls.finish(messages, tools)
+        changes += finish_changes
+    return Conversation(messages, tools, changes)
 
 
 def take_reasoning(messages: list[dict[str, Any]], inline_think: bool) -> tuple[list[dict[str, Any]], list[str]]:
@@ -168,6 +151,10 @@ def formats_of(row: dict[str, Any], text_field: str) -> set[str]:
     text = row.get(text_field)
     if isinstance(text, str) and "Human:" in text and "Assistant:" in text:
         found.add("hh")
+    if is_xlam(row):
+        found.add("xlam")
+    if is_glaive(row):
+        found.add("glaive")
     return found
 
 
@@ -194,7 +181,8 @@ def detect_format(rows: list[dict[str, Any]], text_field: str, input: str,
         raise ChatftError(
             "messages_missing",
             f"cannot tell the format of {input}: its first {len(rows)} rows have keys {shown}, and none of "
-            f"messages, conversations, instruction+output, prompt+completion or hh text in `{text_field}`",
+            f"messages, conversations, instruction+output, prompt+completion, hh text in `{text_field}`, "
+            "xLAM query+answers+tools or glaive system+chat",
             f"name it with {choices}; for hh text in another field add text_field=FIELD; "
             'or reshape rows to {"messages": [{"role": ..., "content": ...}]}',
         )
@@ -222,7 +210,7 @@ def _misshapen_list(rows: list[dict[str, Any]], numbers: list[int], input: str) 
                 continue
             what = f"a {type(value).__name__}: {_short(value)}"
             hint = f'write each row as {{"{key}": [{example}, ...]}}'
-            if isinstance(value, str) and isinstance(_json_or_none(value), list):
+            if isinstance(value, str) and isinstance(json_or_none(value), list):
                 what = f"JSON text holding the list (it was serialised twice): {_short(value)}"
                 hint = f"decode it into the list itself, e.g. jq -c '.{key} |= fromjson' {input} > fixed.jsonl"
             return ChatftError("messages_missing",
@@ -231,19 +219,7 @@ def _misshapen_list(rows: list[dict[str, Any]], numbers: list[int], input: str) 
     return None
 
 
-def _json_or_none(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
 # --------------------------------------------------------------------------- pieces shared by the formats
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _required(row: dict[str, Any], key: str, kind: type | None = None) -> Any:
@@ -304,73 +280,12 @@ def _role(value: Any, where: str, table: dict[str, str]) -> str:
     return mapped
 
 
-def _arguments(value: Any, where: str) -> Any:
-    """Kept as given: an object, or a string that decodes to one."""
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, str):
-        try:
-            decoded = json.loads(value)
-        except ValueError:
-            raise RowDropped("malformed_tool_call", f"{where} arguments are not valid JSON: {_short(value)}") from None
-        if isinstance(decoded, dict):
-            return value
-    if value is None:
-        raise RowDropped("malformed_tool_call", f"{where} has no arguments")
-    raise RowDropped("malformed_tool_call", f"{where} arguments are not a JSON object: {_short(value)}")
-
-
-def _tool_call(call: Any, where: str) -> dict[str, Any]:
-    """An OpenAI tool call `{id?, type: function, function: {name, arguments}}`; the flat `{name, arguments}`
-    form (ShareGPT function_call values, some exports) is accepted and written in the OpenAI form."""
-    if not isinstance(call, dict):
-        raise RowDropped("malformed_tool_call", f"{where} is not an object: {_short(call)}")
-    function = call.get("function")
-    if function is None and "name" in call:
-        function = call
-    if not isinstance(function, dict):
-        raise RowDropped("malformed_tool_call", f"{where} has no function: {_short(call)}")
-    if call.get("type") not in (None, "function"):
-        raise RowDropped("malformed_tool_call", f"{where} has type {call['type']!r}, not 'function'")
-    name = function.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise RowDropped("malformed_tool_call", f"{where} has no function name: {_short(call)}")
-    normalised: dict[str, Any] = {}
-    if isinstance(call.get("id"), str):
-        normalised["id"] = call["id"]
-    normalised["type"] = "function"
-    normalised["function"] = {"name": name, "arguments": _arguments(function.get("arguments"), where)}
-    return normalised
-
-
-def _tool_calls(value: Any, where: str) -> list[dict[str, Any]] | None:
-    if value is None or value == []:
-        return None
-    if not isinstance(value, list):
-        raise RowDropped("malformed_tool_call", f"{where} tool_calls is a {type(value).__name__}, not a list")
-    return [_tool_call(call, f"{where} tool call {n}") for n, call in enumerate(value, start=1)]
-
-
-def _tools(value: Any) -> list[dict[str, Any]] | None:
-    """The row's tool definitions: a list of objects, or a JSON string holding one (→ the list)."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RowDropped("malformed_tools", f"tools is a string that is not JSON: {_short(value)}") from None
-    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
-        raise RowDropped("malformed_tools", f"tools is not a list of objects: {_short(value)}")
-    return value or None
-
-
 def _openai_message(raw: Any, where: str) -> dict[str, Any]:
     """An OpenAI-style message (messages rows, prompt/completion lists)."""
     if not isinstance(raw, dict):
         raise RowDropped("not_an_object", f"{where} is a {type(raw).__name__}, not an object: {_short(raw)}")
     role = _role(raw.get("role"), where, MESSAGE_ROLES)
-    calls = _tool_calls(raw.get("tool_calls"), where)
+    calls = parse_calls(raw.get("tool_calls"), where)
     if calls and role != "assistant":
         raise RowDropped("malformed_tool_call", f"{where} ({role}) carries tool_calls; only assistant messages may")
     message = _message(role, raw.get("content"), where, calls)
@@ -396,7 +311,7 @@ def from_messages(row: dict[str, Any], text_field: str) -> Built:
     """`{"messages": [...], "tools"?: [...] | "<json>"}`."""
     messages = _required(row, "messages", list)
     built = [_openai_message(raw, f"message {n}") for n, raw in enumerate(messages, start=1)]
-    return built, _tools(row.get("tools"))
+    return built, parse_tools(row.get("tools"))
 
 
 def from_sharegpt(row: dict[str, Any], text_field: str) -> Built:
@@ -416,27 +331,15 @@ def from_sharegpt(row: dict[str, Any], text_field: str) -> Built:
         role = _role(source_role, where, SHAREGPT_ROLES)
         value = _either(turn, "value", "content")
         if source_role.strip().lower() == "function_call":
-            messages.append({"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(value, where)})
+            messages.append({"role": "assistant", "content": "", "tool_calls": function_call_turn(value, where)})
         else:
             messages.append(_message(role, value, where))
-    return messages, _tools(row.get("tools"))
+    return messages, parse_tools(row.get("tools"))
 
 
 def _either(turn: dict[str, Any], key: str, fallback: str) -> Any:
     # A null is absent: Arrow-backed datasets fill the keys a row lacks with None.
     return turn[key] if turn.get(key) is not None else turn.get(fallback)
-
-
-def _sharegpt_calls(value: Any, where: str) -> list[dict[str, Any]]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RowDropped("malformed_tool_call", f"{where} function_call is not JSON: {_short(value)}") from None
-    calls = value if isinstance(value, list) else [value]
-    if not calls:
-        raise RowDropped("malformed_tool_call", f"{where} function_call holds no call")
-    return [_tool_call(call, f"{where} call {n}") for n, call in enumerate(calls, start=1)]
 
 
 def from_alpaca(row: dict[str, Any], text_field: str) -> Built:
@@ -473,7 +376,7 @@ def from_prompt_completion(row: dict[str, Any], text_field: str) -> Built:
     prompt = _required(row, "prompt")
     completion = _required(row, "completion")
     messages = _side(prompt, "user", "prompt") + _side(completion, "assistant", "completion")
-    return messages, _tools(row.get("tools"))
+    return messages, parse_tools(row.get("tools"))
 
 
 def _side(value: Any, role: str, label: str) -> list[dict[str, Any]]:
@@ -506,6 +409,8 @@ BUILDERS: dict[str, Callable[[dict[str, Any], str], Built]] = {
     "alpaca": from_alpaca,
     "prompt_completion": from_prompt_completion,
     "hh": from_hh,
+    "xlam": from_xlam,
+    "glaive": from_glaive,
 }
 
 

@@ -356,7 +356,7 @@ def prepare_training_data(
         f"{report.rows_used} used, masks by {choice.method}")
     if expansion["per_turn_conversations"]:
         log(f"{key}: {expansion_summary(report)}")
-    _warn_about(report, rows, tokenizer, key, log)
+    _warn_about(report, rows, tokenizer, key, log, dict(section.chat_template_kwargs or {}))
     _warn_about_source(source, section.path_or_dataset_id, key, log)
     data = PreparedData(rows, report)
     if use_cache and source.sha256 is not None:
@@ -378,7 +378,7 @@ def _warn_about_source(source: Any, path: str, key: str, log: Callable[[str], No
 
 
 def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, key: str,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None], template_kwargs: dict[str, Any]) -> None:
     for reason, count in report.dropped_by_reason.items():
         first = ", ".join(map(str, report.examples_by_reason.get(reason, [])))
         log(f"{key}: dropped {count} rows: {reason} (first rows: {first})")
@@ -389,7 +389,7 @@ def _warn_about(report: DataReport, rows: list[TokenizedRow], tokenizer: Any, ke
         log(f"WARNING {key}: the chat template leaves out {counts}; training refuses such rows "
             "(error[template_drops_field])")
     # The template's own end-of-turn token (Llama 3's <|eot_id|> is not its EOS), or the EOS.
-    end_ids = {artifacts.end_of_turn_token_id(tokenizer), tokenizer.eos_token_id} - {None}
+    end_ids = {artifacts.end_of_turn_token_id(tokenizer, template_kwargs), tokenizer.eos_token_id} - {None}
     ends_trained = sum(1 for row in rows if any(row.input_ids[i] in end_ids for i, m in enumerate(row.loss_mask) if m))
     if end_ids and ends_trained == 0:
         names = ", ".join(tokenizer.convert_ids_to_tokens(sorted(end_ids)))

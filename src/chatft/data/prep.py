@@ -247,7 +247,7 @@ def _convert(source_row: SourceRow, fmt: str, config: DataPrepConfig) -> Convers
     if not isinstance(source_row.value, dict):
         raise RowDropped("not_an_object", f"the row is a {type(source_row.value).__name__}, not an object")
     return convert_row(source_row.value, fmt, text_field=config.text_field, consecutive_user=config.consecutive_user,
-                       inline_think=True)
+                       inline_think=True, map_tools=True)
 
 
 def _snippet(source_row: SourceRow) -> str:

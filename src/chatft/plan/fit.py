@@ -7,10 +7,10 @@ The numbers come from the training engine's own formula, `chatft.train.memory.es
 model's `meta` skeleton with `torch.device("cuda")` and `torch_dtype: bfloat16` (neither touches CUDA, so this
 works on a machine without a GPU). What the planner adds is the layout. On several GPUs, either mode runs
 replicated data parallel (`ddp`: every process holds the whole model, gradients and optimizer states, so each
-GPU needs what one process needs; this is how `chatft run --nproc-per-node N` trains) or, estimated for the plan
-but not yet planned (training's memory check counts no sharding), FSDP2, which shards weights, gradients and
-optimizer states over the data-parallel ranks and also holds two decoder layers whole while it gathers them
-(`fsdp2_gathered_bytes`). The allocator slack of `check_fits` (x1.10) is added. With `--gpus 0` the plan is for CPU training in float32.
+GPU needs what one process needs) or FSDP2, which shards weights, gradients and optimizer states over the
+processes and holds the root unit and two decoder layers whole while it computes: both are training's own
+per-process estimate (`estimate_memory(..., world_size=...)`), the one `error[oom]` checks before a run. The
+allocator slack of `check_fits` (x1.10) is added. With `--gpus 0` the plan is for CPU training in float32.
 
 The ladder follows the `oom` hint's order: full SFT -> LoRA, then a smaller `local_batch_size` (grad
 accumulation keeps the global batch), then activation checkpointing; LoRA on a 4-bit NF4 base (QLoRA) is walked
@@ -122,11 +122,13 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
                   "quantization": quantization if lora else None},
         "dataset": {"path_or_dataset_id": "planned", "seq_length": seq_length},
         "step_scheduler": {"global_batch_size": local_batch_size, "local_batch_size": local_batch_size},
-        "distributed": {"activation_checkpointing": activation_checkpointing},
+        "distributed": {"activation_checkpointing": activation_checkpointing,
+                        "strategy": None if strategy == "single" else strategy},
         "peft": "lora" if lora else None,  # the default LoRA block: what both training steps use
     })
     skeleton, scale = model.skeleton()
-    raw: Any = estimate_memory(cfg, skeleton, torch.device(layout.device))
+    # Training's own estimate for one process of this layout (under FSDP2: its shards and gathered layers).
+    raw: Any = estimate_memory(cfg, skeleton, torch.device(layout.device), world_size=layout.world)
     if lora:  # gradients == the float32 adapters; the rest of `weights` is the frozen base
         weights = (raw.weights - raw.gradients) * scale + raw.gradients
         gradients, optimizer = raw.gradients, raw.optimizer
@@ -136,28 +138,17 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     # `ddp` needs exactly what one process needs: chatft adds the gradients across processes after the last
     # micro-batch's backward, through a flat buffer of at most `BUCKET_BYTES` plus one gradient, at a moment
     # when the activations counted here are already freed.
-    shards = layout.world if strategy == "fsdp2" else 1
-    if strategy != "fsdp2":  # FSDP2 casts a layer as it gathers it (`gathered`); alone, autocast keeps every copy
-        weights += raw.compute_copies * scale
     return GpuEstimate(lora, strategy, seq_length, local_batch_size, activation_checkpointing,
-                       int(weights / shards), int(gradients / shards), int(optimizer / shards),
+                       int(weights + raw.compute_copies * scale), int(gradients), int(optimizer),
                        raw.activations, raw.logits, layout.slack, layout.memory,
-                       gathered=fsdp2_gathered_bytes(model, layout) if strategy == "fsdp2" else 0,
-                       quantization=quantization if lora else None)
-
-
-def fsdp2_gathered_bytes(model: ModelFacts, layout: Layout) -> int:
-    """FSDP2 all-gathers each decoder layer whole for its forward and backward, and prefetches the next one:
-    two layers' weights in the compute dtype beyond the shards (embeddings and head counted out, untied)."""
-    layer_params = max(0, model.params - 2 * model.vocab * model.hidden) / max(1, model.layers)
-    return int(2 * layer_params * (2 if layout.dtype == "bfloat16" else 4))
+                       gathered=int(raw.gathered * scale), quantization=quantization if lora else None)
 
 
 def ladder(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, local_batch_size: int,
            batch_fixed: bool, quantization: str | None = None) -> GpuEstimate | None:
     """The first rung that fits: lower local_batch_size (unless the user fixed it), then activation
-    checkpointing. On several GPUs, every rung replicated (DDP) before any sharded (FSDP2): DDP trains in this
-    release and needs no gathers, so a smaller batch or recomputation is the better price than sharding."""
+    checkpointing. On several GPUs, every rung replicated (DDP) before any sharded (FSDP2): DDP needs no gathers,
+    so a smaller batch or recomputation is the better price than sharding."""
     sizes = [local_batch_size]
     while not batch_fixed and sizes[-1] > 1:
         sizes.append(sizes[-1] // 2)

@@ -6,15 +6,11 @@ command that runs it; the report, as terminal text or as `plan.md` (with the cha
 Every written config is compiled before the plan calls it ready: one that does not compile is a planner bug.
 Paths in the configs are absolute (inputs) or under the plan dir (outputs), so the commands run from anywhere.
 
-On several GPUs `chatft run --nproc-per-node G` trains replicated (DDP) or FSDP2-sharded, but its memory check before
-training still estimates a whole model per process, so a mode that fits only sharded would be refused there.
-So when the chosen mode fits replicated on each GPU (`plan.fit.strategy == "ddp"`, which the ladder prefers),
-the training config is sized for the plan's data-parallel size and its command starts the processes:
-`--nproc-per-node G`, and on each of K machines also `--nnodes K --node-rank R --rdzv-endpoint HOST:PORT`
-(placeholders that plan.md explains). When the mode fits only FSDP2-sharded, the training config keeps the
-layout for when sharding comes and plan.md lists only the commands that run today: a plan never writes a
-command `chatft run` refuses, nor one that would not fit (several processes of an fsdp2 config run
-replicated).
+On several GPUs `chatft run --nproc-per-node G` trains replicated (DDP, which the ladder prefers) or FSDP2-sharded
+(`plan.fit.strategy`), and its memory check before training is the same per-process estimate the plan sized the
+run by. The training config is sized for the plan's data-parallel size, names its strategy, and its command
+starts the processes: `--nproc-per-node G`, and on each of K machines also `--nnodes K --node-rank R
+--rdzv-endpoint HOST:PORT` (placeholders that plan.md explains).
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ import yaml
 from chatft.plan import Plan
 from chatft.plan.chain import PlannedStep
 from chatft.plan.fit import GB, GpuEstimate, Layout, estimate
+from chatft.train.distributed import strategy_for
 from chatft.steps.registry import all_steps
 
 DEFAULT_GLOBAL_BATCH = 32
@@ -79,21 +76,6 @@ def replicated_floor(plan: Plan) -> GpuEstimate:
                     strategy="ddp" if facts.layout.world > 1 else None, quantization=plan.decision.quantization)
 
 
-def trains_today(plan: Plan) -> bool:
-    """Whether the training step passes `chatft run`'s memory check today: on one process, or replicated on
-    several. A mode that fits only FSDP2-sharded fits on no single GPU either (replicated, each GPU needs what one
-    process needs, and the ladder tried every rung replicated first), so nothing of that mode trains today."""
-    return plan.fit is not None and plan.fit.strategy != "fsdp2"
-
-
-def runs_today(plan: Plan, step: PlannedStep) -> bool:
-    """Steps before training always run; training and the steps after it need training to run today."""
-    if trains_today(plan):
-        return True
-    roles = [s.role for s in plan.chain.steps]
-    return "train" in roles and roles.index(step.role) < roles.index("train")
-
-
 def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
     """Dotted key -> value: what this step needs, before dropping what its default.yaml already says."""
     facts, decision, paths = plan.facts, plan.decision, _paths(plan)
@@ -130,8 +112,8 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
         "distributed.activation_checkpointing": fit.activation_checkpointing,
         "checkpoint.checkpoint_dir": paths["train_dir"],
     }
-    if fit.strategy == "fsdp2":  # kept for when sharding comes (a config without it runs replicated)
-        settings["distributed.strategy"] = "fsdp2"
+    if fit.strategy != strategy_for(None, layout.world, fit.lora):  # `auto` would shard (or replicate) otherwise
+        settings["distributed.strategy"] = fit.strategy
     if layout.nodes > 1:
         settings["run.env.nodes"] = layout.nodes
     if layout.gpus > 1:
@@ -182,20 +164,13 @@ def config_text(plan: Plan, step: PlannedStep) -> str:
     body = differing(step.id, step_settings(plan, step))
     header = f"# {step.id}, written by `chatft plan`: the shipped default.yaml plus only the keys that differ.\n"
     layout = plan.facts.layout
-    if runs_today(plan, step):
-        if step.role == "train" and layout.nodes > 1:
-            header += (f"# Run on each of the {layout.nodes} machines at once, with R its node rank "
-                       f"(0..{layout.nodes - 1}) and HOST:PORT a free port\n# on the machine with node rank 0 "
-                       "(see plan.md):\n"
-                       f"#   {command(plan, step, Path('THIS_FILE.yaml'))}\n")
-        else:
-            header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
-    elif step.role == "train":
-        header += (f"# Fits the {layout.world} GPUs of the plan only FSDP2-sharded, and FSDP2 sharding is not "
-                   "planned yet\n# (chatft run's memory check counts no sharding and would refuse it); see plan.md.\n")
+    if step.role == "train" and layout.nodes > 1:
+        header += (f"# Run on each of the {layout.nodes} machines at once, with R its node rank "
+                   f"(0..{layout.nodes - 1}) and HOST:PORT a free port\n# on the machine with node rank 0 "
+                   "(see plan.md):\n"
+                   f"#   {command(plan, step, Path('THIS_FILE.yaml'))}\n")
     else:
-        header += ("# Runs after the training step, which needs FSDP2 sharding (not planned yet); "
-                   "see plan.md.\n")
+        header += f"# Run: {command(plan, step, Path('THIS_FILE.yaml'))}\n"
     document = {"defaults": str(default_path), **body}
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
@@ -261,7 +236,7 @@ def layout_words(plan: Plan, fit: GpuEstimate) -> str:
     if world == 1:
         return ""
     if fit.strategy == "fsdp2":
-        return f", FSDP2-sharded over {world} GPUs (not planned yet)"
+        return f", FSDP2-sharded over {world} GPUs"
     return f", on {world} processes (DDP, replicated)"
 
 
@@ -298,8 +273,7 @@ def memory_lines(plan: Plan) -> list[str]:
         for strategy in strategies:
             result = estimate(facts.model, layout, lora=lora, seq_length=facts.seq_length, local_batch_size=local,
                               activation_checkpointing=checkpointing, strategy=strategy)
-            lines.append(f"  {result.line()}" + ("; FSDP2 sharding is not planned yet" if strategy == "fsdp2"
-                                                  else ""))
+            lines.append(f"  {result.line()}")
             if result.fits:  # replicated fits: sharding is not needed
                 break
     if fit is not None and fit.quantization:
@@ -308,12 +282,9 @@ def memory_lines(plan: Plan) -> list[str]:
         lines.append(f"  replicated, no rung of the ladder fits; the smallest: {replicated_floor(plan).line()}")
     if fit is not None and fit.lora and facts.full_fit is not None:
         full = facts.full_fit
-        if full.strategy == "fsdp2":
-            lines.append(f"  full SFT fits only FSDP2-sharded, at {full.settings()} ({full.total / GB:,.1f} GB per "
-                         "GPU): not planned yet")
-        else:
-            lines.append(f"  full SFT also fits at {full.settings()} ({full.total / GB:,.1f} GB per GPU): the next "
-                         "step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
+        sharded = ", FSDP2-sharded" if full.strategy == "fsdp2" else ""
+        lines.append(f"  full SFT also fits at {full.settings()}{sharded} ({full.total / GB:,.1f} GB per GPU): the "
+                     "next step once the adapter plateaus, with peft=null optimizer.lr=1e-5")
     if plan.memory_assumed:
         lines.append(f"  assumed: {plan.memory_assumed}")
     lines.append("  (the training engine's own estimate, chatft.train.memory; `chatft preview -c CONFIG` measures "
@@ -370,51 +341,39 @@ def render(plan: Plan, written: list[tuple[PlannedStep, Path]] | None, markdown:
         lines.append(f"{head}commands, in order" if markdown else "commands, in order:")
         if markdown:
             lines.append("```sh")
-        lines += [("" if markdown else "  ") + command(plan, step, path) for step, path in written
-                  if runs_today(plan, step)]
+        lines += [("" if markdown else "  ") + command(plan, step, path) for step, path in written]
         if markdown:
             lines.append("```")
-        lines += [f"{bullet}{line}" for line in layout_notes(plan, written, code)]
+        lines += [f"{bullet}{line}" for line in layout_notes(plan, code)]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def layout_notes(plan: Plan, written: list[tuple[PlannedStep, Path]], code: str) -> list[str]:
-    """How the training command uses a layout of several GPUs or machines, or why it is not written."""
+def layout_notes(plan: Plan, code: str) -> list[str]:
+    """How the training command uses a layout of several GPUs or machines."""
     facts, fit = plan.facts, plan.fit
     layout = facts.layout
     if layout.world == 1 or fit is None:
         return []
-    if trains_today(plan):
-        world, local = layout.world, fit.local_batch_size
-        total = global_batch(local, world)
-        notes = [f"training runs as {world} processes, one per {'GPU' if layout.gpus else 'machine'} (DDP: each holds "
-                 f"the whole model, gradients and optimizer states, {fit.total / GB:,.1f} GB per GPU; gradients are "
-                 f"summed across them): global_batch_size {total} = local_batch_size {local} x {world} processes x "
-                 f"{total // (local * world)} accumulation step(s); the other steps use one process"]
-        if layout.nodes > 1:
-            notes.append(
-                f"on {layout.nodes} machines: run the training command on each of them at the same time, with "
-                f"{code}{NODE_RANK}{code} replaced by that machine's node rank (0 to {layout.nodes - 1}) and "
-                f"{code}{RDZV_ENDPOINT}{code} by a free port on the machine with node rank 0 that the others reach "
-                f"(e.g. node0:29500). Every machine must see {plan.out} (and the data and model) at the same path, "
-                "e.g. on a shared file system: the configs' paths are absolute. The other steps run on one machine, "
-                "those before training first. On a Slurm cluster, instead: "
-                f"{code}chatft run STEP -c CONFIG --launcher slurm --nodes {layout.nodes} --gpus-per-node "
-                f"{procs_per_node(layout)}{code} writes and submits an sbatch script that does this")
-        return notes
-    waiting = ", ".join(f"{code}{path.name}{code}" for step, path in written if not runs_today(plan, step))
-    mode = "LoRA" if plan.decision.lora else "full SFT"
-    notes = [f"not runnable yet: {waiting}, because {mode} fits the {_where(layout)} only FSDP2-sharded, "
-             "and FSDP2 sharding is not planned yet (`chatft run` can shard, but its memory check before training "
-             "counts a whole model per process, and replicated it needs at least "
-             f"{replicated_floor(plan).total / GB:,.1f} GB per GPU)"]
-    lora = facts.lora_fit
-    if not plan.decision.lora and lora is not None and lora.strategy == "ddp":
-        # LoRA fits replicated, so on one GPU too: both of these plans run every command today.
-        notes.append(f"LoRA fits replicated ({lora.total / GB:,.1f} GB per GPU at {lora.settings()}): for an adapter "
-                     f"trained on all {layout.world} GPUs today, {code}{plan_command(plan, want='adapter')}{code}; for "
-                     f"a run on one GPU, {code}{plan_command(plan, gpus=min(layout.gpus, 1), nodes=1)}{code}")
-    else:
-        notes.append("until FSDP2 sharding comes, a smaller model, a shorter --seq-length or GPUs with more memory "
-                     "train replicated")
+    world, local = layout.world, fit.local_batch_size
+    total = global_batch(local, world)
+    how = ("FSDP2: each holds its shard of the weights, gradients and optimizer states and gathers a few layers "
+           "whole at a time" if fit.strategy == "fsdp2" else
+           "DDP: each holds the whole model, gradients and optimizer states")
+    notes = [f"training runs as {world} processes, one per {'GPU' if layout.gpus else 'machine'} ({how}, "
+             f"{fit.total / GB:,.1f} GB per GPU; gradients are summed across them): global_batch_size {total} = "
+             f"local_batch_size {local} x {world} processes x {total // (local * world)} accumulation step(s); the "
+             "other steps use one process"]
+    if fit.strategy == "fsdp2":
+        notes.append("checkpoints are written shard by shard (Distributed Checkpoint) into the run's checkpoints/ "
+                     "dir; final/ is gathered into one standard checkpoint")
+    if layout.nodes > 1:
+        notes.append(
+            f"on {layout.nodes} machines: run the training command on each of them at the same time, with "
+            f"{code}{NODE_RANK}{code} replaced by that machine's node rank (0 to {layout.nodes - 1}) and "
+            f"{code}{RDZV_ENDPOINT}{code} by a free port on the machine with node rank 0 that the others reach "
+            f"(e.g. node0:29500). Every machine must see {plan.out} (and the data and model) at the same path, "
+            "e.g. on a shared file system: the configs' paths are absolute. The other steps run on one machine, "
+            "those before training first. On a Slurm cluster, instead: "
+            f"{code}chatft run STEP -c CONFIG --launcher slurm --nodes {layout.nodes} --gpus-per-node "
+            f"{procs_per_node(layout)}{code} writes and submits an sbatch script that does this")
     return notes

@@ -31,7 +31,8 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer: Any, manifest: dict[s
     shutil.rmtree(tmp, ignore_errors=True)
     if not lora:
         model.config.use_cache = True  # off while training; on for whoever loads the artifact
-        artifacts.stop_at_end_of_turn(model, tokenizer, pad_id)
+        artifacts.stop_at_end_of_turn(model, tokenizer, pad_id,
+                                      template_kwargs=artifacts.recorded_template_kwargs(manifest))
         if state_dict is not None:  # master weights: written in the dtype asked for
             state_dict = {name: tensor.to(saved_dtype) if tensor.is_floating_point() else tensor
                           for name, tensor in state_dict.items()}

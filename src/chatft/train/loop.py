@@ -11,8 +11,6 @@ import contextlib
 import math
 import random
 import time
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +21,26 @@ from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData, TokenizedRow
 from chatft.run_layout import METRICS_FILE, VALIDATION_FILE
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
-from chatft.train import final_artifact, resume_check, sharding
+from chatft.train import sharding
 from chatft.train.distributed import World, strategy_for
-from chatft.train.metrics import JsonlLog, ProgressDisplay, done_line, plot_losses
+from chatft.train.metrics import JsonlLog, ProgressDisplay
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
                                 model_location, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
 from chatft.train.optimizer import build_optimizer
+from chatft.train.finishing import Finishing, TrainResult
+from chatft.train.memory import MB
+from chatft.train.resumable import Resumable
 from chatft.train.queued_step import PendingRow, QueuedStep, StepClock
 from chatft.train.schedule import LRSchedule
 from chatft.train.stop_signal import StopFlag
 
-MB = 1024 * 1024
 # Devices where a step is queued rather than done when the step method returns: there its loss and gradient
 # norm are read only after the next step is queued (`queued_step`). A seam: CPU tests add "cpu".
 DEFERRED_READ_DEVICES = ("cuda",)
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    final_dir: Path | None  # None when the run was stopped by a signal
-    steps: int
-    train_loss: float | None
-    val_loss: float | None
-    val_accuracy: float | None
-    tokens: int
-    elapsed_s: float
-    stopped_by: str | None = None  # "SIGTERM" / "SIGINT"
-    exit_code: int = 0
-    checkpoint: Path | None = None
-    trainer: Trainer | None = dataclasses.field(default=None, repr=False, compare=False)  # set by `step.train`
-
-
-class Trainer:
+class Trainer(Resumable, Finishing):
     """Fine-tunes a Hugging Face causal LM on chat rows: every weight (full SFT) or a LoRA adapter.
 
     - model: `AutoModelForCausalLM.from_pretrained` in `model.torch_dtype` on CUDA if present else CPU;
@@ -80,8 +64,8 @@ class Trainer:
     - a CUDA out-of-memory becomes `error[oom]` with the advice ladder and the step;
     - `final/`: a `save_pretrained` dir or a PEFT adapter, tokenizer included, with `chatft_manifest.json`.
 
-    Several processes (`World`, started by torchrun): each takes its share of a step's rows, balanced by tokens (`batching.step_rows`);
-    the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
+    Several processes (`World`, started by torchrun): each takes its share of a step's rows, balanced by tokens
+    (`batching.step_rows`); the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
     gradients, so a step trains exactly what one process would. Strategy `ddp`: weights and optimizer states are
     replicated and the gradients added once per optimizer step (`distributed.World.reduce_gradients`); `fsdp2`:
     they are split across the processes (`sharding`), each pass gathers a layer's weights and reduce-scatters its
@@ -138,7 +122,7 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         if self.estimate is None:
-            self.estimate = memory.estimate_memory(cfg, device=self.device,
+            self.estimate = memory.estimate_memory(cfg, device=self.device, world_size=self.world_size,
                                                    lengths=memory.row_lengths(self.train_data, self.val_data))
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         # FSDP2 loads on the CPU; splitting the model moves each process's shards to its device, so a model that
@@ -168,12 +152,12 @@ class Trainer:
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
         if self.strategy == "fsdp2":  # after the probes too: they run the decoder outside the sharding root
             sharding.check_supported(self.precision)
-            self.sharded = sharding.Sharded(self.model, self.world, self.device)
+            self.sharded = sharding.Sharded(self.model, self.world, self.device, self.precision)
             self.notes.append(f"FSDP2: weights, gradients and optimizer states split over {self.world_size} "
                               f"processes in {self.sharded.units} units (each decoder layer, and the rest)")
         # float16 gradients underflow without loss scaling (`precision`: the trained parameters are float32 then, so
         # their gradients can be unscaled). Disabled, the scaler passes everything through.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.loss_scaling)
+        self.scaler = sharding.grad_scaler(self.sharded, self.device, enabled=self.precision.loss_scaling)
         self._loss_scale = self.scaler.get_scale()  # after the last update; the initial one is read without a sync
         self.skipped_steps = 0
         if self.scaler.is_enabled():
@@ -206,7 +190,8 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         self.optimizer, self.trainable = build_optimizer(self.model, self.cfg.optimizer, self.precision, self.device,
-                                                         self.cfg.seed)
+                                                         self.cfg.seed,
+                                                         fused=not (self.sharded and self.precision.loss_scaling))
 
     def _setup_data(self) -> None:
         cfg, sched = self.cfg, self.cfg.step_scheduler
@@ -235,37 +220,6 @@ class Trainer:
         self.validation_log = JsonlLog(self.run_dir / VALIDATION_FILE)
         # TensorBoard, W&B, MLflow: one writer on rank 0 for the rows below, set by `chatft.trackers.attached_to`
         self.trackers: Any = None
-
-    def _resume(self, path: Path | None) -> None:
-        self.resumed_from = path
-        self.resumes: list[dict[str, Any]] = []  # each resume: its step, checkpoint and safe setting changes
-        if path is None:
-            if self.is_main:  # a fresh start: logs of an earlier attempt that never checkpointed are stale
-                self.metrics.truncate_after(0)
-                self.validation_log.truncate_after(0)
-            return
-        state = checkpoints.load_checkpoint(path, self.model, self.optimizer, self.device,
-                                            sharded=self.sharded is not None)
-        resume_check.check_data_position(state, str(path), global_batch_size=self.cfg.step_scheduler.global_batch_size,
-                                         seed=self.cfg.seed, train_rows=len(self.lengths),
-                                         kind="lora" if self.lora else "full")
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.tokens_seen, self.elapsed_before = state["tokens_seen"], state["elapsed_s"]
-        self.last_train_loss = state.get("train_loss")
-        if state.get("grad_scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["grad_scaler"])
-            self._loss_scale = self.scaler.get_scale()
-        self.skipped_steps = state.get("skipped_steps", 0)
-        changes = resume_check.check_resume(self.cfg, state, str(path), self.train_data.report.sha256)
-        self.resumes = [*state.get("resumes", []), {
-            "step": self.step, "from": str(path),
-            "changed": {key: [old, new] for key, (old, new) in changes.items()}}]
-        if changes:
-            listing = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items())
-            self.notes.append(f"resumed with changed settings (recorded in the manifest): {listing}")
-        if self.is_main:  # rows logged after the checkpoint are repeated now
-            self.metrics.truncate_after(self.step)
-            self.validation_log.truncate_after(self.step)
 
     def _print_summary(self) -> None:
         if not self.is_main:
@@ -337,7 +291,7 @@ class Trainer:
         if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
             self._guard_oom(self._validate, print)
         # ranks: every process takes part in gathering FSDP2's shards; rank 0 writes
-        weights = sharding.full_state(self.model, None, trainable_only=self.lora)[0] if self.sharded else None
+        weights = sharding.full_weights(self.model, trainable_only=self.lora) if self.sharded else None
         final = self._save_final(elapsed, weights) if self.is_main else None
         self.world.barrier()  # ranks: the run ends when final/ is written
         result = TrainResult(self.run_dir, final, self.step, self.last_train_loss,
@@ -483,84 +437,3 @@ class Trainer:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return memory.peak_rss()
-
-    # ------------------------------------------------------------------ saving (rank 0)
-
-    def _save_checkpoint(self, started: float) -> Path | None:
-        """Rank 0 writes the checkpoint (ranks: the state is replicated, or gathered from the FSDP2 shards first);
-        the others wait until it is complete."""
-        if not self.cfg.checkpoint.enabled:
-            return None
-        weights, optimizer_state = (sharding.full_state(self.model, self.optimizer, trainable_only=True)
-                                    if self.sharded else (None, None))
-        if not self.is_main:
-            self.world.barrier()
-            return None
-        state = {
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed_before + time.monotonic() - started, "train_loss": self.last_train_loss,
-            "global_batch_size": self.cfg.step_scheduler.global_batch_size, "seed": self.cfg.seed,
-            "train_rows": len(self.lengths), "kind": "lora" if self.lora else "full",
-            "schedule": self.schedule.to_json(),
-            "grad_scaler": self.scaler.state_dict(),  # {} unless float16
-            "skipped_steps": self.skipped_steps,
-            # what `resume_check` compares a later resume against, and the safe changes made so far
-            "config": self.cfg.model_dump(mode="json"), "data_sha256": self.train_data.report.sha256,
-            "resumes": self.resumes,
-        }
-        saved = checkpoints.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                            self.cfg.checkpoint.keep_last, weights=weights,
-                                            optimizer_state=optimizer_state)
-        self.world.barrier()
-        return saved
-
-    def _stopped(self, stop: StopFlag, elapsed: float) -> TrainResult:
-        latest = checkpoints.latest_checkpoint(self.run_dir) if self.cfg.checkpoint.enabled else None
-        if self.is_main:
-            plot_losses(self.run_dir)
-            if self.trackers:
-                self.trackers.close()
-            again = f"`{self.resume_command}`" if self.resume_command else "the same command"
-            where = f"checkpoint {latest}" if latest else "nothing (checkpoint.enabled=false)"
-            print(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
-                  f"to resume, run {again} again: checkpoint.resume=auto continues from checkpoints/LATEST", flush=True)
-        return TrainResult(self.run_dir, None, self.step, self.last_train_loss, None, None, self.tokens_seen,
-                           elapsed, stopped_by=stop.name, exit_code=stop.exit_code, checkpoint=latest)
-
-    def _save_final(self, elapsed: float, weights: dict[str, torch.Tensor] | None) -> Path:
-        final = final_artifact.save_final(self.run_dir, self.model, self.tokenizer, self._manifest(elapsed),
-                                          lora=self.lora, saved_dtype=self.precision.saved, pad_id=self.pad_id,
-                                          state_dict=weights)
-        plot_losses(self.run_dir)
-        if self.trackers:
-            self.trackers.close()
-        return final
-
-    def _manifest(self, elapsed: float) -> dict[str, Any]:
-        metrics = {
-            "train_loss": self.last_train_loss,
-            "val_loss": self.last_val and self.last_val["loss"],
-            "val_token_accuracy": self.last_val and self.last_val["token_accuracy"],
-            "steps": self.step, "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
-            "peak_mem_mb": round(self._peak_memory() / MB, 1),
-            "memory_estimate_mb": round(self.estimate.total / MB, 1) if self.estimate else None,
-            "device": self.device.type,
-            "padding_free": self.padding_free,
-            "attention": attention.implementation(self.model),
-            "attention_kernels": attention.kernel_use_of(self.model),
-            "loss_head": "chunked" if self.loss_head else "logits",
-            "precision": self.precision.to_json(),
-            "activation_checkpointing": self.recompute or "off",
-            **self.world.record(self.strategy),
-        }
-        if self.scaler.is_enabled():
-            metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)
-        if self.resumes:
-            metrics["resumes"] = self.resumes
-        return final_artifact.run_manifest(self.cfg, self.model, self.tokenizer, metrics, self.train_data,
-                                           self.val_data, self.resolved_config)
-
-    def _print_done(self, result: TrainResult) -> None:
-        if self.is_main:
-            print(done_line(result, self._peak_memory(), self.estimate.total if self.estimate else None, self.lora),
-                  flush=True)

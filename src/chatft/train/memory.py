@@ -57,20 +57,27 @@ class MemoryEstimate:
     # backward (under FSDP2 only the gathered layers hold one: the planner leaves this out there).
     compute_copies: int = 0
     quantization: str | None = None  # QLoRA: the 4-bit type of the base (its copies: one dequantized layer)
+    # FSDP2 (`sharding`): weights, gradients and optimizer states above are one process's shards; `gathered` is
+    # what it holds whole beyond them while it computes (`fsdp2_gathered`)
+    strategy: str = "single"
+    world_size: int = 1
+    gathered: int = 0
 
     @property
     def allocator(self) -> int:
         """CUDA: the caching allocator's fragmentation and the CUDA context, a share of what the run holds."""
         if self.device != "cuda":
             return 0
-        held = (self.weights + self.compute_copies + self.gradients + self.optimizer + self.activations
+        return int((CUDA_SLACK - 1) * self._held)
+
+    @property
+    def _held(self) -> int:
+        return (self.weights + self.compute_copies + self.gathered + self.gradients + self.optimizer + self.activations
                 + self.logits)
-        return int((CUDA_SLACK - 1) * held)
 
     @property
     def training(self) -> int:
-        return (self.weights + self.compute_copies + self.gradients + self.optimizer + self.activations + self.logits
-                + self.heap + self.allocator)
+        return self._held + self.heap + self.allocator
 
     @property
     def total(self) -> int:
@@ -87,9 +94,12 @@ class MemoryEstimate:
         heap += f"allocator {mb(self.allocator)} + " if self.allocator else ""
         what = "dequantized copies" if self.quantization else "autocast copies"
         copies = f" + {what} {mb(self.compute_copies)}" if self.compute_copies else ""
+        copies += f" + gathered layers {mb(self.gathered)}" if self.gathered else ""
+        where = self.device if self.strategy == "single" else f"{self.device}, per process: {self.strategy} over " \
+                                                                f"{self.world_size} processes"
         lines = [
-            f"memory estimate ({kind}, {self.device}): {mb(self.total)} = weights {mb(self.weights)}{copies} + gradients "
-            f"{mb(self.gradients)} + optimizer {mb(self.optimizer)} + activations {mb(self.activations)} + "
+            f"memory estimate ({kind}, {where}): {mb(self.total)} = weights {mb(self.weights)}{copies} + "
+            f"gradients {mb(self.gradients)} + optimizer {mb(self.optimizer)} + activations {mb(self.activations)} + "
             f"logits {mb(self.logits)} + {heap}runtime {mb(self.runtime)}"
         ]
         if self.micro_batch:
@@ -104,6 +114,7 @@ class MemoryEstimate:
                 "runtime_mb": self.runtime / MB,
                 "total_mb": self.total / MB,
                 "device": self.device, "lora": self.lora, "quantization": self.quantization,
+                "strategy": self.strategy, "world_size": self.world_size, "gathered_mb": self.gathered / MB,
                 "micro_batch": dataclasses.asdict(self.micro_batch) if self.micro_batch else None}
 
     def weights_and_optimizer(self) -> MemoryEstimate:
@@ -238,12 +249,15 @@ def peak_rss() -> int:
 
 def estimate_memory(
     cfg: TrainingConfig, model: nn.Module | None = None, device: torch.device | None = None,
-    lengths: Sequence[int] | None = None,
+    lengths: Sequence[int] | None = None, *, world_size: int | None = None,
 ) -> MemoryEstimate:
-    """Bytes needed to train `cfg` (on `device`, default: the one training would use). `model`, if given,
-    is the plain model before LoRA wrapping (on any device, `meta` included). `lengths`, the token lengths of
-    the training rows, bound the largest micro-batch by the data instead of by `seq_length`
-    (`largest_micro_batch`)."""
+    """Bytes one process needs to train `cfg` (on `device`, default: the one training would use). `model`, if
+    given, is the plain model before LoRA wrapping (on any device, `meta` included). `lengths`, the token lengths
+    of the training rows, bound the largest micro-batch by the data instead of by `seq_length`
+    (`largest_micro_batch`). `world_size` (default: the config's data-parallel size) and
+    `distributed.strategy` decide the layout: under FSDP2 the weights, gradients and optimizer states are split
+    over the processes (`_sharded`)."""
+    from chatft.train.distributed import strategy_for
     from chatft.train.model import pick_device, resolve_dtype, resolve_lora_targets
 
     device = device or pick_device()
@@ -319,7 +333,7 @@ def estimate_memory(
     else:
         below_float32 = 0 if compute_bytes == 4 else compute_bytes
         logits = min(tokens, rows_per_chunk(vocab)) * vocab * (4 + below_float32)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         weights=weights,
         compute_copies=compute_copies,
         gradients=trainable * trainable_bytes,
@@ -333,6 +347,41 @@ def estimate_memory(
         micro_batch=shape,
         quantization=cfg.model.quantization if lora else None,
     )
+    world_size = world_size or cfg.data_parallel_size()
+    strategy = strategy_for(cfg.distributed.strategy, world_size, lora)
+    if strategy == "fsdp2":
+        from chatft.train.sharding import gather_dtype
+
+        gathered = gather_dtype(precision)
+        return _sharded(estimate, base, world_size, gather_bytes=_bytes(gathered or precision.weights),
+                        keeps_copies=gathered is None, trainable_bytes=trainable_bytes if not lora else 0,
+                        layers=layers)
+    return dataclasses.replace(estimate, strategy=strategy, world_size=world_size)
+
+
+def _sharded(whole: MemoryEstimate, base: nn.Module, world_size: int, *, gather_bytes: int, keeps_copies: bool,
+             trainable_bytes: int, layers: int) -> MemoryEstimate:
+    """One process's share of `whole` under FSDP2 (`sharding`): its shard of the weights, gradients and optimizer
+    states, and what it holds whole beyond them while it computes, in the dtype it gathers in
+    (`sharding.gather_dtype`):
+
+    - the root unit (embeddings, final norm, head) stays gathered from the forward to the end of the backward
+      (FSDP2 does not reshard the root after its forward);
+    - two decoder layers at a time (the one computing and the next, prefetched), and, for full SFT, one layer's
+      unsharded gradient before it is reduce-scattered.
+
+    Master weights are gathered in the compute dtype, so autocast makes no copies; where the gather keeps the
+    weights' dtype while autocast computes below it (`keeps_copies`), each layer's copy is kept for the backward
+    as in one process."""
+    root = {id(p): p.numel() for module in (base.get_input_embeddings(), base.get_output_embeddings())
+            if module is not None for p in module.parameters()}  # a tied head is one tensor: counted once
+    root_params = sum(root.values())
+    layer_params = max(0, sum(p.numel() for p in base.parameters()) - root_params) / max(1, layers)
+    gathered = (root_params + 2 * layer_params) * gather_bytes + layer_params * trainable_bytes
+    return dataclasses.replace(
+        whole, weights=whole.weights // world_size, gradients=whole.gradients // world_size,
+        optimizer=whole.optimizer // world_size, compute_copies=whole.compute_copies if keeps_copies else 0,
+        gathered=int(gathered), strategy="fsdp2", world_size=world_size)
 
 
 # A 4-bit weight (bitsandbytes NF4/FP4) is half a byte, plus one scale per block of 64 weights: a float32 scale, or

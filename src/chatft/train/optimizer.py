@@ -16,7 +16,9 @@ from chatft.train.stochastic_rounding import StochasticRoundingAdamW
 
 
 def build_optimizer(model: nn.Module, section: OptimizerSection, precision: Precision, device: torch.device,
-                    seed: int) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+                    seed: int, *, fused: bool = True) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """`fused=False`: the multi-tensor loop instead of the fused kernel, which cannot take the loss scaler's
+    overflow flag beside sharded (DTensor) parameters (`sharding.grad_scaler`)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -31,5 +33,5 @@ def build_optimizer(model: nn.Module, section: OptimizerSection, precision: Prec
         # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one pass: on 2 CPU cores it took
         # 63 ms for 134M float32 parameters against 418 ms for the default multi-tensor loop.
         optimizer = torch.optim.AdamW(groups, lr=section.lr, betas=section.betas, eps=section.eps,
-                                      fused=True if device.type in ("cuda", "cpu") else None)
+                                      fused=True if fused and device.type in ("cuda", "cpu") else None)
     return optimizer, decay + no_decay

@@ -4,8 +4,8 @@ run split across the processes instead of copied to each (strategy `fsdp2`).
 In: a loaded model (LoRA applied, probes and compile done) and the `World`. Out: a `Sharded` model whose forward
 and backward passes gather each decoder layer's weights just in time and reduce-scatter its gradients, and the
 few operations the trainer needs around it: run a loss computation under the sharding root (`run`), bring every
-process to the same number of passes per step (`pad_to_common_count`), and gather the full weights and optimizer
-state for saving (`full_state`).
+process to the same number of passes per step (`pad_to_common_count`), gather the full weights for the final
+artifact (`full_weights`), and write and read resumable state shard by shard (`save_sharded`, `load_sharded`).
 
 How the model is cut: each decoder layer is one unit, and a root unit holds the rest (embeddings, final norm,
 output head; a tied head and embedding stay one tensor there). The root is not the model itself but `StepRoot`, a
@@ -22,7 +22,10 @@ gradient 0) to make up the count.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -50,9 +53,9 @@ class StepRoot(nn.Module):
 class Sharded:
     """A model split across the processes with FSDP2, or (one process, strategy ddp) left as it is."""
 
-    def __init__(self, model: nn.Module, world: World, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, world: World, device: torch.device, precision: Precision) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         layers = decoder_layers(model)
         if not layers:
@@ -62,9 +65,11 @@ class Sharded:
                 "use distributed.strategy=ddp (weights copied to every process)",
             )
         mesh = init_device_mesh(device.type, (world.size,))
+        gathered = gather_dtype(precision)
+        policy = MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=precision.trainable)
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        self.root = fully_shard(StepRoot(model), mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        self.root = fully_shard(StepRoot(model), mesh=mesh, mp_policy=policy)
         for module in self.root.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sum, not mean: see the module docstring
@@ -75,19 +80,36 @@ class Sharded:
         return self.root(work)
 
 
+def gather_dtype(precision: Precision) -> torch.dtype | None:
+    """The dtype FSDP2 gathers a layer's weights in: the compute dtype for master weights under autocast (float32
+    shards gathered as bfloat16: half the traffic, and the gathered copy is the one the matmuls use, freed after the
+    layer like any gathered weight), else the weights' own (None: FSDP2 leaves them as they are). Without it,
+    autocast would make a bfloat16 copy of each gathered float32 layer and autograd would keep every one of them
+    for the backward: a whole model's copies per process. Gradients are reduced in the trained dtype."""
+    return precision.compute if precision.autocast and precision.weights != precision.compute else None
+
+
 def check_supported(precision: Precision) -> None:
-    """Refuse what the sharded path does not do yet (its optimizers and loss scaler see DTensor shards)."""
-    if precision.loss_scaling:
-        missing = "float16 loss scaling of sharded gradients"
-    elif precision.stochastic_rounding:
-        missing = "stochastic rounding of sharded bfloat16 weights"
-    else:
+    """Refuse what the sharded path does not do yet (its optimizer sees DTensor shards)."""
+    if not precision.stochastic_rounding:
         return
     raise ChatftError(
-        "not_available_yet", f"distributed.strategy=fsdp2 with {missing} is not implemented yet",
+        "not_available_yet",
+        "distributed.strategy=fsdp2 with stochastic rounding of sharded bfloat16 weights is not implemented yet",
         "use model.torch_dtype=bfloat16 with optimizer.master_weights=float32 (the default), "
         "or distributed.strategy=ddp",
     )
+
+
+def grad_scaler(sharded: Sharded | None, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """float16's dynamic loss scaler. Sharded, each process sees only its shards of the gradients, so whether any
+    of them overflowed is agreed across the processes (torch's `ShardedGradScaler` adds the overflow flags) before
+    every process skips, or takes, the same update."""
+    if sharded is None or not enabled:
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(device.type, enabled=True)
 
 
 def run(sharded: Sharded | None, work: Callable[[], T]) -> T:
@@ -116,25 +138,19 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, trainable_only: bool,
-               ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The whole weights (the trainable ones only, with `trainable_only`) and optimizer state, gathered from every
-    process onto the CPU of rank 0 (the others get empty ones): a collective that every process calls. The optimizer
-    state is keyed by parameter index in the order of its groups, as `optimizer.state_dict()` of one process is."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def full_weights(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The whole weights (the trainable ones only, with `trainable_only`), gathered from every process onto the CPU
+    of rank 0 (the others get an empty dict): a collective that every process calls."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    weights = get_model_state_dict(model, options=options)
-    if optimizer is None:
-        return weights, None
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
-    return weights, _keyed_by_index(by_name) if by_name else {}
+    return get_model_state_dict(model, options=options)
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any]) -> None:
-    """Give each process its shard of full weights and an optimizer state keyed as `full_state` returns them."""
+    """Give each process its shard of full weights and of an optimizer state keyed by parameter index, as one
+    process's `optimizer.state_dict()` is (a checkpoint in the files layout)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -143,18 +159,65 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
     set_optimizer_state_dict(model, optimizer, _keyed_by_name(optimizer_state, model, optimizer), options=options)
 
 
+def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This process's part of the trainable weights and optimizer state, keyed by parameter name: shards (DTensors)
+    when the model is sharded, whole tensors when it is not."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(model, options=options),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Write the trainable weights and optimizer state with Distributed Checkpoint: each process its own shards,
+    rank 0 the index (`.metadata`). A collective that every process calls."""
+    import torch.distributed.checkpoint as dcp
+
+    with _one_process_is_meant():
+        dcp.save(_trainable_state(model, optimizer), checkpoint_id=str(directory))
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns when it runs without a process group; one process reading or writing alone is what is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, where: str) -> None:
+    """Read a `save_sharded` checkpoint into this process's part of the model and optimizer, whatever the world size
+    and strategy that wrote it: DCP reads the pieces of each saved shard that this process's part covers (one
+    process, or a ddp process, reads whole tensors). A collective when several processes run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = _trainable_state(model, optimizer)
+    try:
+        with _one_process_is_meant():
+            dcp.load(state, checkpoint_id=str(directory))
+    except (Exception, CheckpointException) as exc:  # (a BaseException) a different model or peft setting:
+        raise checkpoint_mismatch(where, str(exc).strip().splitlines()[-1][:300]) from None  # the missing tensor
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # frozen weights are not in the state
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+
+
+def checkpoint_mismatch(where: Path | str, detail: str) -> ChatftError:
+    return ChatftError(
+        "config_invalid", f"checkpoint {where} does not fit this model: {detail}",
+        "resume with the same model and peft settings it was written with, or checkpoint.resume=false",
+    )
+
+
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The name of each parameter the optimizer holds, in the order of its groups (the order of its indices)."""
     names = {id(param): name for name, param in model.named_parameters()}
     return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
-
-
-def _keyed_by_index(by_name: dict[str, Any]) -> dict[str, Any]:
-    order = [name for group in by_name["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(order)}
-    return {"state": {index[name]: value for name, value in by_name["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                             for group in by_name["param_groups"]]}
 
 
 def _keyed_by_name(by_index: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
