@@ -118,6 +118,15 @@ def test_fsdp2_master_weights_below_float32_train_what_one_process_trains(work, 
     assert metrics.get("loss_scaling", False) == (dtype == "float16")
 
 
+def test_fsdp2_recomputes_activations_as_one_process_does(work, tiny_model_dir):
+    """Activation checkpointing wraps each decoder layer, which FSDP2 shards as a unit: both together train what one
+    process without recomputation trains."""
+    train(work, tiny_model_dir, "full", "recompute-reference", 1)
+    result = train(work, tiny_model_dir, "full", "recompute-2", 2, "distributed.activation_checkpointing=selective")
+    assert "activation checkpointing: selective" in result.stdout and "FSDP2: weights" in result.stdout
+    assert_same_training(work / "recompute-reference", work / "recompute-2")
+
+
 def test_validation_is_scored_over_both_shares(work, tiny_model_dir):
     """5 validation rows: 3 on the first process, 2 on the second, which makes up the count with an empty pass
     (FSDP2: every process gathers every layer's weights the same number of times)."""

@@ -121,3 +121,19 @@ def test_validation_rows_follow_the_training_settings_unless_given():
                                            "validation_dataset": {"path_or_dataset_id": "v.jsonl", "seq_length": 1024}})
     assert given.validation_dataset.seq_length == 1024
     assert TrainingConfig.model_validate(cfg.model_dump()).validation_dataset == validation  # stable when re-read
+
+
+def test_unknown_keys_in_speed_only_sections_warn_and_elsewhere_stay_errors(tmp_path):
+    """A config newer than chatft still runs: an unknown key where only speed or memory layout is tuned is one
+    warning naming it; a typo anywhere else is still refused (through the real CLI, `--dry-run`)."""
+    from clirun import assert_error_block, run_chatft
+
+    lenient = ("distributed.new_knob=3", "model.backend.fancy_kernel=true", "dist_env.foo=1", "compile.bar=2")
+    result = run_chatft("run", "sft/automodel", "-c", "tiny", *lenient, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for key in ("distributed.new_knob: 3", "model.backend.fancy_kernel: true", "dist_env.foo: 1", "compile.bar: 2"):
+        assert (result.stdout + result.stderr).count(f"`{key}` does not apply: a key this chatft does not know") == 1
+    refused = run_chatft("run", "sft/automodel", "-c", "tiny", "optimizer.lrr=1", "distributed.new_knob=3",
+                         "--dry-run", cwd=tmp_path)
+    assert_error_block(refused, "config_invalid")
+    assert "unknown key `optimizer.lrr`" in refused.stderr and "new_knob" not in refused.stderr

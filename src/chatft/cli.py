@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from chatft import __version__
+from chatft import __version__, console
 from chatft.errors import EXIT_USER_ERROR, ChatftError
 
 app = typer.Typer(
@@ -36,8 +36,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only warnings, errors and results: no progress or information lines."),
+    log_format: str = typer.Option("text", "--log-format",
+                                   help="text | json: json prints one JSON object per line (events: info, warning, "
+                                        "result, progress, step, validation; errors on stderr) for scripts."),
 ) -> None:
     """chatft: the Hugging Face-native way to fine-tune a chat model."""
+    if log_format not in console.FORMATS:
+        raise ChatftError("config_invalid", f"--log-format {log_format}: not a log format",
+                          f"use one of {', '.join(console.FORMATS)}")
+    console.configure(log_format, quiet)
 
 
 # --------------------------------------------------------------------------- steps
@@ -220,7 +229,7 @@ def main() -> None:
     try:
         app()
     except ChatftError as err:
-        print(err.render(), file=sys.stderr)
+        console.error(err)
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatft import console
 from chatft.errors import ChatftError
 from chatft.run_layout import launcher_log, logs_dir, rank_log
 
@@ -30,7 +31,9 @@ from chatft.run_layout import launcher_log, logs_dir, rank_log
 LAUNCHED_BY_CHATFT = "CHATFT_LAUNCHED"
 EXIT_USER_ERROR = 2
 RANK_LOG_HEADER = "--- rank "  # how each process starts its part of logs/rank_N.log (`train.distributed`)
-_ERROR_BLOCK = re.compile(r"^error\[[a-z_]+\]: .*(?:\n  hint: .*(?:\n {8}.*)*)?", re.MULTILINE)
+# A process's error: its block, or its JSON line under --log-format json (`console.error`).
+_ERROR_BLOCK = re.compile(r'^(?:error\[[a-z_]+\]: .*(?:\n  hint: .*(?:\n {8}.*)*)?|\{"event": "error", .*)$',
+                          re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,8 @@ def launch_training(run_dir: Path, nproc_per_node: int, argv: list[str], nodes: 
                           rdzv_configs={"is_host": node_rank == 0} if nodes > 1 else {}, max_restarts=0,
                           monitor_interval=0.2)
     if nodes > 1:
-        print(f"node {node_rank} of {nodes}: {nproc_per_node} process(es), rendezvous at {place.rdzv_endpoint}; "
-              f"rank 0 prints progress, every process logs to {logs_dir(run_dir)}/rank_N.log", file=sys.stderr)
+        console.info(f"node {node_rank} of {nodes}: {nproc_per_node} process(es), rendezvous at "
+                     f"{place.rdzv_endpoint}; rank 0 prints progress, every process logs to {logs_dir(run_dir)}/rank_N.log")
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "chatft", *argv)
     except ChildFailedError as failed:
@@ -180,12 +183,12 @@ def _report_failures(run_dir: Path, exit_codes: dict[int, int]) -> int:
     rank, code = min(exit_codes.items(), key=lambda item: (item[1] == -signal.SIGTERM, item[1] >= 0, item[0]))
     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
     last = _last_line(rank_log(run_dir, rank))
-    print(ChatftError(
+    console.error(ChatftError(
         "process_failed",
         f"training process rank {rank} {how}{f' ({last})' if last else ''}; its log: {rank_log(run_dir, rank)}",
         "run the same command again: checkpoint.resume=auto continues from the last complete checkpoint "
         "(checkpoints/LATEST)",
-    ).render(), file=sys.stderr)
+    ))
     return EXIT_USER_ERROR
 
 

@@ -37,14 +37,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatft import artifacts
+from chatft import artifacts, console
 from chatft.adapter_base import read_adapter_config, resolve_adapter_base
 from chatft.config.compile import CompiledConfig
 from chatft.config.schema import MergeConfig
@@ -358,7 +357,7 @@ def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code
 
     section = ModelSection(pretrained_model_name_or_path=plan.base, revision=plan.base_revision,
                            trust_remote_code=trust_remote_code, **quantization.section_update(record))
-    _say(f"   the adapter was trained on the base in {quantization.describe(record)}: comparing with that too")
+    console.info(f"   the adapter was trained on the base in {quantization.describe(record)}: comparing with that too")
     base = load_model(section, pick_device(), torch.float32, key="base_hf_path", training=False).eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -380,10 +379,6 @@ def _against_as_trained(merged: list, base_logits: list, as_trained: tuple[list,
             "within_tolerance": diff <= QUANTIZED_TOLERANCE_FACTOR * quantization_effect}
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> MergeResult:
     """Merge, save, reload and verify; see the module docstring. Raises `ChatftError` on any refusal."""
     plan = plan_merge(cfg)  # refusals come before torch is even imported
@@ -395,23 +390,23 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     from chatft.train.model import load_errors, no_hub_kernels  # keeps torch out of the fast CLI path (preflight)
 
     for line in plan.warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        console.warning(line)
     if cfg.trust_remote_code:
-        print("warning: trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
+        console.warning("trust_remote_code=true: the model repo's own Python code will run")
     dtype = output_dtype(cfg, plan.base, plan.base_revision)
     load_args = {"revision": plan.base_revision, "trust_remote_code": cfg.trust_remote_code}
     model_args = {"dtype": torch.float32, **({"device_map": cfg.device_map} if cfg.device_map else {})}
 
-    _say(f"merging {plan.adapter_dir}\n   into {plan.base}\n   -> {plan.output} ({dtype}, safetensors)")
+    console.info(f"merging {plan.adapter_dir}\n   into {plan.base}\n   -> {plan.output} ({dtype}, safetensors)")
     with _progress(cfg.show_progress), no_hub_kernels(), load_errors("base_hf_path", plan.base):
         tokenizer = AutoTokenizer.from_pretrained(plan.base, **load_args)
         base_model = AutoModelForCausalLM.from_pretrained(plan.base, **load_args, **model_args)
     base_model.eval()
     for line in check_adapter_fits(base_model, plan.adapter_dir, cfg.strict):
-        print(f"warning: {line}", file=sys.stderr)
+        console.warning(line)
     template_note = _template_warning(tokenizer, plan.adapter_dir, plan.adapter_manifest)
     if template_note:
-        print(f"warning: {template_note}", file=sys.stderr)
+        console.warning(template_note)
 
     with load_errors("lora_checkpoint", str(plan.adapter_dir)), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -459,15 +454,16 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
         result = MergeResult(plan.output, dtype, diff, tolerance, adapter_effect, len(rows), sum(map(len, rows)),
                              against_trained)
         if against_trained and not against_trained["within_tolerance"]:
-            print(f"warning: the merged model's logits differ from the 4-bit base + adapter it was trained as by up "
-                  f"to {against_trained['max_abs_logit_diff']:.3g}, more than {QUANTIZED_TOLERANCE_FACTOR:g}x what "
-                  f"quantizing moves the base alone ({against_trained['base_quantization_max_abs_logit_diff']:.3g}): "
-                  "the adapter leans on the 4-bit rounding; evaluate the merged model before serving it",
-                  file=sys.stderr)
+            console.warning(
+                f"the merged model's logits differ from the 4-bit base + adapter it was trained as by up to "
+                f"{against_trained['max_abs_logit_diff']:.3g}, more than {QUANTIZED_TOLERANCE_FACTOR:g}x what "
+                f"quantizing moves the base alone ({against_trained['base_quantization_max_abs_logit_diff']:.3g}): "
+                "the adapter leans on the 4-bit rounding; evaluate the merged model before serving it")
         if adapter_effect <= tolerance:
-            print(f"warning: the adapter moves the probe logits by at most {adapter_effect:.3g}, within the {dtype} "
-                  f"tolerance {tolerance:.3g}: at this dtype the check cannot tell the merge from the base "
-                  "(an untrained adapter, or torch_dtype=float32 to keep a small change)", file=sys.stderr)
+            console.warning(
+                f"the adapter moves the probe logits by at most {adapter_effect:.3g}, within the {dtype} tolerance "
+                f"{tolerance:.3g}: at this dtype the check cannot tell the merge from the base (an untrained adapter, "
+                "or torch_dtype=float32 to keep a small change)")
 
         adapter_metrics = (plan.adapter_manifest or {}).get("metrics") or {}
         manifest = artifacts.build_manifest(
@@ -490,14 +486,14 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    _say(f"done: merged model in {plan.output} [checkpoint_hf, {dtype}]\n"
-         f"check: max |logit diff| vs base+adapter {diff:.3g} (tolerance {tolerance:.3g}) over {len(rows)} probe "
-         f"rows, {result.probe_tokens} tokens; the adapter moves logits by up to {adapter_effect:.3g}")
+    console.result(f"done: merged model in {plan.output} [checkpoint_hf, {dtype}]\n"
+                   f"check: max |logit diff| vs base+adapter {diff:.3g} (tolerance {tolerance:.3g}) over {len(rows)} "
+                   f"probe rows, {result.probe_tokens} tokens; the adapter moves logits by up to {adapter_effect:.3g}")
     if against_trained:
-        _say(f"QLoRA: merged into the full-precision base; vs the 4-bit base + adapter as trained, max |logit diff| "
-             f"{against_trained['max_abs_logit_diff']:.3g} (tolerance {against_trained['tolerance']:.3g}: "
-             f"{QUANTIZED_TOLERANCE_FACTOR:g}x the 4-bit base's own difference "
-             f"{against_trained['base_quantization_max_abs_logit_diff']:.3g})")
+        console.result(f"QLoRA: merged into the full-precision base; vs the 4-bit base + adapter as trained, max "
+                       f"|logit diff| {against_trained['max_abs_logit_diff']:.3g} (tolerance "
+                       f"{against_trained['tolerance']:.3g}: {QUANTIZED_TOLERANCE_FACTOR:g}x the 4-bit base's own "
+                       f"difference {against_trained['base_quantization_max_abs_logit_diff']:.3g})")
     return result
 
 

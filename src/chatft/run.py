@@ -13,13 +13,12 @@ import os
 import platform
 import shlex
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from chatft import launch, slurm
+from chatft import console, launch, slurm
 from chatft.artifacts import package_versions
 from chatft.config.compile import CompiledConfig, compile_config, get_path
 from chatft.config.secrets import redact, redact_overrides
@@ -124,7 +123,7 @@ def write_job(compiled: CompiledConfig, argv: list[str]) -> Path:
 
 def print_warnings(warnings: list[str]) -> None:
     for line in warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        console.warning(line)
 
 
 def dry_run_text(compiled: CompiledConfig) -> str:

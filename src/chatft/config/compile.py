@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chatft.config.automodel import translate
+from chatft.config.lenient import drop_unknown_speed_keys
 from chatft.config.loader import deep_merge, load_with_defaults, parse_overrides, resolve_interpolations
 from chatft.config import support
 from chatft.config.schema import SCHEMAS, Section, TrainingConfig, known_paths, validate_config
@@ -86,6 +87,8 @@ def compile_config(step: Step, config: str | None = None, overrides: list[str] |
     raw = deep_merge(merged, parse_overrides(overrides))
     resolved = resolve_interpolations(raw)
     translated, warnings = translate(copy.deepcopy(resolved), step.config_schema)
+    if step.config_schema == "training":
+        warnings += drop_unknown_speed_keys(translated, set(known_paths(TrainingConfig)))
     source = str(path) + (" with overrides" if overrides else "")
     try:
         validated = validate_config(step.config_schema, translated, source)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any, Callable
 
-from chatft import artifacts
+from chatft import artifacts, console
 from chatft.data import cache
 from chatft.data.guards import check_dataset_path
 from chatft.data.masks import MaskOptions, RowMaskError, TemplateDropsFields, conversation_rows
@@ -33,6 +33,7 @@ from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft.errors import ChatftError
 
 PARALLEL_MIN_ROWS = 4000  # below this, starting worker processes costs more than it saves
+SERIAL_CHUNK_ROWS = 256  # rows tokenized between two progress updates in this process
 MAX_EXAMPLE_ROWS = 5
 
 
@@ -124,17 +125,26 @@ def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[Result]:
     return results
 
 
-def _tokenize_all(rows: list[tuple[int, dict[str, Any]]], state: dict[str, Any]) -> list[Result]:
-    if len(rows) < PARALLEL_MIN_ROWS or (os.cpu_count() or 1) < 2:
-        _init_worker(state)
-        return _tokenize_chunk(rows)
-    workers = min(os.cpu_count() or 2, 8)
-    size = max(256, len(rows) // (workers * 4))
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-    # fork: the tokenizer is inherited by the workers instead of being pickled per chunk.
-    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
-                             initargs=(state,)) as pool:
-        return [item for part in pool.map(_tokenize_chunk, chunks) for item in part]
+def _tokenize_all(rows: list[tuple[int, dict[str, Any]]], state: dict[str, Any], task: str) -> list[Result]:
+    """Every row rendered, masked and tokenized, in order; progress (`task`) on stderr, chunk by chunk."""
+    results: list[Result] = []
+    with console.Progress(task, len(rows), "rows", stream=sys.stderr) as progress:
+        if len(rows) < PARALLEL_MIN_ROWS or (os.cpu_count() or 1) < 2:
+            _init_worker(state)
+            for start in range(0, len(rows), SERIAL_CHUNK_ROWS):
+                results += _tokenize_chunk(rows[start:start + SERIAL_CHUNK_ROWS])
+                progress.advance(min(SERIAL_CHUNK_ROWS, len(rows) - start))
+            return results
+        workers = min(os.cpu_count() or 2, 8)
+        size = max(256, len(rows) // (workers * 4))
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        # fork: the tokenizer is inherited by the workers instead of being pickled per chunk.
+        with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_init_worker,
+                                 initargs=(state,)) as pool:
+            for chunk, part in zip(chunks, pool.map(_tokenize_chunk, chunks)):
+                results += part
+                progress.advance(len(chunk))
+    return results
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -263,9 +273,18 @@ def _expansion(results: list[Result]) -> dict[str, int | None]:
     }
 
 
+def _log(line: str) -> None:
+    """Data loading speaks on stderr (stdout may carry a command's own output: `preview --json`); a WARNING line is a
+    warning, shown under --quiet too."""
+    if line.startswith("WARNING "):
+        console.warning(line.removeprefix("WARNING "))
+    else:
+        console.info(line, sys.stderr)
+
+
 def prepare_training_data(
     section: Any, tokenizer: Any, *, key: str = "dataset", use_cache: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr), refuse_template_drops: bool = True,
+    log: Callable[[str], None] | None = None, refuse_template_drops: bool = True,
 ) -> PreparedData:
     """Token ids and loss masks for every usable row of `section` (a DatasetSection). A chat template that
     drops fields of some rows' messages (`template_drops_field`), or cannot render a turn after its own
@@ -273,6 +292,7 @@ def prepare_training_data(
     (preview), when those rows are counted as dropped."""
     from chatft.data.sources import read_message_rows
 
+    log = log or _log
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
     choice = choose_template(tokenizer, section.chat_template)
     source = read_message_rows(section, key=key)
@@ -302,7 +322,7 @@ def prepare_training_data(
     details: dict[str, str] = {}
     rows: list[TokenizedRow] = []
     truncated = 0
-    results = _tokenize_all(source.rows, state)
+    results = _tokenize_all(source.rows, state, f"tokenizing {key}")
     lengths = [len(item.ids) for _, items, _, _ in results for item in items if item.ids is not None]
     expansion = _expansion(results)
     field_drops: Counter[str] = Counter()

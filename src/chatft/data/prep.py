@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
-from chatft import __version__
+from chatft import __version__, console
 from chatft.config.schema import DataPrepConfig
 from chatft.data.formats import Conversation, RowDropped, convert_row, detect_format, unfilled_placeholder
 from chatft.data.readers import Source, SourceRow, not_utf8_hint, open_source
@@ -117,8 +116,8 @@ def run_step(compiled: Any) -> None:
     """`chatft run data_prep/chat_jsonl` / `chatft prep`: prepare, then print warnings and the summary."""
     result = prepare(compiled.validated)
     for line in result.warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    print(summary(result))
+        console.warning(line)
+    console.result(summary(result))
 
 
 def prepare(config: DataPrepConfig) -> PrepResult:
@@ -220,9 +219,10 @@ def _rows_and_format(source: Source, config: DataPrepConfig) -> tuple[Iterator[S
 def _convert_all(rows: Iterator[SourceRow], fmt: str, config: DataPrepConfig, source: Source, spool: Path) -> Account:
     """Convert every row, writing the kept ones to `spool` and counting the rest (strict: raise at the first)."""
     account = Account()
-    with spool.open("w", encoding="utf-8", newline="\n") as handle:
+    with spool.open("w", encoding="utf-8", newline="\n") as handle, console.Progress("reading rows", None) as progress:
         for source_row in rows:
             account.rows_in += 1
+            progress.advance()
             try:
                 conversation = _convert(source_row, fmt, config)
             except RowDropped as drop:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chatft import console
 from chatft.train import attention, checkpoints, final_artifact
 from chatft.train.memory import MB
 from chatft.train.metrics import done_line, plot_losses
@@ -51,8 +52,8 @@ class Finishing:
                 self.trackers.close()
             again = f"`{self.resume_command}`" if self.resume_command else "the same command"
             where = f"checkpoint {latest}" if latest else "nothing (checkpoint.enabled=false)"
-            print(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
-                  f"to resume, run {again} again: checkpoint.resume=auto continues from checkpoints/LATEST", flush=True)
+            console.result(f"stopped by {stop.name} after step {self.step} of {self.total_steps}; saved {where}.\n"
+                           f"to resume, run {again} again: checkpoint.resume=auto continues from checkpoints/LATEST")
         return TrainResult(self.run_dir, None, self.step, self.last_train_loss, None, None, self.tokens_seen,
                            elapsed, stopped_by=stop.name, exit_code=stop.exit_code, checkpoint=latest)
 
@@ -91,5 +92,5 @@ class Finishing:
 
     def _print_done(self, result: TrainResult) -> None:
         if self.is_main:
-            print(done_line(result, self._peak_memory(), self.estimate.total if self.estimate else None, self.lora),
-                  flush=True)
+            console.result(done_line(result, self._peak_memory(), self.estimate.total if self.estimate else None,
+                                     self.lora))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from chatft import console
 from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData, TokenizedRow
 from chatft.run_layout import METRICS_FILE, VALIDATION_FILE
@@ -238,7 +239,7 @@ class Trainer(Resumable, Finishing):
         ]
         if self.resumed_from is not None:
             lines.append(f"resuming from {self.resumed_from} (step {self.step})")
-        print("\n".join(lines), flush=True)
+        console.info("\n".join(lines))
 
     # ------------------------------------------------------------------ the loop
 
@@ -289,7 +290,7 @@ class Trainer(Resumable, Finishing):
         if stop.signum is not None:
             return self._stopped(stop, elapsed)
         if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
-            self._guard_oom(self._validate, print)
+            self._guard_oom(self._validate, console.info)
         # ranks: every process takes part in gathering FSDP2's shards; rank 0 writes
         weights = sharding.full_weights(self.model, trainable_only=self.lora) if self.sharded else None
         final = self._save_final(elapsed, weights) if self.is_main else None
@@ -385,6 +386,7 @@ class Trainer(Resumable, Finishing):
             self.validation_log.append(row)
             if self.trackers:
                 self.trackers.log("validation", row)
+            console.event("validation", **row)
             note(f"validation at step {self.step}: loss {row['loss']:.4f}, token accuracy {row['token_accuracy']:.3f}")
         return row
 

@@ -28,7 +28,11 @@ from torch import nn
 from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
-from chatft.train import recompute
+from chatft.train import batching, recompute
+from chatft.train.distributed import strategy_for
+from chatft.train.model import (linear_module_names, model_load_errors, model_location, output_head_name, pick_device,
+                                resolve_dtype, resolve_lora_targets)
+from chatft.train.sharding import gather_dtype
 from chatft.train.chunked_head import rows_per_chunk
 from chatft.train.precision import precision_for
 
@@ -192,8 +196,6 @@ def planned_micro_batches(cfg: TrainingConfig, lengths: RowLengths) -> list[list
     validation: the same order (`batching.epoch_order`), steps (`max_steps`, `num_epochs`), shares
     (`batching.step_rows`) and grouping (`batching.group_rows`) as the trainer's. A resumed run is planned from its
     first step."""
-    from chatft.train import batching
-
     sched, dl = cfg.step_scheduler, cfg.dataloader
     budget, local = cfg.packed_sequence.packed_sequence_size, sched.local_batch_size
     world = cfg.data_parallel_size()
@@ -223,8 +225,6 @@ def _text_config(config: Any) -> Any:
 def meta_model(cfg: TrainingConfig) -> nn.Module:
     """The model's module tree on the `meta` device: shapes without weights, built in about a second."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from chatft.train.model import model_load_errors, model_location
 
     with model_load_errors(cfg.model):
         config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
@@ -257,8 +257,6 @@ def estimate_memory(
     (`largest_micro_batch`). `world_size` (default: the config's data-parallel size) and
     `distributed.strategy` decide the layout: under FSDP2 the weights, gradients and optimizer states are split
     over the processes (`_sharded`)."""
-    from chatft.train.distributed import strategy_for
-    from chatft.train.model import pick_device, resolve_dtype, resolve_lora_targets
 
     device = device or pick_device()
     model = model if model is not None else meta_model(cfg)
@@ -350,8 +348,6 @@ def estimate_memory(
     world_size = world_size or cfg.data_parallel_size()
     strategy = strategy_for(cfg.distributed.strategy, world_size, lora)
     if strategy == "fsdp2":
-        from chatft.train.sharding import gather_dtype
-
         gathered = gather_dtype(precision)
         return _sharded(estimate, base, world_size, gather_bytes=_bytes(gathered or precision.weights),
                         keeps_copies=gathered is None, trainable_bytes=trainable_bytes if not lora else 0,
@@ -397,7 +393,6 @@ def quantized_base(base: nn.Module, double_quantization: bool, compute_bytes: in
     what stays unquantized (embeddings, norms, head) to float32. A 4-bit layer dequantizes its weight into the
     compute dtype for each matmul, forward and backward, one layer at a time: the largest such copy is counted.
     Under autocast (a 16-bit compute dtype) the float32 head is also copied into it for the loss head's matmuls."""
-    from chatft.train.model import linear_module_names, output_head_name
 
     modules = dict(base.named_modules())
     head = output_head_name(base)

@@ -7,13 +7,14 @@ terminal, plain lines otherwise. Only rank 0 does any of this. TensorBoard, W&B 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from chatft import console
+from chatft.console import format_duration
 from chatft.run_layout import METRICS_FILE, PLOT_FILE, VALIDATION_FILE
 
 MB = 1024 * 1024
@@ -68,12 +69,10 @@ def plot_losses(run_dir: Path) -> Path | None:
     return path
 
 
-def format_duration(seconds: float) -> str:
-    return str(dt.timedelta(seconds=int(seconds)))
-
-
 class ProgressDisplay:
-    """A rich progress bar (step, loss, lr, tokens/s, ETA) on a terminal; plain lines otherwise."""
+    """Training's progress in the form the command line asked for (`chatft.console`): a rich bar (step, loss, lr,
+    tokens/s, ETA) on a terminal, plain lines otherwise, each row as a `step` event in JSON lines, nothing with
+    --quiet."""
 
     def __init__(self, total_steps: int, start_step: int, *, stream=None) -> None:
         self.total, self.start = total_steps, start_step
@@ -81,11 +80,12 @@ class ProgressDisplay:
         self.began = time.monotonic()
         self.every = max(1, total_steps // 20)
         self.bar = None
-        if self.stream.isatty():
+        if self.stream.isatty() and not console.quiet() and not console.json_lines():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
-                                TextColumn("eta"), TimeRemainingColumn(), transient=False)
+            self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                TextColumn("{task.fields[info]}"), TextColumn("eta"), TimeRemainingColumn(),
+                                transient=False)
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
 
@@ -94,19 +94,23 @@ class ProgressDisplay:
         return (time.monotonic() - self.began) / done * (self.total - step) if done > 0 else 0.0
 
     def update(self, row: dict[str, Any]) -> None:
+        console.event("step", **row)
         info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:,.0f} tok/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=row["step"], info=info)
             return
         step = row["step"]
+        if console.json_lines() or console.quiet():
+            return
         if step == self.start + 1 or step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  {info}  eta {format_duration(self.eta(step))}", file=self.stream, flush=True)
+            print(f"step {step}/{self.total}  {info}  eta {format_duration(self.eta(step))}", file=self.stream,
+                  flush=True)
 
     def note(self, line: str) -> None:
         if self.bar is not None:
             self.bar.console.print(line)
         else:
-            print(line, file=self.stream, flush=True)
+            console.info(line)
 
     def close(self) -> None:
         if self.bar is not None:

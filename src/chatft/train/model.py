@@ -11,7 +11,6 @@ import contextlib
 import fnmatch
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatft import quantization
+from chatft import console, quantization
 from chatft.config.schema import LoraSection, ModelSection
 from chatft.errors import ChatftError
 from chatft.train import recompute
@@ -157,7 +156,7 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
 
     check_attn_implementation(section.attn_implementation)
     if section.trust_remote_code:
-        print("warning: model.trust_remote_code=true: the model repo's own Python code will run", file=sys.stderr)
+        console.warning("model.trust_remote_code=true: the model repo's own Python code will run")
     placement: dict[str, Any] = {}
     if section.quantization is not None:
         quantization.require_bitsandbytes(f"model.quantization={section.quantization}")
