@@ -167,3 +167,23 @@ def test_explicit_trust_remote_code_is_honoured_with_a_warning():
     assert warnings == []
     cfg, warnings = translate({"lora_checkpoint": "a", "output_hf_path": "o", "trust_remote_code": True}, "merge")
     assert cfg["trust_remote_code"] is True and "`trust_remote_code: true` is honoured" in warnings[0]
+
+
+def test_automodel_mlflow_resume_and_flatten_depth_are_honoured_or_warned():
+    """Training honours both (`resume` continues the run's MLflow run after a restart, `flatten_depth` sets how
+    deep params are split); an eval honours flatten_depth and warns once about `resume: true`, having no run to
+    continue; `resume: false` is what an eval does anyway."""
+    compiled = compile_fixture("split_distributed.yaml", overrides=["mlflow.resume=false", "mlflow.flatten_depth=2"])
+    assert (compiled.validated.mlflow.resume, compiled.validated.mlflow.flatten_depth) == (False, 2)
+    assert not any("mlflow" in line for line in compiled.warnings)
+    assert compile_fixture("split_distributed.yaml").validated.mlflow.resume is True  # AutoModel's default
+
+    def eval_compiled(*overrides: str):
+        return compile_config(resolve_step("eval/model_eval"), "default",
+                              ["mlflow.tracking_uri=file:mlruns", "mlflow.flatten_depth=1", *overrides])
+
+    warned = eval_compiled("mlflow.resume=true")
+    assert warned.warnings == ["`mlflow.resume: true` does not apply: each eval starts an MLflow run of its own; "
+                               "only training runs continue their MLflow run when they resume"]
+    assert warned.validated.mlflow.flatten_depth == 1 and "resume" not in warned.effective()["mlflow"]
+    assert eval_compiled("mlflow.resume=false").warnings == []

@@ -22,11 +22,12 @@ CONDITIONAL = {
     "compile.dynamic": "compile.enabled=true",
     "compile.fullgraph": "compile.enabled=true",
     "compile.backend": "compile.enabled=true",
-    "checkpoint.checkpoint_dir": "read by `chatft run` from the compiled config (run.run_dir); tests pass the dir",
+    "checkpoint.checkpoint_dir": "read by `chatft run` from the compiled config (CompiledConfig.output_dir); tests pass the dir",
     **{f"wandb.{key}": "read when the wandb section is on (chatft.trackers, tests/test_trackers.py)"
        for key in ("project", "entity", "name", "group", "tags", "notes", "save_dir")},
     **{f"mlflow.{key}": "read when the mlflow section is on (chatft.trackers, tests/test_trackers.py)"
-       for key in ("experiment_name", "run_name", "tracking_uri", "artifact_location", "tags", "description")},
+       for key in ("experiment_name", "run_name", "tracking_uri", "artifact_location", "tags", "description",
+                   "flatten_depth", "resume")},
 }
 
 

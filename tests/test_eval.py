@@ -361,3 +361,35 @@ def test_an_answer_ends_at_its_first_stop_token():
     assert answer_tokens([5, 6, 2, 0, 0], stop=[2]) == ([5, 6, 2], True)  # what follows a stop is padding
     assert answer_tokens([5, 0, 6], stop=[2]) == ([5, 0, 6], False)  # a generated pad id before any stop stays
     assert answer_tokens([], stop=[2]) == ([], False)
+
+
+def test_results_record_how_conversations_became_rows(tiny_model_dir, eval_data, tmp_path):
+    """`dataset.multi_turn` and `dataset.chat_template_kwargs` shape the rows and prompts every target is scored
+    on, so the results' settings and the table keep them, beside the expansion they made."""
+    out = tmp_path / "eval"
+    data = {"path_or_dataset_id": str(eval_data), "seq_length": 256, "multi_turn": "per_turn",
+            "chat_template_kwargs": {"enable_thinking": False, "hf_token": "not-for-the-record"}}
+    results = run_eval(eval_config(out, eval_data, targets=["base"], base=str(tiny_model_dir), dataset=data,
+                                   generation={"num_prompts": 0}), out)
+    settings = results["settings"]
+    assert settings["multi_turn"] == "per_turn"
+    assert settings["chat_template_kwargs"] == {"enable_thinking": False, "hf_token": "******"}
+    # the two-turn conversation became two rows, one per assistant turn
+    assert results["dataset"]["rows_in"] == 9 and results["dataset"]["rows_used"] == 10
+    assert (results["dataset"]["expansion"]["rows_before"], results["dataset"]["expansion"]["rows_after"]) == (9, 10)
+    assert "multi_turn per_turn, chat_template_kwargs enable_thinking=False, hf_token=******" in \
+        (out / RESULTS_MD).read_text()
+    assert "not-for-the-record" not in (out / RESULTS_JSON).read_text()
+
+
+def test_qlora_base_on_a_plain_lora_adapter_is_one_point_with_a_warning(lora_run, eval_data, tmp_path):
+    from chatft.eval.targets import qlora_base_unused
+
+    cfg = eval_config(tmp_path, eval_data, targets=["adapter"], adapter=str(lora_run.final_dir), qlora_base="both")
+    targets = resolve_targets(cfg)
+    assert [(t.name, t.quantization) for t in targets] == [("adapter", None)]
+    assert "qlora_base=both has no effect" in qlora_base_unused(cfg, targets)
+    assert qlora_base_unused(cfg.model_copy(update={"qlora_base": "as_trained"}), targets) is None
+    with pytest.raises(ChatftError) as err:  # nothing to choose a base for
+        eval_config(tmp_path, eval_data, targets=["base"], base="b", qlora_base="full_precision")
+    assert err.value.id == "config_invalid" and "qlora_base=full_precision" in err.value.message

@@ -84,6 +84,28 @@ def test_a_resumed_qlora_run_equals_the_uninterrupted_one(qlora_run, tiny_model_
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_activation_checkpointing_over_a_4bit_base_trains_the_same_adapter(qlora_run, tiny_model_dir, tmp_path):
+    """Each decoder layer recomputed in the backward, its 4-bit weights dequantized again: the same losses and adapter
+    as the module's run, which keeps the activations."""
+    from safetensors.torch import load_file
+
+    data = write_rows(tmp_path / "train.jsonl", 24)
+    result = run_chatft(*qlora_args(tiny_model_dir, data, tmp_path / "recomputed",
+                                    "distributed.activation_checkpointing=true"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "activation checkpointing: full" in result.stdout
+    assert artifacts.read_manifest(tmp_path / "recomputed" / "final")["metrics"]["activation_checkpointing"] == "full"
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "recomputed") == pytest.approx(losses(qlora_run), abs=1e-6)
+    kept = load_file(str(qlora_run / "final" / "adapter_model.safetensors"))
+    recomputed = load_file(str(tmp_path / "recomputed" / "final" / "adapter_model.safetensors"))
+    assert kept.keys() == recomputed.keys()
+    assert all(torch.allclose(kept[k], recomputed[k], atol=1e-6) for k in kept)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
@@ -251,3 +273,56 @@ def test_an_eval_pass_keeps_the_4bit_layers_trainable_and_in_their_compute_dtype
     x = inputs.clone().requires_grad_(True)
     layer(x).square().sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_eval_scores_a_qlora_adapter_on_its_4bit_and_its_full_precision_base(qlora_run, tiny_model_dir, tmp_path):
+    """`qlora_base=both`: the adapter as trained (4-bit base) and on the unquantized base are two points, each
+    naming its base; the full-precision one is plain PEFT on the float32 base, and the merged model is checked
+    against it with float32's tolerance."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatft.config.schema import ModelSection
+    from chatft.data.pipeline import prepare_training_data
+    from chatft.train import batching, losses
+    from chatft.train.model import load_tokenizer
+
+    merged = tmp_path / "merged"  # plain PEFT's merge into the float32 base: no chatft manifest
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    on_full = PeftModel.from_pretrained(full, qlora_run / "final").eval()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                              qlora_run / "final").merge_and_unload().save_pretrained(merged)
+    load_tokenizer(ModelSection(pretrained_model_name_or_path=str(qlora_run / "final"))).save_pretrained(merged)
+    data = write_rows(tmp_path / "eval.jsonl", 6)
+    args = [f"base={tiny_model_dir}", f"adapter={qlora_run}", f"merged={merged}", "targets=[adapter,merged]",
+            "qlora_base=both", f"dataset.path_or_dataset_id={data}", f"output_dir={tmp_path / 'eval'}",
+            "generation.num_prompts=0"]
+    result = run_chatft("run", "eval/model_eval", "-c", "tiny", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    targets = results["targets"]
+    assert list(targets) == ["adapter", "adapter_on_full_precision", "merged"]
+    as_trained, unquantized = targets["adapter"], targets["adapter_on_full_precision"]
+    recorded = artifacts.read_manifest(qlora_run / "final")["quantization"]
+    assert (as_trained["base_precision"], as_trained["base_quantization"]) == ("4-bit nf4", recorded)
+    assert (unquantized["base_precision"], unquantized["base_quantization"]) == ("float32", None)
+    assert "merged" in targets and "base_precision" not in targets["merged"]
+    assert any("not on the 4-bit NF4" in note for note in unquantized["notes"])
+
+    compiled = compile_config(resolve_step("eval/model_eval"), "tiny", args)
+    tokenizer = load_tokenizer(ModelSection(pretrained_model_name_or_path=str(qlora_run / "final")))
+    rows = prepare_training_data(compiled.validated.dataset, tokenizer).rows
+    expected = losses.score_batches(on_full, batching.micro_batches(rows, 2, 0), torch.device("cpu")).loss
+    assert unquantized["metrics"]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert abs(as_trained["metrics"]["loss"] - expected) > 1e-3  # quantizing the base changes what it scores
+
+    check = results["adapter_vs_merged"]  # the merged model holds the full-precision base: compared with that point
+    assert check["adapter_target"] == "adapter_on_full_precision" and not check["adapter_on_4bit_base"]
+    assert check["tolerance"] == 1e-4 and check["relative_difference"] < 1e-5 and check["passed"]
+    assert "| adapter's base | 4-bit nf4 | float32 | - |" in result.stdout
+    assert "adapter_on_full_precision vs merged: loss" in result.stdout
+    validations = artifacts.read_manifest(qlora_run / "final")["validations"]
+    mine = [v for v in validations if v["eval_results"] == str((tmp_path / "eval" / "eval_results.json").resolve())]
+    assert [(v["target"], v["base_precision"]) for v in mine] == [("adapter", "4-bit nf4"),
+                                                                 ("adapter_on_full_precision", "float32")]
+    assert [v.get("adapter_merged_agreement") for v in mine] == [None, True]

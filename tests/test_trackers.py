@@ -179,6 +179,64 @@ def test_mlflow_file_store_holds_config_steps_and_artifact(tracked, monkeypatch,
     no_file_holds(tracked / "mlruns", SECRET)
 
 
+def test_an_eval_sends_every_target_to_the_trackers(tracked, tiny_model_dir, monkeypatch, tmp_path):
+    """`chatft run eval/model_eval` with training's tracker sections: one run per tracker holding each target's
+    metrics as eval/<target>/<metric> and the results' path; MLflow params split one level deep
+    (`mlflow.flatten_depth=1`), and AutoModel's `mlflow.resume` warned about once (an eval has no run to continue)."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    result = run_chatft("run", "eval/model_eval", "targets=[base,adapter]", f"base={tiny_model_dir}", "adapter=run",
+                        "dataset.path_or_dataset_id=val.jsonl", "dataset.seq_length=128", "generation.num_prompts=1",
+                        "generation.max_new_tokens=4", "generation.scoring=contains", "torch_dtype=float32",
+                        "output_dir=evals/first", "logging.tensorboard=true", "wandb.project=chatft-tests",
+                        f"mlflow.tracking_uri=file:{tracked / 'mlruns'}", "mlflow.experiment_name=chatft-evals",
+                        "mlflow.flatten_depth=1", "mlflow.resume=true", "mlflow.tags.team=chat",
+                        cwd=tracked, env=TRACKER_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.count("warning: `mlflow.resume: true` does not apply: each eval starts an MLflow run") == 1
+    assert result.stderr.count("warning:") == 1
+    out = tracked / "evals" / "first"
+    results_file = (out / "eval_results.json").resolve()
+    results = json.loads(results_file.read_text())
+    expected = {(name, key): value for name, target in results["targets"].items()
+                for key, value in target["metrics"].items()}
+    assert {name for name, _ in expected} == {"base", "adapter"}
+    assert {"loss", "perplexity", "token_accuracy", "contains", "supervised_tokens"} <= {key for _, key in expected}
+
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    for (name, key), value in expected.items():
+        assert [(e.step, e.value) for e in events.Scalars(f"eval/{name}/{key}")] == \
+            [(0, pytest.approx(value, rel=1e-6))], (name, key)
+    (artifact,) = events.Tensors("final_artifact/text_summary")
+    assert tensor_util.make_ndarray(artifact.tensor_proto).item().decode() == str(results_file)
+
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert info.display_name == "first"
+    (history,) = [{item_key(i): json.loads(i.value_json) for i in r.history.item} for r in records
+                  if r.WhichOneof("record_type") == "history"]
+    assert history["_step"] == 0
+    for (name, key), value in expected.items():
+        assert history[f"eval/{name}/{key}"] == pytest.approx(value, rel=1e-9), (name, key)
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file:{tracked / 'mlruns'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("chatft-evals").experiment_id])
+    assert found.info.run_name == "first" and found.info.status == "FINISHED"
+    assert found.data.tags["final_artifact"] == str(results_file) and found.data.tags["team"] == "chat"
+    for (name, key), value in expected.items():
+        history = client.get_metric_history(found.info.run_id, f"eval/{name}/{key}")
+        assert [(m.step, m.value) for m in history] == [(0, pytest.approx(value))], (name, key)
+    params = found.data.params
+    assert params["qlora_base"] == "as_trained" and params["generation.max_new_tokens"] == "4"
+    assert json.loads(params["mlflow.tags"]) == {"team": "chat"} and "mlflow.tags.team" not in params
+    assert "mlflow.resume" not in params
+
+
 def block(package: str, folder: Path) -> dict[str, str]:
     """The environment of a process in which `package` cannot be imported, as where its extra is not installed."""
     folder.mkdir()
@@ -284,3 +342,55 @@ def test_two_processes_make_one_tracker_run(tiny_model_dir, tmp_path, monkeypatc
     client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
     (found,) = client.search_runs(["0"])
     assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [1, 2, 3]
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tiny_model_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    """Three steps with a checkpoint at step 2, then the same run dir resumed from that checkpoint up to step 4:
+    TensorBoard shows each step once, with the resumed attempt's step 3; MLflow and W&B go on in the runs the
+    first attempt started (MLflow's history keeps both values of step 3); `mlflow.resume=false` starts anew."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for key, value in TRACKER_ENV.items():
+        monkeypatch.setenv(key, value)
+    store, run = f"file:{tmp_path / 'mlruns'}", tmp_path / "run"
+    data = helpers.prepared(helpers.chat_rows(tokenizer, 8))
+
+    def attempt(max_steps: int, **more) -> str:
+        cfg = helpers.training_config(tiny_model_dir, run, step_scheduler__max_steps=max_steps,
+                                      step_scheduler__ckpt_every_steps=2, lr_scheduler__lr_decay_style="constant",
+                                      logging__tensorboard=True, wandb={"project": "chatft-tests"},
+                                      mlflow={"tracking_uri": store}, **more)
+        train(cfg, run, data, tokenizer=tokenizer)
+        return capsys.readouterr().out
+
+    attempt(3)
+    first = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    kept = json.loads((run / "trackers.json").read_text())
+    out = attempt(4, checkpoint__resume=str(run / "checkpoints" / "step_2"))
+    assert f"tracking: tensorboard, {run / TENSORBOARD_DIR}, continued after step 2" in out
+    assert "tracking: wandb, offline in " in out and f"continuing run {kept['wandb']['id']}" in out
+    assert f"tracking: mlflow, run {kept['mlflow']['run_id']} at {store}, continued after step 2" in out
+    rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[:2] == first[:2]
+
+    events = EventAccumulator(str(run / TENSORBOARD_DIR))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+
+    client = MlflowClient(tracking_uri=store)
+    (found,) = client.search_runs(["0"])
+    assert found.info.run_id == kept["mlflow"]["run_id"] and found.info.status == "FINISHED"
+    history = [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "train/loss")]
+    assert sorted(history) == sorted((r["step"], r["loss"]) for r in first + rows[2:])
+    assert found.data.params["step_scheduler.max_steps"] == "3"  # MLflow never changes a param
+    assert {a.path for a in client.list_artifacts(found.info.run_id)} == {"config.yaml", "config.resumed-step_2.yaml"}
+
+    run_files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2
+    ids = {r.run.run_id for f in run_files for r in wandb_records(f) if r.WhichOneof("record_type") == "run"}
+    assert ids == {kept["wandb"]["id"]}
+
+    out = attempt(5, checkpoint__resume=str(run / "checkpoints" / "step_4"), mlflow__resume=False)
+    assert len(client.search_runs(["0"])) == 2 and "continued" not in out.split("tracking: mlflow")[1]

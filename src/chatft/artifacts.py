@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from chatft import __version__
+from chatft.errors import ChatftError
 
 MANIFEST_FILE = "chatft_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -235,8 +236,6 @@ def find_adapter_dir(path: str | Path, key: str = "lora_checkpoint") -> Path:
     run dir's `final/`. chatft's `checkpoints/step_N/` hold resume state (trainable weights, optimizer), not a
     loadable adapter, so they never count. Refuses with `adapter_not_found` (or `route_not_supported` for a
     Megatron checkpoint) naming what was found instead."""
-    from chatft.errors import ChatftError
-
     given = Path(path).expanduser()
     if not given.exists():
         raise ChatftError("adapter_not_found", f"{key}={path} does not exist",

@@ -60,7 +60,7 @@ def steps_list(
     produces: Optional[str] = typer.Option(None, "--produces", help="Only steps that produce this artifact type."),
 ) -> None:
     """List the registered steps."""
-    from chatft.steps import show
+    from chatft.steps import show  # per command: chatft --help imports none of it
 
     show.list_steps(as_json=as_json, category=category, consumes=consumes, produces=produces)
 
@@ -71,7 +71,7 @@ def steps_show(
     as_json: bool = typer.Option(False, "--json", help="JSON instead of text."),
 ) -> None:
     """Show one step: consumes, produces, parameters, strategies, errors."""
-    from chatft.steps import show
+    from chatft.steps import show  # per command: chatft --help imports none of it
 
     show.show_step(step_id, as_json=as_json)
 
@@ -103,7 +103,7 @@ def run(
     account: Optional[str] = typer.Option(None, "--account", help="Slurm: the account."),
 ) -> None:
     """Compile a step's config and run it."""
-    from chatft import launch, slurm
+    from chatft import launch, slurm  # per command: chatft --help imports none of it
     from chatft import run as runner
     from chatft.steps.registry import resolve_step
 
@@ -136,7 +136,7 @@ def prep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the compiled config and write nothing."),
 ) -> None:
     """Convert chat data to `messages` JSONL (shorthand for `run data_prep/chat_jsonl`)."""
-    from chatft import run as runner
+    from chatft import run as runner  # per command: chatft --help imports none of it
 
     settings = [f"input={json.dumps(input_path)}", f"output={json.dumps(output)}", f"format={data_format}"]
     if val_fraction is not None:
@@ -172,7 +172,7 @@ def preview(
     """Tokenize and mask a few rows, with length stats and a memory estimate; no training.
 
     `chatft preview peft/automodel -c tiny` previews what `chatft run peft/automodel -c tiny` trains."""
-    from chatft import preview as previewer
+    from chatft import preview as previewer  # per command: chatft --help imports none of it
     from chatft.config.compile import compile_config
     from chatft.run import print_warnings
     from chatft.steps.registry import resolve_step
@@ -206,7 +206,7 @@ def plan(
                                                    help="Fix step_scheduler.local_batch_size (default: 4, lowered to fit)."),
 ) -> None:
     """Route a fine-tuning job to the right chain of steps and write ready configs."""
-    from chatft.plan import PlanRequest, run_plan
+    from chatft.plan import PlanRequest, run_plan  # per command: chatft --help imports none of it
 
     run_plan(PlanRequest(gpus=gpus, model=model, gpu_memory_gb=gpu_memory_gb, nodes=nodes, want=want, data=data,
                          out=out, seq_length=seq_length, local_batch_size=local_batch_size))
@@ -214,15 +214,22 @@ def plan(
 
 @app.command()
 def report(
-    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="A training run dir (checkpoint.checkpoint_dir)."),
-    eval_dirs: Optional[list[str]] = typer.Argument(None, metavar="[EVAL_DIR]...",
-                                                    help="Output dirs of eval/model_eval to show with the run."),
-    out: Optional[str] = typer.Option(None, "-o", "--output", help="Where to write (default: RUN_DIR/report.html)."),
+    first: str = typer.Argument(
+        ..., metavar="DIR",
+        help="A training run dir (checkpoint.checkpoint_dir: it holds job.yaml of a training step, metrics.jsonl or "
+             "final/chatft_manifest.json) or an eval/model_eval output dir (it holds eval_results.json); each DIR "
+             "is told apart by what it holds, in any order, and at least one must be a run."),
+    more: Optional[list[str]] = typer.Argument(None, metavar="[DIR]...",
+                                               help="More run dirs (to compare) and eval output dirs."),
+    out: Optional[str] = typer.Option(
+        None, "-o", "--output",
+        help="Where to write (default: RUN_DIR/report.html for one run, ./compare.html for several)."),
 ) -> None:
-    """Write the run's report.html: job, data, curves, memory, and the eval results given; one offline file."""
-    from chatft.report import write_report
+    """Write a run's report.html (job, data, mask preview, curves, memory, and the eval results given), or, for
+    several run dirs, a comparison: curves overlaid, the settings that differ highlighted. One offline file."""
+    from chatft.report import report_dirs  # per command: chatft --help imports none of it
 
-    print(f"report: {write_report(run_dir, list(eval_dirs or []), out)}")
+    print(f"report: {report_dirs([first, *(more or [])], out)}")
 
 
 def main() -> None:

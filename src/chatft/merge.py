@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatft import artifacts, console
+from chatft import artifacts, console, quantization
 from chatft.adapter_base import read_adapter_config, resolve_adapter_base
 from chatft.config.compile import CompiledConfig
-from chatft.config.schema import MergeConfig
+from chatft.config.schema import MergeConfig, ModelSection
 from chatft.config.secrets import redact
 from chatft.errors import ChatftError
 from chatft.output_paths import check_output_path, held_entries
@@ -351,9 +351,7 @@ def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code
     import torch
     from peft import PeftModel
 
-    from chatft import quantization
-    from chatft.config.schema import ModelSection
-    from chatft.train.model import load_model, pick_device
+    from chatft.train.model import load_model, pick_device  # keeps torch out of the fast CLI path (preflight)
 
     section = ModelSection(pretrained_model_name_or_path=plan.base, revision=plan.base_revision,
                            trust_remote_code=trust_remote_code, **quantization.section_update(record))

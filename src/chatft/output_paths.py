@@ -52,3 +52,22 @@ def held_entries(directory: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.name for p in directory.iterdir() if p.name != JOB_FILE)
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The regular file (or other non-folder) at `directory` or above it that stops it being created."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def refuse_file_in_the_way(directory: Path, key: str, value: str) -> None:
+    """The refusal for an output folder that cannot be created (`key=value` named it), instead of the
+    FileExistsError/NotADirectoryError that `mkdir` would raise."""
+    if (blocking := file_in_the_way(directory)) is not None:
+        raise ChatftError(
+            "config_invalid",
+            f"{key}={value} needs the folder {directory}, but {blocking.resolve()} is a file, not a folder",
+            f"choose another {key}, or move {blocking} out of the way",
+        )

@@ -20,6 +20,10 @@ from typing import Any
 
 from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData, TokenizedRow
+from chatft.data.pipeline import expansion_summary, prepare_training_data
+from chatft.train import batching
+from chatft.train.memory import estimate_memory, row_lengths
+from chatft.train.model import load_tokenizer
 
 POLICY_WORDS = {
     "drop": "dropped (counted)",
@@ -28,7 +32,7 @@ POLICY_WORDS = {
 }
 
 
-def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
+def supervised_segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
     """The row's text in runs of (text, supervised)."""
     segments: list[tuple[str, bool]] = []
     run: list[int] = []
@@ -46,8 +50,6 @@ def _segments(tokenizer: Any, row: TokenizedRow) -> list[tuple[str, bool]]:
 
 def _row_counts(report: Any) -> dict[str, Any]:
     """What a dataset's rows came to: the counts preview reports for training and validation data alike."""
-    from chatft.data.pipeline import expansion_summary
-
     return {"rows_in": report.rows_in, "rows_used": report.rows_used, "dropped_by_reason": report.dropped_by_reason,
             "over_seq_length": report.over_length, "truncated": report.truncated,
             "supervised_tokens": report.supervised_tokens, "total_tokens": report.total_tokens,
@@ -76,8 +78,6 @@ def _stats(data: PreparedData, val_data: PreparedData | None, cfg: TrainingConfi
 
 def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
     """Micro-batch fill over the first epoch, in the order training visits the rows."""
-    from chatft.train import batching
-
     sched, packing = cfg.step_scheduler, cfg.packed_sequence
     lengths = [len(row) for row in data.rows]
     order = batching.epoch_order(lengths, 0, seed=cfg.seed, shuffle=cfg.dataloader.shuffle,
@@ -92,28 +92,23 @@ def _batching(data: PreparedData, cfg: TrainingConfig) -> dict[str, Any]:
 def _memory_estimate(cfg: TrainingConfig, data: PreparedData, val_data: PreparedData | None) -> dict[str, Any]:
     """The training engine's estimate for this config and these rows (validation micro-batches included, as
     training sizes it) on the device training would use."""
-    from chatft.train.memory import estimate_memory, row_lengths
-
     estimate = estimate_memory(cfg, lengths=row_lengths(data, val_data))
     return {"training_mb": round(estimate.training / 2**20), "total_mb": round(estimate.total / 2**20),
             "device": estimate.device, "lora": estimate.lora, "summary": " ".join(estimate.lines())}
 
 
-def _reporting(section: Any) -> Any:
+def reporting_section(section: Any) -> Any:
     """Preview reports over-length rows instead of stopping at the first, as truncation=error would."""
     return section.model_copy(update={"truncation": "drop"}) if section.truncation == "error" else section
 
 
 def preview(cfg: TrainingConfig, *, rows: int, as_json: bool) -> None:
-    from chatft.data.pipeline import prepare_training_data
-    from chatft.train.model import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     # Rows whose template leaves out fields are counted, not refused as training refuses them.
-    data = prepare_training_data(_reporting(cfg.dataset), tokenizer, refuse_template_drops=False)
+    data = prepare_training_data(reporting_section(cfg.dataset), tokenizer, refuse_template_drops=False)
     val_data = None
     if cfg.validation_dataset is not None:
-        val_data = prepare_training_data(_reporting(cfg.validation_dataset), tokenizer, key="validation_dataset",
+        val_data = prepare_training_data(reporting_section(cfg.validation_dataset), tokenizer, key="validation_dataset",
                                          refuse_template_drops=False)
     stats = _stats(data, val_data, cfg, _memory_estimate(cfg, data, val_data))
     shown = data.rows[:rows]
@@ -170,7 +165,7 @@ def _print_human(tokenizer: Any, shown: list[TokenizedRow], stats: dict[str, Any
         counts = f"{row.num_supervised} supervised / {len(row)} tokens"
         console.print(f"[bold]{label}[/bold]: {counts}" if colour else f"{label}: {counts}")
         text = Text()
-        for segment, supervised in _segments(tokenizer, row):
+        for segment, supervised in supervised_segments(tokenizer, row):
             if colour:
                 text.append(segment, style="bold green" if supervised else "dim")
             else:

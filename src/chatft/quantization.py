@@ -150,7 +150,7 @@ def record(model: Any) -> dict[str, Any] | None:
     quant = quantization_config(model)
     if quant is None:
         return None
-    from chatft.train.precision import dtype_name
+    from chatft.train.precision import dtype_name  # torch: this module stays torch-free for merge's preflight
 
     return {"type": quant.bnb_4bit_quant_type, "double_quantization": bool(quant.bnb_4bit_use_double_quant),
             "compute_dtype": dtype_name(quant.bnb_4bit_compute_dtype), "bits": 4, "method": "bitsandbytes",

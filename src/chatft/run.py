@@ -16,19 +16,17 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from chatft import console, launch, slurm
 from chatft.artifacts import package_versions
 from chatft.config.compile import CompiledConfig, compile_config, get_path
+from chatft.config.loader import to_yaml
 from chatft.config.secrets import redact, redact_overrides
 from chatft.errors import ChatftError
+from chatft.output_paths import refuse_file_in_the_way
 from chatft.run_layout import JOB_FILE
 from chatft.steps.registry import resolve_step
-
-
-def to_yaml(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+from chatft.data.guards import check_model_location
 
 
 def host_record(with_device: bool) -> dict[str, Any]:
@@ -48,12 +46,6 @@ def host_record(with_device: bool) -> dict[str, Any]:
     return record
 
 
-def run_dir(compiled: CompiledConfig) -> Path:
-    """The folder a step writes into: its output key's value, or that file's folder."""
-    target = Path(str(get_path(compiled.effective(), compiled.step.output_key)))
-    return target.parent if compiled.step.output_is_file else target
-
-
 def _call(entry_point: str, compiled: CompiledConfig) -> None:
     module_name, _, function_name = entry_point.partition(":")
     getattr(importlib.import_module(module_name), function_name)(compiled)
@@ -64,6 +56,7 @@ def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
         "step": compiled.step.id,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": redact_overrides(argv),
+        "cwd": os.getcwd(),  # where the run's relative paths start: the report's mask preview reads its data there
         "config_files": [str(p) for p in compiled.files],
         "overrides": redact_overrides(compiled.overrides),
         "warnings": compiled.warnings,
@@ -72,25 +65,6 @@ def job_record(compiled: CompiledConfig, argv: list[str]) -> dict[str, Any]:
         "raw": redact(compiled.raw),
         "resolved": redact(compiled.effective()),
     }
-
-
-def file_in_the_way(directory: Path) -> Path | None:
-    """The regular file (or other non-folder) at `directory` or above it that stops it being created."""
-    for candidate in (directory, *directory.parents):
-        if candidate.exists() or candidate.is_symlink():
-            return None if candidate.is_dir() else candidate
-    return None
-
-
-def refuse_file_in_the_way(directory: Path, key: str, value: str) -> None:
-    """The refusal for an output folder that cannot be created (`key=value` named it), instead of the
-    FileExistsError/NotADirectoryError that `mkdir` would raise."""
-    if (blocking := file_in_the_way(directory)) is not None:
-        raise ChatftError(
-            "config_invalid",
-            f"{key}={value} needs the folder {directory}, but {blocking.resolve()} is a file, not a folder",
-            f"choose another {key}, or move {blocking} out of the way",
-        )
 
 
 def make_output_dir(directory: Path, key: str, value: str) -> None:
@@ -108,13 +82,11 @@ def check_training_model(compiled: CompiledConfig) -> None:
     job.yaml is written into a run that cannot start, and before the seconds of importing torch."""
     if compiled.step.config_schema != "training":
         return
-    from chatft.data.guards import check_model_location
-
     check_model_location("model.pretrained_model_name_or_path", compiled.validated.model.pretrained_model_name_or_path)
 
 
 def write_job(compiled: CompiledConfig, argv: list[str]) -> Path:
-    directory = run_dir(compiled)
+    directory = compiled.output_dir()
     make_output_dir(directory, compiled.step.output_key, str(get_path(compiled.effective(), compiled.step.output_key)))
     path = directory / JOB_FILE
     path.write_text(to_yaml(job_record(compiled, argv)))
@@ -176,7 +148,7 @@ def run(step_id: str, config: str | None, overrides: list[str], *, dry_run: bool
     if speaks and place.node_rank in (None, 0):
         write_job(compiled, argv)
     if joined is None and step.config_schema == "training" and compiled.validated.data_parallel_size() > 1:
-        raise SystemExit(launch.launch_training(run_dir(compiled), processes_here, argv,
+        raise SystemExit(launch.launch_training(compiled.output_dir(), processes_here, argv,
                                                 compiled.validated.run.env.nodes, place))
     _call(step.entry_point, compiled)
 
@@ -187,7 +159,7 @@ def _submit_to_slurm(compiled: CompiledConfig, options: slurm.SlurmOptions, *, d
         raise compiled.refusal
     cfg = compiled.validated
     nodes = cfg.run.env.nodes
-    script = slurm.sbatch_script(compiled.step.id, run_dir(compiled), nodes,
+    script = slurm.sbatch_script(compiled.step.id, compiled.output_dir(), nodes,
                                  launch.processes_per_node(cfg.data_parallel_size(), nodes), options,
                                  shlex.join(["chatft", *redact_overrides(argv)]), Path.cwd())
     if dry_run:
@@ -195,4 +167,4 @@ def _submit_to_slurm(compiled: CompiledConfig, options: slurm.SlurmOptions, *, d
         return
     check_training_model(compiled)
     write_job(compiled, argv)
-    slurm.write_and_submit(run_dir(compiled), script, to_yaml(compiled.effective()))
+    slurm.write_and_submit(compiled.output_dir(), script, to_yaml(compiled.effective()))

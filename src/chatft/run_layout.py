@@ -9,6 +9,7 @@ CLI, training, eval, merge and the bench all import, so no module spells them ag
     checkpoints/        CHECKPOINTS: step_N/ and LATEST (their insides: `train.checkpoints`)
     final/              FINAL: the artifact, with chatft_manifest.json
     report.html         REPORT_FILE: the run report (`chatft.report`), written at the end and by `chatft report`
+    trackers.json       TRACKERS_FILE: the W&B and MLflow run ids a resumed run continues (`trackers.continuation`)
     sbatch.sh           SLURM_SCRIPT (--launcher slurm), with SLURM_CONFIG sbatch_config.yaml: the config it runs
     logs/               LOGS_DIR (several processes): rank_N.log per process,
                         launcher_node_K.log (torchrun's agent on node K)
@@ -26,12 +27,14 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 REPORT_FILE = "report.html"
+TRACKERS_FILE = "trackers.json"
 LOGS_DIR = "logs"
 SLURM_SCRIPT = "sbatch.sh"
 SLURM_CONFIG = "sbatch_config.yaml"
 
 # What a run writes besides job.yaml: cleared when `checkpoint.overwrite=true` starts a run over.
-RUN_OUTPUTS = (FINAL, CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, PLOT_FILE, TENSORBOARD_DIR, REPORT_FILE)
+RUN_OUTPUTS = (FINAL, CHECKPOINTS, METRICS_FILE, VALIDATION_FILE, PLOT_FILE, TENSORBOARD_DIR, REPORT_FILE,
+               TRACKERS_FILE)
 
 
 def final_dir(run_dir: Path) -> Path:

@@ -387,6 +387,8 @@ def _translate_other(tr: Translation, schema: str) -> None:
         run = cfg.pop("run")
         for key, value in (run.get("env") or {}).items():
             tr.warn(f"run.env.{key}", value, "chatft runs in the current Python environment")
+    if schema == "eval":
+        _drop_eval_mlflow_resume(tr)
     if schema != "merge":
         return
     if cfg.get("backend") == "megatron_bridge" or any(cfg.get(k) is not None for k in MEGATRON_ROUTE_KEYS):
@@ -400,6 +402,17 @@ def _translate_other(tr: Translation, schema: str) -> None:
     for key in (*MEGATRON_ROUTE_KEYS, *MEGATRON_MERGE_KEYS):  # route keys left null, and the rest
         if key in cfg:
             tr.warn(key, cfg.pop(key), "Megatron-Bridge only; the hf_peft merge does not read it")
+
+
+def _drop_eval_mlflow_resume(tr: Translation) -> None:
+    """AutoModel's `mlflow.resume` continues a training run's MLflow run after a restart; an eval has nothing to
+    continue (each eval is a run of its own), so a config that carries `resume: true` is warned once."""
+    present, value = tr.get("mlflow.resume")
+    if present:
+        tr.pop("mlflow.resume")
+        if value not in (False, None):
+            tr.warn("mlflow.resume", value, "each eval starts an MLflow run of its own; only training runs continue "
+                    "their MLflow run when they resume")
 
 
 def _warn_remote_code(tr: Translation, path: str) -> None:

@@ -57,6 +57,11 @@ class CompiledConfig:
         """The config chatft runs with: every key, defaults filled in, JSON-friendly."""
         return self.validated.model_dump(mode="json")
 
+    def output_dir(self) -> Path:
+        """The folder the step writes into: its output key's value, or that file's folder."""
+        target = Path(str(get_path(self.effective(), self.step.output_key)))
+        return target.parent if self.step.output_is_file else target
+
 
 def find_config(step: Step, name_or_path: str | None) -> Path:
     """`-c` is a file path, or the name of a config in the step's `config/` dir (default: `default`)."""

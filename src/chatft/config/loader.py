@@ -15,6 +15,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from chatft import paths
 from chatft.errors import ChatftError
 
@@ -177,3 +179,7 @@ def resolve_interpolations(config: dict[str, Any]) -> dict[str, Any]:
             f"cannot resolve an interpolation{where}: {str(exc).splitlines()[0]}",
             "set the environment variable it reads, or give the interpolation a default: ${oc.env:VAR,default}",
         ) from None
+
+
+def to_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)

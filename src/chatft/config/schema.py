@@ -253,6 +253,16 @@ class MlflowSection(Section):
     artifact_location: str | None = Field(None, description="artifact root of an experiment chatft creates")
     tags: dict[str, str] | None = None
     description: str | None = Field(None, description="the run's note in the MLflow UI")
+    flatten_depth: int | None = Field(
+        None, ge=0, description="how many levels of the config's sections become dotted params (1: `optimizer.lr`, "
+        "deeper sections as one JSON value); unset: every level")
+
+
+class TrainingMlflowSection(MlflowSection):
+    """A training run's `mlflow:` section: also `resume`, which eval has no use for (each eval is a new run)."""
+
+    resume: bool = Field(True, description="a run resumed from one of its own checkpoints continues its MLflow run "
+                         "(the run id kept in the run dir); false: a new MLflow run")
 
 
 class TrainingConfig(Section):
@@ -277,7 +287,7 @@ class TrainingConfig(Section):
     compile: CompileSection = CompileSection()
     logging: LoggingSection = LoggingSection()
     wandb: WandbSection | None = None
-    mlflow: MlflowSection | None = None
+    mlflow: TrainingMlflowSection | None = None
     force: bool = Field(False, description="run past a failed memory estimate")
 
     @field_validator("peft", mode="before")
@@ -420,9 +430,16 @@ class EvalConfig(Section):
     generation: GenerationSection = GenerationSection()
     torch_dtype: TorchDtype = "auto"
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code")
+    qlora_base: Literal["as_trained", "full_precision", "both"] = Field(
+        "as_trained", description="a QLoRA adapter scored on its base quantized as in training (the `adapter` "
+        "point), on the unquantized base (`adapter_on_full_precision`), or both, as separate points")
     local_batch_size: int = Field(4, ge=1)
     output_dir: str = "runs/eval"
     seed: int = 42
+    # the results go to the same trackers training logs to (`chatft.trackers`), one tracker run per eval
+    logging: LoggingSection = LoggingSection()
+    wandb: WandbSection | None = None
+    mlflow: MlflowSection | None = None
 
     _dtype = field_validator("torch_dtype", mode="before")(normalise_dtype)
 
@@ -435,6 +452,9 @@ class EvalConfig(Section):
         missing = [t for t in self.targets if getattr(self, t) is None]
         if missing:
             raise ValueError(f"targets {self.targets} need paths for: {', '.join(missing)}")
+        if self.qlora_base != "as_trained" and "adapter" not in self.targets:
+            raise ValueError(f"qlora_base={self.qlora_base} chooses the base of the adapter target, which targets "
+                             f"{self.targets} does not include")
         return self
 
 

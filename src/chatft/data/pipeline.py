@@ -27,8 +27,12 @@ from typing import Any, Callable
 
 from chatft import artifacts, console
 from chatft.data import cache
+from chatft.data.chat_templates import (BUNDLED, RENDERS_TOOLS, has_generation_tags, resolve_chat_template,
+                                         strip_generation_tags, template_sha256, training_template_for)
 from chatft.data.guards import check_dataset_path
 from chatft.data.masks import MaskOptions, RowMaskError, TemplateDropsFields, conversation_rows
+from chatft.data.readers import not_utf8_hint
+from chatft.data.sources import read_message_rows
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft.errors import ChatftError
 
@@ -50,9 +54,6 @@ def choose_template(tokenizer: Any, chat_template: str | None) -> TemplateChoice
     """The config's template if it names one, else the tokenizer's; refuse when there is neither. A
     template given in the config is set on the tokenizer without its generation tags (a transformers
     extension other runtimes reject); the tags are still used for the masks."""
-    from chatft.data.chat_templates import BUNDLED, has_generation_tags, resolve_chat_template, \
-        strip_generation_tags, template_sha256, training_template_for
-
     if chat_template:
         template, source = resolve_chat_template(chat_template)
         tokenizer.chat_template = strip_generation_tags(template) if has_generation_tags(template) else template
@@ -183,8 +184,6 @@ def training_rows(report: DataReport) -> int:
 
 def template_drops_error(report: DataReport, key: str) -> ChatftError:
     """The refusal of a dataset whose chat template leaves out fields of some rows' messages."""
-    from chatft.data.chat_templates import RENDERS_TOOLS
-
     fields = report.fields_dropped_by_template
     rows = report.dropped_by_reason.get("template_drops_field", 0)
     found = "; ".join(f"{field} in {count} rows (first: {report.template_drop_examples[field]})"
@@ -290,8 +289,6 @@ def prepare_training_data(
     drops fields of some rows' messages (`template_drops_field`), or cannot render a turn after its own
     generation prompt (`template_not_prefix_stable`), is refused unless `refuse_template_drops` is false
     (preview), when those rows are counted as dropped."""
-    from chatft.data.sources import read_message_rows
-
     log = log or _log
     check_dataset_path(section.path_or_dataset_id, f"{key}.path_or_dataset_id")
     choice = choose_template(tokenizer, section.chat_template)
@@ -386,8 +383,6 @@ def prepare_training_data(
 
 def _warn_about_source(source: Any, path: str, key: str, log: Callable[[str], None]) -> None:
     """What the rows themselves suggest is wrong with the file: another encoding, unrendered prompt templates."""
-    from chatft.data.readers import not_utf8_hint
-
     if count := source.dropped.get("not_utf8"):
         first = ", ".join(map(str, source.examples["not_utf8"]))
         log(f"WARNING {key}: {count} rows are not UTF-8 (first rows: {first}) and were dropped: {not_utf8_hint(path)}")

@@ -31,6 +31,7 @@ from chatft.config.schema import DataPrepConfig
 from chatft.data.formats import Conversation, RowDropped, convert_row, detect_format, unfilled_placeholder
 from chatft.data.readers import Source, SourceRow, not_utf8_hint, open_source
 from chatft.errors import ChatftError
+from chatft.output_paths import refuse_file_in_the_way
 
 REPORT_FILE = "prep_report.json"
 DETECT_ROWS = 20  # object rows that format detection looks at
@@ -366,8 +367,6 @@ def report_path(train: Path) -> Path:
 
 def _refuse_blocked_folders(config: DataPrepConfig, paths: OutputPaths) -> None:
     """An output whose folder cannot exist because a file sits where a folder must be (out.txt/train.jsonl)."""
-    from chatft.run import refuse_file_in_the_way
-
     for key, value, path in (("output", config.output, paths.train),
                              ("validation_output", config.validation_output, paths.validation)):
         if path is not None:

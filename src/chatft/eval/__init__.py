@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import sys
 
+from chatft import console
+
 
 def log(line: str) -> None:
     """Progress and warnings go to stderr; the results table goes to stdout."""
-    print(line, file=sys.stderr, flush=True)
+    if line.startswith("warning: "):
+        console.warning(line.removeprefix("warning: "))
+    else:
+        console.info(line, sys.stderr)

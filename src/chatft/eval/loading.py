@@ -13,7 +13,7 @@ from typing import Any
 
 from chatft import quantization
 from chatft.adapter_base import check_weights
-from chatft.artifacts import read_manifest, text_sha256
+from chatft.artifacts import text_sha256
 from chatft.config.schema import EvalConfig
 from chatft.data.pipeline import TemplateChoice, choose_template
 from chatft.errors import ChatftError
@@ -27,21 +27,26 @@ def load_target_tokenizer(cfg: EvalConfig, target: Target):
     return load_tokenizer(target.model_section(cfg, source), key=target.key if source == target.model else "adapter")
 
 
-def quantization_trained_on(target: Target) -> dict[str, Any] | None:
-    """The adapter target's QLoRA record: how its base was quantized in training (None: an unquantized base)."""
-    if target.adapter_dir is None:
-        return None
-    return (read_manifest(target.adapter_dir) or {}).get("quantization")
+def precision_note(target: Target, dtype_name: str) -> str | None:
+    """What a QLoRA adapter's point says about its base: 4-bit as trained, or the unquantized one."""
+    if target.quantization:
+        return f"scored on its base in {quantization.describe(target.quantization)}, as trained"
+    if target.trained_quantization:
+        return (f"scored on the full-precision base ({dtype_name}), not on the "
+                f"{quantization.describe(target.trained_quantization)} base it was trained on")
+    return None
 
 
 def load_target_model(cfg: EvalConfig, target: Target, device: Any, dtype: Any):
     """The target's model on `device` in `dtype`, in eval mode; the adapter target is its base with the
-    adapter loaded by PEFT, not merged. A QLoRA adapter is scored on its base quantized as in training."""
+    adapter loaded by PEFT, not merged. A QLoRA adapter's base is quantized as `target.quantization` says (as in
+    training), or not at all for its full-precision point."""
     section = target.model_section(cfg)
-    record = quantization_trained_on(target)
+    record = target.quantization
     if record:
         section = section.model_copy(update=quantization.section_update(record))
-        note = f"scored on its base in {quantization.describe(record)}, as trained"
+    note = precision_note(target, str(dtype).removeprefix("torch."))
+    if note:
         target.notes.append(note)
         log(f"{target.name}: {note}")
     model = load_model(section, device, dtype, key=target.key, training=False)

@@ -34,18 +34,28 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
 def agreement_line(check: dict[str, Any] | None) -> str | None:
     if check is None:
         return None
+    point = check.get("adapter_target", "adapter")  # results written before QLoRA points have no name here
     verdict = "PASS" if check["passed"] else "FAIL: the merged model is not this adapter merged into this base"
     if check.get("merged_records_this_adapter") is False:
         verdict += " (its manifest records another adapter)"
     if check.get("adapter_on_4bit_base"):  # losses differ by the quantization of the base: not compared
         recorded = {True: "records this adapter", None: "does not say which adapter it holds"}.get(
             check.get("merged_records_this_adapter"), "records another adapter")
-        return (f"adapter vs merged: loss {check['adapter_loss']:.6f} (adapter on its 4-bit base) vs "
+        return (f"{point} vs merged: loss {check['adapter_loss']:.6f} (adapter on its 4-bit base) vs "
                 f"{check['merged_loss']:.6f} (merged into the full-precision base), not compared; the merged "
                 f"model {recorded}: {'PASS' if check['passed'] else 'FAIL'}")
     sign = "<=" if check["passed"] else ">"
-    return (f"adapter vs merged: loss {check['adapter_loss']:.6f} vs {check['merged_loss']:.6f}, relative difference "
+    return (f"{point} vs merged: loss {check['adapter_loss']:.6f} vs {check['merged_loss']:.6f}, relative difference "
             f"{check['relative_difference']:.1e} {sign} {check['tolerance']:.0e} ({check['dtype']}): {verdict}")
+
+
+def rows_setting(settings: dict[str, Any]) -> str:
+    """How conversations became rows and the template variables, as far as results record them."""
+    parts = [f"multi_turn {settings['multi_turn']}"] if settings.get("multi_turn") else []
+    if settings.get("chat_template_kwargs"):
+        variables = settings["chat_template_kwargs"]
+        parts.append("chat_template_kwargs " + ", ".join(f"{key}={value}" for key, value in variables.items()))
+    return "".join(f", {part}" for part in parts)
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -63,7 +73,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"sha256 {sha}; {dataset['rows_used']} of {dataset['rows_in']} rows scored (dropped: {dropped}), "
         f"{dataset['supervised_tokens']:,} supervised tokens",
         f"- chat template: {template['origin']} ({template['source']}, sha256 {template['sha256'][:12]}), masks by "
-        f"{template['mask_method']}, train_on {settings['train_on']}; identical token ids and masks for every target",
+        f"{template['mask_method']}, train_on {settings['train_on']}{rows_setting(settings)}; identical token ids "
+        "and masks for every target",
         f"- {settings['torch_dtype']} on {settings['device']}, seq_length {settings['seq_length']}; generation: greedy, "
         f"{generation['num_prompts']} prompts, max_new_tokens {generation['max_new_tokens']}, "
         f"scoring {generation['scoring']}",
@@ -78,6 +89,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     if scoring != "none" and generation["num_prompts"]:
         counts = [(targets[n]["metrics"][scoring], targets[n]["metrics"]["scored_prompts"]) for n in names]
         metric_rows.append([scoring.replace("_", " ")] + [f"{round(share * n)}/{n}" for share, n in counts])
+    if any(targets[n].get("base_precision") for n in names):  # a QLoRA adapter: which base each point used
+        metric_rows.append(["adapter's base"] + [targets[n].get("base_precision") or "-" for n in names])
     metric_rows.append(["model fingerprint"] + [(targets[n]["model_fingerprint"] or "unknown")[:12] for n in names])
     metric_rows.append(["validation recorded"] + [
         "yes" if targets[n].get("validation_recorded") else "no manifest" for n in names])

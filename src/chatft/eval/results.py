@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chatft import artifacts
+from chatft import artifacts, console
 from chatft.config.schema import EvalConfig
 from chatft.config.secrets import redact
 from chatft.eval import log
@@ -34,12 +34,15 @@ def validation_record(target: Target, scores: Scores, created: str, results_path
         "dataset_sha256": scores.dataset["sha256"], "rows": scores.dataset["rows_used"],
         "metrics": scores.targets[target.name]["metrics"],
         "chat_template_sha256": scores.settings["chat_template"]["sha256"],
+        "multi_turn": scores.settings["multi_turn"], "chat_template_kwargs": scores.settings["chat_template_kwargs"],
         "torch_dtype": scores.settings["torch_dtype"], "eval_results": str(results_path.resolve()),
     }
     if target.adapter_dir is not None:
         record["base"] = target.model
-    if scores.agreement is not None and target.name in ("adapter", "merged"):
-        record["adapter_merged_agreement"] = scores.agreement["passed"]
+        record["base_precision"] = scores.targets[target.name]["base_precision"]
+    check = scores.agreement
+    if check is not None and target.name in (check["adapter_target"], "merged"):
+        record["adapter_merged_agreement"] = check["passed"]
     return record
 
 
@@ -81,6 +84,6 @@ def write_results(cfg: EvalConfig, targets: list[Target], scores: Scores, output
                                            encoding="utf-8")
     table = render_markdown(results)
     (output_dir / RESULTS_MD).write_text(table, encoding="utf-8")
-    print(table, flush=True)
-    print(f"results: {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}", flush=True)
+    console.result(table)
+    console.result(f"results: {output_dir / RESULTS_JSON} and {output_dir / RESULTS_MD}")
     return results

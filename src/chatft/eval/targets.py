@@ -2,14 +2,17 @@
 
 In: an `EvalConfig`. Out: one `Target` per name in `targets` (base | adapter | merged): a model dir (a training run
 dir means its final/) or a Hub id; for the adapter, the adapter dir and the base it loads on, decided by
-`chatft.adapter_base` (the rule convert/merge_lora uses). `checked_targets` adds the refusals that need no model:
-the data path, and an output_dir inside an input. Torch-free: `chatft run` calls it before job.yaml is written.
+`chatft.adapter_base` (the rule convert/merge_lora uses). A QLoRA adapter (its manifest records a 4-bit base) is
+one or two points, as `qlora_base` asks: `adapter` on its base quantized as in training, and/or
+`adapter_on_full_precision` on the unquantized base. `checked_targets` adds the refusals that need no model: the
+data path, and an output_dir inside an input. Torch-free: `chatft run` calls it before job.yaml is written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from chatft import artifacts
 from chatft.adapter_base import AdapterBase, resolve_adapter_base
@@ -20,17 +23,21 @@ from chatft.output_paths import check_output_path
 from chatft.run_layout import final_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# The point of a QLoRA adapter scored on the unquantized base (`qlora_base: full_precision | both`).
+ADAPTER_ON_FULL_PRECISION = "adapter_on_full_precision"
 
 
 @dataclass
 class Target:
     """One validation point: what to load, and where its tokenizer and manifest are."""
 
-    name: str  # base | adapter | merged
+    name: str  # base | adapter | adapter_on_full_precision | merged
     model: str  # a model dir or Hub id; for the adapter target, the base it is loaded on
     revision: str | None = None
     adapter_dir: Path | None = None  # adapter target only
     adapter_base: AdapterBase | None = None  # adapter target: its base, how it was chosen and checked
+    trained_quantization: dict[str, Any] | None = None  # a QLoRA adapter: how its base was quantized in training
+    quantization: dict[str, Any] | None = None  # how the base is quantized here (None: full precision)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -102,10 +109,32 @@ def resolve_targets(cfg: EvalConfig) -> list[Target]:
             adapter_dir = artifacts.find_adapter_dir(cfg.adapter, key="adapter")  # a run dir means its final/
             base = resolve_adapter_base(adapter_dir, "base", cfg.base,
                                         locate=lambda value: resolve_model_path("base", value))
-            targets.append(Target(name, base.name_or_path, base.revision, adapter_dir=adapter_dir, adapter_base=base))
+            trained = (artifacts.read_manifest(adapter_dir) or {}).get("quantization")
+            for point, quantization in adapter_points(cfg.qlora_base, trained):
+                targets.append(Target(point, base.name_or_path, base.revision, adapter_dir=adapter_dir,
+                                      adapter_base=base, trained_quantization=trained, quantization=quantization))
         else:
             targets.append(Target(name, resolve_model_path(name, getattr(cfg, name))))
     return targets
+
+
+def adapter_points(qlora_base: str, trained: dict[str, Any] | None) -> list[tuple[str, dict[str, Any] | None]]:
+    """The adapter's validation points, each a name and the quantization its base is loaded with. A plain LoRA
+    adapter is one point whatever `qlora_base` says (`qlora_base_unused` warns); a QLoRA adapter is scored on
+    its 4-bit base as trained (`adapter`), on the unquantized base (`adapter_on_full_precision`), or both."""
+    if trained is None:
+        return [("adapter", None)]
+    points = {"as_trained": [("adapter", trained)], "full_precision": [(ADAPTER_ON_FULL_PRECISION, None)]}
+    return points["as_trained"] + points["full_precision"] if qlora_base == "both" else points[qlora_base]
+
+
+def qlora_base_unused(cfg: EvalConfig, targets: list[Target]) -> str | None:
+    """The warning for a `qlora_base` that asks for a full-precision point of an adapter trained on one."""
+    adapter = next((t for t in targets if t.adapter_dir is not None), None)
+    if cfg.qlora_base == "as_trained" or adapter is None or adapter.trained_quantization is not None:
+        return None
+    return (f"qlora_base={cfg.qlora_base} has no effect: the adapter {adapter.adapter_dir} was trained on a "
+            "full-precision base (its manifest records no quantization), so it is scored once, as `adapter`")
 
 
 def check_output_dir(output_dir: Path, targets: list[Target], dataset_path: str) -> None:

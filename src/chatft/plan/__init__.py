@@ -78,8 +78,9 @@ def _memory(request: PlanRequest) -> tuple[int, str | None]:
         return int(request.gpu_memory_gb * GB), None
     if request.gpus > 0:
         return int(DEFAULT_GPU_GB * GB), f"no --gpu-memory-gb: assumed {DEFAULT_GPU_GB:.0f} GB per GPU (A100/H100 80GB)"
-    from chatft.train.memory import free_memory
     import torch
+
+    from chatft.train.memory import free_memory  # torch loads for a CPU plan only, not when plan starts
 
     free = free_memory(torch.device("cpu")) or 16 * GB
     return free, f"--gpus 0 (CPU) and no --gpu-memory-gb: this machine's free memory, {free / GB:,.1f} GB"
@@ -114,7 +115,7 @@ def make_plan(request: PlanRequest) -> Plan:
 
 def run_plan(request: PlanRequest) -> Plan:
     """`chatft plan`: print the plan; write its configs and plan.md; raise the refusal if there is one."""
-    from chatft.plan import output
+    from chatft.plan import output  # imports this package: a top-level import would be a cycle
 
     plan = make_plan(request)
     if plan.decision.refusal is not None:

@@ -18,6 +18,8 @@ from pathlib import Path
 from chatft.data.guards import check_dataset_path
 from chatft.data.locations import looks_like_hub_id
 from chatft.errors import ChatftError
+from chatft.data.formats import RowDropped, convert_row, detect_format
+from chatft.data.readers import open_source
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -97,9 +99,6 @@ def inspect_data(path: str | None) -> DataFacts:
 
 
 def _read(path: str) -> DataFacts:
-    from chatft.data.formats import RowDropped, convert_row, detect_format
-    from chatft.data.readers import open_source
-
     try:
         source = open_source(path)
         rows = list(source.rows)

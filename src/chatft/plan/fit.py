@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from chatft.config.schema import TrainingConfig
 from chatft.plan.models import ModelFacts
 
 GB = 2**30
@@ -51,7 +52,7 @@ class Layout:
 
     @property
     def slack(self) -> float:
-        from chatft.train.memory import CUDA_SLACK
+        from chatft.train.memory import CUDA_SLACK  # torch loads when an estimate is made, not when plan starts
 
         return CUDA_SLACK if self.gpus > 0 else 1.0
 
@@ -113,8 +114,7 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     `lora_first` rule compares against) and DDP for LoRA. `quantization` (LoRA only): the base in 4 bits."""
     import torch
 
-    from chatft.config.schema import TrainingConfig
-    from chatft.train.memory import estimate_memory
+    from chatft.train.memory import estimate_memory  # torch loads when an estimate is made, not when plan starts
 
     strategy = strategy or ("single" if layout.world == 1 else "ddp" if lora else "fsdp2")
     cfg = TrainingConfig.model_validate({

@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from chatft.config.schema import TrainingConfig
 from chatft.data.locations import looks_like_path
 from chatft.errors import ChatftError
 
@@ -144,8 +145,7 @@ class ModelFacts:
 
 @cache
 def _meta_from_dir(config_dir: str) -> Any:
-    from chatft.config.schema import TrainingConfig
-    from chatft.train.memory import meta_model
+    from chatft.train.memory import meta_model  # torch loads when a model is sized, not when plan starts
 
     cfg = TrainingConfig.model_validate({"model": {"pretrained_model_name_or_path": config_dir},
                                          "dataset": {"path_or_dataset_id": "unused"}})

@@ -22,11 +22,13 @@ from typing import Any
 
 import yaml
 
+from chatft.config.compile import compile_config
+from chatft.config.loader import load_with_defaults
 from chatft.plan import Plan
 from chatft.plan.chain import PlannedStep
 from chatft.plan.fit import GB, GpuEstimate, Layout, estimate
-from chatft.train.distributed import strategy_for
 from chatft.steps.registry import all_steps
+from chatft.train.distributed import strategy_for
 
 DEFAULT_GLOBAL_BATCH = 32
 VAL_FRACTION = 0.05
@@ -129,8 +131,6 @@ def step_settings(plan: Plan, step: PlannedStep) -> dict[str, Any]:
 
 
 def _default_config(step_id: str) -> tuple[Path, dict[str, Any]]:
-    from chatft.config.loader import load_with_defaults
-
     path = all_steps()[step_id].config_dir / "default.yaml"
     return path, load_with_defaults(path)[0]
 
@@ -209,8 +209,6 @@ def plan_command(plan: Plan, *, gpus: int | None = None, nodes: int | None = Non
 
 def write(plan: Plan) -> list[tuple[PlannedStep, Path]]:
     """Write each step's config and plan.md under the plan dir; check each config compiles."""
-    from chatft.config.compile import compile_config
-
     plan.out.mkdir(parents=True, exist_ok=True)
     written = []
     for index, step in enumerate(plan.chain.steps, start=1):

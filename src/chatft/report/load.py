@@ -1,9 +1,11 @@
-"""Reading what a run dir (and an eval output dir) holds, for the report; nothing here loads a model or torch.
+"""Reading what run dirs and eval output dirs hold, for the report, and telling them apart by their content;
+nothing here loads a model or torch.
 
-In: a training run dir (`checkpoint.checkpoint_dir`: job.yaml, metrics.jsonl, validation.jsonl, final/ with
+In: training run dirs (`checkpoint.checkpoint_dir`: job.yaml, metrics.jsonl, validation.jsonl, final/ with
 chatft_manifest.json; any of them may be missing while a run is under way or after it was stopped) and eval
-output dirs (eval_results.json, or that file itself). Out: a `RunRecord` / `EvalRecord`, or
-`ChatftError(config_invalid)` naming what the path is instead.
+output dirs (eval_results.json, or that file itself), in any order. A dir is a run when it has job.yaml of a
+training step, metrics.jsonl or final/chatft_manifest.json; else an eval dir when it has eval_results.json.
+Out: `RunRecord`s / `EvalRecord`s, or `ChatftError(config_invalid)` naming what a path is instead.
 """
 
 from __future__ import annotations
@@ -100,37 +102,45 @@ def _eval_file(path: Path) -> Path | None:
     return None
 
 
+USAGE = ("pass training run dirs (checkpoint.checkpoint_dir: job.yaml of a training step, metrics.jsonl or "
+         "final/chatft_manifest.json) and eval/model_eval output dirs (eval_results.json), in any order, e.g. "
+         "`chatft report runs/tiny-peft runs/eval`; several run dirs make a comparison")
+
+
+def is_training_run(path: Path) -> bool:
+    """What tells a run dir apart: job.yaml of a training step, metrics.jsonl, or final/chatft_manifest.json."""
+    return path.is_dir() and (_read_job(path / JOB_FILE).get("step") in TRAINING_STEPS
+                              or (path / METRICS_FILE).is_file()
+                              or artifacts.read_manifest(final_dir(path)) is not None)
+
+
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read a training run dir; anything else is refused with what it is and what to pass instead."""
     run_dir = Path(run_dir)
-    usage = "pass the run's checkpoint.checkpoint_dir (the dir with job.yaml and metrics.jsonl), e.g. " \
-            "`chatft report runs/tiny-peft`; eval output dirs come after it: `chatft report RUN_DIR EVAL_DIR`"
     if not run_dir.is_dir():
-        raise ChatftError("config_invalid", f"{run_dir} is not a directory", usage)
-    job = _read_job(run_dir / JOB_FILE)
-    manifest = artifacts.read_manifest(final_dir(run_dir))
-    metrics_path = run_dir / METRICS_FILE
-    if job.get("step") not in TRAINING_STEPS and not metrics_path.is_file() and manifest is None:
-        what = "no job.yaml of a training step, no metrics.jsonl and no final/chatft_manifest.json"
-        if _eval_file(run_dir) is not None:
-            what = f"an eval output dir ({EVAL_RESULTS}), not a training run"
-        elif job.get("step"):
-            what = f"the output of {job['step']}, not a training run"
-        raise ChatftError("config_invalid", f"{run_dir} is not a training run dir: {what}", usage)
-    return RunRecord(run_dir, job, manifest, by_step(read_jsonl(metrics_path)),
-                     by_step(read_jsonl(run_dir / VALIDATION_FILE)))
+        raise ChatftError("config_invalid", f"{run_dir} is not a directory", USAGE)
+    if not is_training_run(run_dir):
+        raise ChatftError("config_invalid", f"{run_dir} is not a training run dir: {_what_it_is(run_dir)}", USAGE)
+    return RunRecord(run_dir, _read_job(run_dir / JOB_FILE), artifacts.read_manifest(final_dir(run_dir)),
+                     by_step(read_jsonl(run_dir / METRICS_FILE)), by_step(read_jsonl(run_dir / VALIDATION_FILE)))
+
+
+def _what_it_is(path: Path) -> str:
+    step = _read_job(path / JOB_FILE).get("step")
+    if _eval_file(path) is not None:
+        return f"an eval output dir ({EVAL_RESULTS}), not a training run"
+    if step:
+        return f"the output of {step}, neither a training run nor an eval's output"
+    return f"no job.yaml of a training step, no metrics.jsonl, no final/chatft_manifest.json and no {EVAL_RESULTS}"
 
 
 def load_eval(path: str | Path) -> EvalRecord:
     """Read an eval output dir (or its eval_results.json)."""
     path = Path(path)
     found = _eval_file(path)
-    hint = "pass the output_dir of `chatft run eval/model_eval` (it holds eval_results.json) after the run dir"
     if found is None:
-        if path.is_dir() and (path / METRICS_FILE).is_file():
-            raise ChatftError("not_available_yet", f"{path} is a training run dir: comparing several runs in one "
-                              "report is not available yet", "report each run on its own: `chatft report RUN_DIR`")
-        raise ChatftError("config_invalid", f"{path} has no {EVAL_RESULTS}", hint)
+        raise ChatftError("config_invalid", f"{path} has no {EVAL_RESULTS}", USAGE)
+    hint = "pass the output_dir of `chatft run eval/model_eval` (it holds eval_results.json)"
     try:
         results = json.loads(found.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -138,3 +148,29 @@ def load_eval(path: str | Path) -> EvalRecord:
     if not isinstance(results, dict) or not isinstance(results.get("targets"), dict):
         raise ChatftError("config_invalid", f"{found} has no `targets`: not written by eval/model_eval", hint)
     return EvalRecord(found, results)
+
+
+def load_dirs(paths: list[str | Path]) -> tuple[list[RunRecord], list[EvalRecord]]:
+    """Sort the given dirs by their content into training runs and eval outputs (a dir that is both a run and
+    holds eval_results.json counts as a run); refuses a dir that is neither, one given twice, or no run at all."""
+    runs: list[RunRecord] = []
+    evals: list[EvalRecord] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ChatftError("config_invalid", f"{path} does not exist", USAGE)
+        key = path.resolve()
+        if key in seen:
+            raise ChatftError("config_invalid", f"{path} is given twice", "name each run or eval dir once")
+        seen.add(key)
+        if is_training_run(path):
+            runs.append(load_run(path))
+        elif _eval_file(path) is not None:
+            evals.append(load_eval(path))
+        else:
+            raise ChatftError("config_invalid", f"{path} is not a training run dir nor an eval output dir: "
+                              f"{_what_it_is(path)}", USAGE)
+    if not runs:
+        raise ChatftError("config_invalid", f"no training run dir among {', '.join(map(str, paths))}", USAGE)
+    return runs, evals

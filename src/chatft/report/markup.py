@@ -1,4 +1,4 @@
-"""The few HTML pieces the report is made of: escaped text, tables, numbers.
+"""The few HTML pieces the report is made of: escaped text, tables, numbers, and the document around them.
 
 Everything that comes from a run (paths, config values, data, model answers) goes through `esc`: html.escape
 with quotes, and control characters other than tab and newline shown as `\\xNN` (a model's answer may hold them).
@@ -86,13 +86,44 @@ svg .tick{font-size:10px;fill:var(--muted)}svg .axis{font-size:11px;fill:var(--m
 .series circle.pt{fill:currentColor;fill-opacity:0}.series circle.pt:hover{fill-opacity:1;stroke:#000}
 .series circle.pt.dot{fill-opacity:1}
 .ref line{stroke:#cf222e;stroke-dasharray:6 4;stroke-width:1.2}.ref text{font-size:10px;fill:#cf222e}
-.s0{color:#0969da}.s1{color:#bc4c00}.s2{color:#1a7f37}.s3{color:#8250df}
+.s0{color:#0969da}.s1{color:#bc4c00}.s2{color:#1a7f37}.s3{color:#8250df}.s4{color:#cf222e}.s5{color:#1b7c83}
+.s6{color:#9a6700}.s7{color:#6e7781}
+figure.chart-box{position:relative}figure.live svg.chart{cursor:crosshair;user-select:none}
+svg .guide{stroke:#57606a;stroke-dasharray:3 3;display:none}.hovering svg .guide{display:inline}
+svg .selection{fill:#0969da;fill-opacity:.12;display:none}.selecting svg .selection{display:inline}
+.series circle.hover{fill:currentColor;stroke:#fff;stroke-width:1.5}
+.tip{position:absolute;display:none;pointer-events:none;background:#fff;border:1px solid var(--line);
+ border-radius:6px;padding:4px 8px;font-size:12px;box-shadow:0 2px 8px rgba(0,0,0,.12);white-space:nowrap;z-index:2}
+.hovering .tip{display:block}.tip .row::before{content:"";display:inline-block;width:8px;height:8px;
+ border-radius:4px;background:currentColor;margin-right:5px}
+button.unzoom{display:none;float:right;font:12px system-ui,sans-serif;padding:0 8px;cursor:pointer}
+.zoomed button.unzoom{display:inline-block}
 rect.bar.s0{fill:#0969da}rect.bar.s1{fill:#bc4c00}
 .key{font-weight:400;font-size:12px;margin-left:12px}.key::before{content:"";display:inline-block;width:14px;
  height:3px;background:currentColor;vertical-align:middle;margin-right:4px}
 .gens{display:grid;gap:8px;margin-bottom:14px}
 .gen{border:1px solid var(--line);border-radius:6px;padding:6px 8px;min-width:0}
 .gen h4{margin:0 0 4px;font-size:13px}.gen.ref{background:var(--soft)}
+pre.mask{border:1px solid var(--line);border-radius:6px;padding:6px 8px;background:#fff;color:var(--muted)}
+pre.mask mark{background:#dafbe1;color:#116329;font-weight:600;border-radius:2px}
+pre.mask .sp{border:1px dashed #8250df;border-radius:3px;color:#8250df;padding:0 1px}
+.legend mark{background:#dafbe1;color:#116329;font-weight:600}.legend .sp{border:1px dashed #8250df;color:#8250df}
+table.diff tr.differs td,table.diff tr.differs th{background:#fff8c5}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
 footer{margin-top:36px;color:var(--muted);font-size:12px}
 """
+
+
+def _script() -> str:
+    """charts.js, to inline: the report fetches nothing, so the script travels inside the page."""
+    from importlib import resources
+
+    return resources.files("chatft.report").joinpath("charts.js").read_text(encoding="utf-8")
+
+
+def document(title: str, body: str) -> str:
+    """The whole page around `body`: inline CSS and script, no URL."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>{body}"
+            f"<script>{_script()}</script></body></html>\n")

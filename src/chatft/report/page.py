@@ -1,7 +1,8 @@
-"""The run report's page: the job, the data, the curves, memory, recorded validations and eval results.
+"""The run report's page: the job, the data, the mask preview, the curves, memory, recorded validations and eval
+results.
 
-In: a `RunRecord` (load.py). Out: the text of one self-contained HTML document: inline CSS and inline SVG, no
-script, no URL. A run under way or stopped (no final/ yet) gets what its job.yaml and metrics.jsonl hold.
+In: a `RunRecord` (load.py). Out: the text of one self-contained HTML document: inline CSS, SVG and script, no
+URL. A run under way or stopped (no final/ yet) gets what its job.yaml and metrics.jsonl hold.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from chatft import __version__
 from chatft.report.evals import eval_section
 from chatft.report.load import RunRecord
-from chatft.report.markup import STYLE, code, esc, kv_table, note, num, section, table
+from chatft.report.mask_preview import mask_preview, mask_section
+from chatft.report.markup import code, document, esc, kv_table, note, num, section, table
 from chatft.report.svg import Series, bars, line_chart
 
 
@@ -23,7 +25,7 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def _status(run: RunRecord) -> str:
+def status_badge(run: RunRecord) -> str:
     max_steps = _get(run.config, "step_scheduler.max_steps")
     last = run.metrics[-1]["step"] if run.metrics else 0
     if run.finished:
@@ -39,7 +41,7 @@ def _header(run: RunRecord, sections: list[tuple[str, str]]) -> str:
     links = "".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title in sections)
     return (f"<header><h1>chatft run report: {esc(run.run_dir.name or run.run_dir)}</h1>"
             f'<p class="sub">{esc(job.get("step") or manifest.get("kind") or "training run")} · '
-            f"{code(run.run_dir.resolve())} · {_status(run)}</p>"
+            f"{code(run.run_dir.resolve())} · {status_badge(run)}</p>"
             + (f'<p class="sub">command: {command}</p>' if command else "") + f"<nav>{links}</nav></header>")
 
 
@@ -157,7 +159,8 @@ def data_section(run: RunRecord) -> str:
     return section("data", "Data", body)
 
 
-def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+def step_points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(step, value) for the rows that have a number under `key`."""
     return [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))
             and not isinstance(row.get(key), bool)]
 
@@ -166,16 +169,16 @@ def curves_section(run: RunRecord) -> str:
     train, val = run.metrics, run.validation
     estimate = run.run_metrics.get("memory_estimate_mb")
     charts = [
-        line_chart("loss", [Series("train loss", _points(train, "loss"), "s0"),
-                            Series("validation loss", _points(val, "loss"), "s1", markers_only=True)],
+        line_chart("loss", [Series("train loss", step_points(train, "loss"), "s0"),
+                            Series("validation loss", step_points(val, "loss"), "s1", markers_only=True)],
                    y_label="loss per supervised token"),
-        line_chart("learning rate", [Series("lr", _points(train, "lr"), "s2")], y_label="lr"),
-        line_chart("gradient norm", [Series("grad_norm", _points(train, "grad_norm"), "s3")],
+        line_chart("learning rate", [Series("lr", step_points(train, "lr"), "s2")], y_label="lr"),
+        line_chart("gradient norm", [Series("grad_norm", step_points(train, "grad_norm"), "s3")],
                    y_label="norm before clipping"),
-        line_chart("throughput", [Series("tokens/s", _points(train, "tokens_per_s"), "s0")], y_label="tokens/s"),
-        line_chart("peak memory", [Series("peak MB", _points(train, "peak_mem_mb"), "s1")], y_label="MB",
+        line_chart("throughput", [Series("tokens/s", step_points(train, "tokens_per_s"), "s0")], y_label="tokens/s"),
+        line_chart("peak memory", [Series("peak MB", step_points(train, "peak_mem_mb"), "s1")], y_label="MB",
                    hlines=[(estimate, "estimate")] if isinstance(estimate, (int, float)) else []),
-        line_chart("validation token accuracy", [Series("token accuracy", _points(val, "token_accuracy"), "s1",
+        line_chart("validation token accuracy", [Series("token accuracy", step_points(val, "token_accuracy"), "s1",
                                                         markers_only=True)], y_label="share of tokens"),
     ]
     charts = [chart for chart in charts if chart]
@@ -183,7 +186,8 @@ def curves_section(run: RunRecord) -> str:
         return section("curves", "Curves", note("no step logged yet (metrics.jsonl is empty)"))
     return section("curves", "Curves", f'<div class="charts">{"".join(charts)}</div>'
                    + note(f"{len(train)} step(s) from metrics.jsonl, {len(val)} validation(s) from "
-                          "validation.jsonl; hover a point for its value"))
+                          "validation.jsonl; hover a chart for its values, drag across it to zoom, double-click to "
+                          "zoom out"))
 
 
 def memory_section(run: RunRecord) -> str:
@@ -231,17 +235,14 @@ def _footer(run: RunRecord) -> str:
 
 def render(run: RunRecord) -> str:
     """The whole document."""
-    sections = [("job", "Job"), ("data", "Data"), ("curves", "Curves"), ("memory", "Memory")]
+    sections = [("job", "Job"), ("data", "Data"), ("masks", "Masks"), ("curves", "Curves"), ("memory", "Memory")]
     validations = validations_section(run)
     if validations:
         sections.append(("validations", "Validations"))
     evals = "".join(eval_section(record) for record in run.evals)
     if evals:
         sections.append(("evals", "Evaluation"))
-    body = (_header(run, sections) + job_section(run) + data_section(run) + curves_section(run)
-            + memory_section(run) + validations + (section("evals", "Evaluation", evals) if evals else "")
-            + _footer(run))
-    title = f"chatft report: {run.run_dir.name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
+    body = (_header(run, sections) + job_section(run) + data_section(run) + mask_section(mask_preview(run))
+            + curves_section(run) + memory_section(run) + validations
+            + (section("evals", "Evaluation", evals) if evals else "") + _footer(run))
+    return document(f"chatft report: {run.run_dir.name}", body)

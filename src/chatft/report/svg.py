@@ -1,15 +1,18 @@
-"""Line charts as inline SVG, drawn by hand so that report.html needs no script, stylesheet or image from anywhere.
+"""Line charts as inline SVG, drawn here so that report.html reads without its script and fetches nothing.
 
 In: one or more `Series` (name, (x, y) points, a CSS class for its colour) and optional horizontal reference
-lines. Out: the text of one `<svg>` element (no xmlns: inline SVG in HTML needs none, and the report holds no
-URL). Every plotted point carries a `<title>` (`step 3: loss 6.92978`) that browsers show on hover; above
-`MAX_MARKERS` points per series the markers are thinned evenly (the first and last always kept), and above
-`MAX_LINE_POINTS` the line keeps each bucket's lowest and highest point, so a long run's spikes still show.
-Non-finite values (a skipped float16 step's inf loss) are left out.
+lines. Out: one `<figure>`: the chart as `<svg>` text (no xmlns: inline SVG in HTML needs none, and the report
+holds no URL) and, in its `data-chart` attribute, the points as JSON for charts.js, which adds hover values and
+drag-to-zoom. Without script every plotted point still carries a `<title>` (`step 3: loss 6.92978`) that browsers
+show on hover; above `MAX_MARKERS` points per series the markers are thinned evenly (the first and last always
+kept), and above `MAX_LINE_POINTS` the line keeps each bucket's lowest and highest point, so a long run's spikes
+still show (the JSON holds the line's points as drawn). Non-finite values (a skipped float16 step's inf loss)
+are left out.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from html import escape
@@ -80,9 +83,47 @@ def _thin_markers(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return [points[i] for i in sorted(picked | {len(points) - 1})]
 
 
+def _number(value: float) -> float | int:
+    """A value as the chart's JSON carries it: steps as integers, measurements at full precision (the hover
+    shows them with `fmt`, as the titles do)."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+
+def chart_data(series: list[Series], x_range: tuple[float, float], y_range: tuple[float, float],
+               x_label: str, hlines: list[tuple[float, str]]) -> str:
+    """What charts.js needs to redraw a chart when zoomed and to name values on hover, as JSON: the plot box,
+    the ranges drawn, and each series' points as drawn (the thinned line, or a dotted series' markers)."""
+    payload = {
+        "box": [LEFT, TOP, WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM], "x": list(x_range), "y": list(y_range),
+        "xl": x_label, "ref": [[value, label] for value, label in hlines if math.isfinite(value)],
+        "series": [{"name": s.name, "css": s.css, "dots": s.markers_only,
+                    "pts": [[_number(x), _number(y)] for x, y in (_thin_markers(s.finite) if s.markers_only
+                                                                  else _thin_line(s.finite))]}
+                   for s in series],
+    }
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
+def _axes(px, py, x_range: tuple[float, float], y_range: tuple[float, float]) -> str:
+    """Grid lines and tick labels of both axes (charts.js draws them again for a zoomed range)."""
+    x_low, x_high = x_range
+    parts = []
+    for tick in nice_ticks(*y_range):
+        y = py(tick)
+        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                     f'<text class="tick y" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(tick)}</text>')
+    for tick in (t for t in nice_ticks(x_low, x_high) if float(t).is_integer() or x_high - x_low < 4):
+        x = px(tick)
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}"/>'
+                     f'<text class="tick x" x="{x:.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{fmt(tick)}'
+                     "</text>")
+    return '<g class="axes">' + "".join(parts) + "</g>"
+
+
 def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str = "step",
                hlines: list[tuple[float, str]] = ()) -> str:
-    """One chart; an empty string when no series has a finite point."""
+    """One chart; an empty string when no series has a finite point. The series and reference lines are drawn
+    inside a nested <svg> the size of the plot, which clips them when charts.js zooms in."""
     drawn = [s for s in series if s.finite]
     if not drawn:
         return ""
@@ -102,20 +143,14 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
 
     parts = [f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
              f"<title>{escape(title)}</title>",
-             f'<rect class="plot" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>']
-    for tick in nice_ticks(y_low, y_high):
-        y = py(tick)
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(tick)}</text>')
-    x_ticks = [t for t in nice_ticks(x_low, x_high) if float(t).is_integer() or x_high - x_low < 4]
-    for tick in x_ticks:
-        x = px(tick)
-        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
-                     f'<text class="tick" x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{fmt(tick)}</text>')
-    parts.append(f'<text class="axis" x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 3}" '
-                 f'text-anchor="middle">{escape(x_label)}</text>')
-    parts.append(f'<text class="axis" transform="translate(12 {TOP + plot_h / 2:.1f}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_label)}</text>')
+             f'<rect class="plot" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>',
+             _axes(px, py, (x_low, x_high), (y_low, y_high)),
+             f'<text class="axis" x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 3}" '
+             f'text-anchor="middle">{escape(x_label)}</text>',
+             f'<text class="axis" transform="translate(12 {TOP + plot_h / 2:.1f}) rotate(-90)" '
+             f'text-anchor="middle">{escape(y_label)}</text>',
+             f'<svg class="area" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" '
+             f'viewBox="{LEFT} {TOP} {plot_w} {plot_h}">']
     for value, label in hlines:
         if math.isfinite(value):
             y = py(value)
@@ -127,14 +162,15 @@ def line_chart(title: str, series: list[Series], *, y_label: str, x_label: str =
         dashed = " dashed" if item.markers_only else ""
         parts.append(f'<g class="series {escape(item.css)}"><polyline class="line{dashed}" points="{line}"/>')
         radius, dot = (3, " dot") if item.markers_only else (4, "")
-        for x, y in _thin_markers(item.finite):  # invisible until hovered, except validation's few dots
+        for x, y in _thin_markers(item.finite):  # hover targets without script; validation's few dots are shown
             parts.append(f'<circle class="pt{dot}" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}">'
                          f"<title>{escape(x_label)} {fmt(x)}: {escape(item.name)} {fmt(y)}</title></circle>")
         parts.append("</g>")
-    parts.append("</svg>")
+    parts.append("</svg></svg>")
     legend = "".join(f'<span class="key {escape(s.css)}">{escape(s.name)}</span>' for s in drawn) \
         if len(drawn) > 1 or hlines else ""
-    return (f'<figure class="chart-box"><figcaption>{escape(title)}{legend}</figcaption>'
+    data = escape(chart_data(drawn, (x_low, x_high), (y_low, y_high), x_label, hlines))
+    return (f'<figure class="chart-box" data-chart="{data}"><figcaption>{escape(title)}{legend}</figcaption>'
             + "".join(parts) + "</figure>")
 
 

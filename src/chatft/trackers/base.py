@@ -19,13 +19,17 @@ class Tracker(Protocol):
         """Where to look at the started run: a folder, a URL, a run id."""
 
     def log(self, prefix: str, row: dict[str, Any]) -> None:
-        """Record a row's numbers at its `step`, named `<prefix>/<key>` (prefix: train or validation)."""
+        """Record a row's numbers at its `step`, named `<prefix>/<key>` (prefix: train, validation, or
+        eval/<target> for an eval's results)."""
 
     def artifact(self, path: Path) -> None:
         """Record where the run's final artifact is."""
 
     def close(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, KILLED (stopped by a signal, resumable) or FAILED."""
+
+    def identity(self) -> dict[str, Any] | None:
+        """What reopens the started run when training resumes (`continuation`); None: nothing to reopen."""
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Which trackers a training config turns on.
+"""Which trackers a training or eval config turns on (both have the same `logging`, `wandb` and `mlflow` sections).
 
 TensorBoard is on with `logging.tensorboard: true`. A `wandb:` section is on when its project resolves to a name,
 an `mlflow:` section when its tracking URI does: the config's value, else the library's own environment variable
@@ -12,8 +12,10 @@ import importlib
 import os
 from dataclasses import dataclass
 
-from chatft.config.schema import TrainingConfig
+from chatft.config.schema import EvalConfig, TrainingConfig
 from chatft.errors import ChatftError
+
+TrackedConfig = TrainingConfig | EvalConfig
 
 
 @dataclass(frozen=True)
@@ -34,26 +36,26 @@ EXTRAS = {
 }
 
 
-def wandb_project(cfg: TrainingConfig) -> str | None:
+def wandb_project(cfg: TrackedConfig) -> str | None:
     if cfg.wandb is None:
         return None
     return cfg.wandb.project or os.environ.get("WANDB_PROJECT") or None
 
 
-def mlflow_tracking_uri(cfg: TrainingConfig) -> str | None:
+def mlflow_tracking_uri(cfg: TrackedConfig) -> str | None:
     if cfg.mlflow is None:
         return None
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def trackers_on(cfg: TrainingConfig) -> list[str]:
+def trackers_on(cfg: TrackedConfig) -> list[str]:
     """The names of the trackers this config turns on, in EXTRAS order."""
     on = {"tensorboard": cfg.logging.tensorboard, "wandb": wandb_project(cfg) is not None,
           "mlflow": mlflow_tracking_uri(cfg) is not None}
     return [name for name in EXTRAS if on[name]]
 
 
-def off_lines(cfg: TrainingConfig) -> list[str]:
+def off_lines(cfg: TrackedConfig) -> list[str]:
     """One info line for each tracker section that is set but resolves to off."""
     lines = []
     if cfg.wandb is not None and wandb_project(cfg) is None:
@@ -63,7 +65,7 @@ def off_lines(cfg: TrainingConfig) -> list[str]:
     return lines
 
 
-def require_extras(cfg: TrainingConfig) -> None:
+def require_extras(cfg: TrackedConfig) -> None:
     """Refuse, before anything loads, a tracker the config turns on whose package is not installed."""
     for name in trackers_on(cfg):
         extra = EXTRAS[name]

@@ -25,6 +25,7 @@ from chatft.config.schema import LoraSection, ModelSection
 from chatft.errors import ChatftError
 from chatft.train import recompute
 from chatft.train.precision import dtype_name
+from chatft.data.guards import check_model_location
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -109,8 +110,6 @@ def load_errors(key: str, value: str, revision: str | None = None) -> Iterator[N
     """A model, tokenizer or adapter that cannot be found or read is a refusal naming the config key, not a
     traceback. A missing path, or an uncached Hub id offline, is refused before the load starts: transformers
     would report the path as a malformed Hub id, and asking the Hub only delays the same answer."""
-    from chatft.data.guards import check_model_location
-
     check_model_location(key, value)
     try:
         yield

@@ -18,6 +18,7 @@ from typing import Any
 
 from chatft.config.schema import TrainingConfig
 from chatft.errors import ChatftError
+from chatft.data.sources import data_sha256
 
 # Dotted keys (or section prefixes ending in ".") whose change leaves the trained model and data position alone.
 SAFE_KEYS = (
@@ -72,8 +73,6 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
 
 
 def training_data_sha256(cfg: TrainingConfig) -> str | None:
-    from chatft.data.sources import data_sha256
-
     return data_sha256(cfg.dataset.path_or_dataset_id)
 
 

@@ -107,9 +107,7 @@ def _train(cfg: TrainingConfig, run_dir: Path, world: distributed.World, train_d
 
 def run_step(compiled: CompiledConfig) -> None:
     """`chatft run sft/automodel|peft/automodel`: train; a run stopped by a signal exits with its status."""
-    from chatft.run import run_dir
-
-    result = train(compiled.validated, run_dir(compiled), resolved_config=compiled.effective(),
+    result = train(compiled.validated, compiled.output_dir(), resolved_config=compiled.effective(),
                    resume_command=resume_command())
     if result.stopped_by is not None:
         raise SystemExit(result.exit_code)
