@@ -30,7 +30,8 @@ def train(work: Path, model: Path, run: str, *flags: str):
     return run_chatft(*flags, "run", "peft/automodel", "-c", "tiny", f"model.pretrained_model_name_or_path={model}",
                       "dataset.path_or_dataset_id=train.jsonl", f"checkpoint.checkpoint_dir={run}",
                       "step_scheduler.max_steps=2", "step_scheduler.global_batch_size=4",
-                      "step_scheduler.local_batch_size=2", cwd=work)
+                      "step_scheduler.local_batch_size=2", cwd=work,
+                      env={"CHATFT_CACHE_DIR": str(work / f"cache-{run}")})  # each run tokenizes: progress to see
 
 
 def json_lines(text: str) -> list[dict]:
@@ -42,6 +43,7 @@ def test_text_output_reports_progress_in_plain_lines_when_not_a_terminal(work, t
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"tokenizing dataset: {ROWS:,}/{ROWS:,} rows (" in result.stderr
     assert "step 1/2" in result.stdout and "done: 2 steps" in result.stdout
+    assert "\r" not in result.stdout + result.stderr  # lines, not a bar redrawn in place
 
 
 def test_json_lines_carry_every_event_and_nothing_else(work, tiny_model_dir):
