@@ -229,7 +229,7 @@ def report(
     several run dirs, a comparison: curves overlaid, the settings that differ highlighted. One offline file."""
     from chatft.report import report_dirs  # per command: chatft --help imports none of it
 
-    print(f"report: {report_dirs([first, *(more or [])], out)}")
+    console.result(f"report: {report_dirs([first, *(more or [])], out)}")
 
 
 def main() -> None:

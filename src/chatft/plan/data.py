@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatft.data.formats import RowDropped, convert_row, detect_format
 from chatft.data.guards import check_dataset_path
 from chatft.data.locations import looks_like_hub_id
-from chatft.errors import ChatftError
-from chatft.data.formats import RowDropped, convert_row, detect_format
 from chatft.data.readers import open_source
+from chatft.errors import ChatftError
 
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4

@@ -114,9 +114,10 @@ def estimate(model: ModelFacts, layout: Layout, *, lora: bool, seq_length: int, 
     `lora_first` rule compares against) and DDP for LoRA. `quantization` (LoRA only): the base in 4 bits."""
     import torch
 
-    from chatft.train.memory import estimate_memory  # torch loads when an estimate is made, not when plan starts
+    from chatft.train.distributed import strategy_for  # torch loads when an estimate is made, not when plan starts
+    from chatft.train.memory import estimate_memory
 
-    strategy = strategy or ("single" if layout.world == 1 else "ddp" if lora else "fsdp2")
+    strategy = strategy or strategy_for(None, layout.world, lora)  # training's own rule for `auto`
     cfg = TrainingConfig.model_validate({
         "model": {"pretrained_model_name_or_path": model.location, "torch_dtype": layout.dtype,
                   "quantization": quantization if lora else None},

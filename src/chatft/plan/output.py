@@ -193,20 +193,6 @@ def command(plan: Plan, step: PlannedStep, path: Path) -> str:
     return shlex.join(argv)
 
 
-def plan_command(plan: Plan, *, gpus: int | None = None, nodes: int | None = None, want: str | None = None) -> str:
-    """`chatft plan` again with another layout or output: a plan whose every command runs today."""
-    request, layout = plan.request, plan.facts.layout
-    gpus = layout.gpus if gpus is None else gpus
-    nodes = layout.nodes if nodes is None else nodes
-    parts = ["chatft", "plan", "--gpus", str(gpus)] + (["--nodes", str(nodes)] if nodes > 1 else [])
-    parts += ["--gpu-memory-gb", f"{layout.memory / GB:g}", "--model", request.model]
-    for flag, value in (("--want", want or request.want), ("--data", request.data),
-                        ("--seq-length", request.seq_length), ("--local-batch-size", request.local_batch_size)):
-        if value is not None:
-            parts += [flag, str(value)]
-    return shlex.join(parts)
-
-
 def write(plan: Plan) -> list[tuple[PlannedStep, Path]]:
     """Write each step's config and plan.md under the plan dir; check each config compiles."""
     plan.out.mkdir(parents=True, exist_ok=True)

@@ -104,27 +104,27 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    written_here: list[str] = []  # what rank 0 writes and flushes itself (DCP and the other ranks flush theirs)
     if sharded:
         world.barrier()  # the empty dir exists before any process writes into it
         sharding.save_sharded(model, optimizer, tmp / SHARDED)
         torch.save(rng_state(), tmp / rng_file(world.rank))
         _fsync(tmp / rng_file(world.rank))
         world.barrier()  # every process's part is on disk
-        written = [SHARDED, *(rng_file(rank) for rank in range(world.size))]
+        if world.is_main:
+            _check_shared(tmp, [SHARDED, *(rng_file(rank) for rank in range(world.size))], world)
     elif world.is_main:
         save_file(trainable_state(model), str(tmp / WEIGHTS))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch.save(rng_state(), tmp / RNG)
-        written = [WEIGHTS, OPTIMIZER, RNG]
+        written_here = [WEIGHTS, OPTIMIZER, RNG]
     if world.is_main:
-        _check_shared(tmp, written, world)
         python_rng = random.getstate()
         full_state = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
                       "layout": SHARDED if sharded else "files", "world_size": world.size}
         (tmp / STATE).write_text(json.dumps(full_state, indent=2) + "\n", encoding="utf-8")
-        for name in (*written, STATE):
-            if (tmp / name).is_file():  # DCP flushed its own files
-                _fsync(tmp / name)
+        for name in (*written_here, STATE):
+            _fsync(tmp / name)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -66,12 +66,12 @@ class Trainer(Resumable, Finishing):
     - `final/`: a `save_pretrained` dir or a PEFT adapter, tokenizer included, with `chatft_manifest.json`.
 
     Several processes (`World`, started by torchrun): each takes its share of a step's rows, balanced by tokens
-    (`batching.step_rows`); the step's supervised tokens, its loss and the validation sums are added across processes, and so are the
-    gradients, so a step trains exactly what one process would. Strategy `ddp`: weights and optimizer states are
-    replicated and the gradients added once per optimizer step (`distributed.World.reduce_gradients`); `fsdp2`:
-    they are split across the processes (`sharding`), each pass gathers a layer's weights and reduce-scatters its
-    gradients, and every process runs the same number of passes. Rank 0 alone logs and saves; the places that
-    differ are marked "ranks".
+    (`batching.step_rows`); the step's supervised tokens, its loss and the validation sums are added across
+    processes, and so are the gradients, so a step trains exactly what one process would. Strategy `ddp`: weights
+    and optimizer states are replicated and the gradients added once per optimizer step
+    (`distributed.World.reduce_gradients`); `fsdp2`: they are split across the processes (`sharding`), each pass
+    gathers a layer's weights and reduce-scatters its gradients, and every process runs the same number of passes.
+    Rank 0 alone logs; checkpoints are a collective (`resumable`). The places that differ are marked "ranks".
     """
 
     def __init__(

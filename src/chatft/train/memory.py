@@ -62,7 +62,7 @@ class MemoryEstimate:
     compute_copies: int = 0
     quantization: str | None = None  # QLoRA: the 4-bit type of the base (its copies: one dequantized layer)
     # FSDP2 (`sharding`): weights, gradients and optimizer states above are one process's shards; `gathered` is
-    # what it holds whole beyond them while it computes (`fsdp2_gathered`)
+    # what it holds whole beyond them while it computes (`_sharded`)
     strategy: str = "single"
     world_size: int = 1
     gathered: int = 0
@@ -99,8 +99,9 @@ class MemoryEstimate:
         what = "dequantized copies" if self.quantization else "autocast copies"
         copies = f" + {what} {mb(self.compute_copies)}" if self.compute_copies else ""
         copies += f" + gathered layers {mb(self.gathered)}" if self.gathered else ""
-        where = self.device if self.strategy == "single" else f"{self.device}, per process: {self.strategy} over " \
-                                                                f"{self.world_size} processes"
+        where = self.device
+        if self.strategy != "single":
+            where += f", per process: {self.strategy} over {self.world_size} processes"
         lines = [
             f"memory estimate ({kind}, {where}): {mb(self.total)} = weights {mb(self.weights)}{copies} + "
             f"gradients {mb(self.gradients)} + optimizer {mb(self.optimizer)} + activations {mb(self.activations)} + "
