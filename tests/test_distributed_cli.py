@@ -118,6 +118,27 @@ def test_fsdp2_master_weights_below_float32_train_what_one_process_trains(work, 
     assert metrics.get("loss_scaling", False) == (dtype == "float16")
 
 
+def test_fsdp2_with_stochastic_rounding_rounds_as_one_process_does(work, tiny_model_dir):
+    """bfloat16 weights without a float32 copy, each process updating its rows: the random bits of each weight are
+    a hash of its place in the whole tensor, so the shards round as one process rounds (exactly, for the same
+    gradients: tests/test_sharding.py). What differs here is the gradients' bfloat16 reduction across processes,
+    which moves some updates across a rounding threshold: measured 7% of the moved weights (independent random
+    bits would round about a third of them differently)."""
+    settings = ("model.torch_dtype=bfloat16", "optimizer.master_weights=stochastic_rounding")
+    train(work, tiny_model_dir, "full", "rounding-1", 1, *settings)
+    result = train(work, tiny_model_dir, "full", "rounding-2", 2, *settings)
+    assert "FSDP2: weights" in result.stdout
+    first, second = losses(work / "rounding-1"), losses(work / "rounding-2")
+    assert len(first) == len(second) == 3 and max(abs(a - b) for a, b in zip(first, second)) < 5e-3, (first, second)
+    one, two = weights(work / "rounding-1"), weights(work / "rounding-2")
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    moved = sum(int((one[k] != start[k].to(one[k].dtype)).sum()) for k in one)
+    differ = sum(int((one[k] != two[k]).sum()) for k in one)
+    assert moved > 0 and differ < 0.15 * moved, (moved, differ)
+    metrics = json.loads((work / "rounding-2" / "final" / "chatft_manifest.json").read_text())["metrics"]
+    assert metrics["precision"]["weight_update"] == "stochastic rounding" and metrics["strategy"] == "fsdp2"
+
+
 def test_fsdp2_recomputes_activations_as_one_process_does(work, tiny_model_dir):
     """Activation checkpointing wraps each decoder layer, which FSDP2 shards as a unit: both together train what one
     process without recomputation trains."""

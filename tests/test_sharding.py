@@ -1,17 +1,22 @@
-"""The pieces of FSDP2 training that do not need several processes: which strategy a run takes, what the sharded
-path refuses, how a files-layout optimizer state is named for the sharded path, and the sharded (DCP) checkpoint
-read back in one process. Two processes through the CLI: tests/test_distributed_cli.py."""
+"""The pieces of FSDP2 training that do not need several processes: which strategy a run takes, the dtype layers are
+gathered in, how a files-layout optimizer state is named for the sharded path, and the sharded (DCP) checkpoint
+read back in one process, and stochastic rounding on FSDP2's shards. Two processes through the CLI: tests/test_distributed_cli.py."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from chatft.errors import ChatftError
 from chatft.train import sharding
 from chatft.train.distributed import strategy_for
 from chatft.train.precision import precision_for
+from chatft.train.stochastic_rounding import StochasticRoundingAdamW
 
 
 @pytest.mark.parametrize("configured,world,lora,expected", [
@@ -21,19 +26,6 @@ from chatft.train.precision import precision_for
 ])
 def test_the_strategy_a_run_takes(configured, world, lora, expected):
     assert strategy_for(configured, world, lora) == expected
-
-
-def test_what_the_sharded_path_does_not_do_yet_is_refused_by_name():
-    with pytest.raises(ChatftError) as refused:
-        sharding.check_supported(precision_for(torch.bfloat16, False, "stochastic_rounding"))
-    assert refused.value.id == "not_available_yet" and "stochastic rounding" in str(refused.value)
-    assert "distributed.strategy=ddp" in refused.value.hint
-
-
-@pytest.mark.parametrize("dtype,master", [(torch.float32, "auto"), (torch.bfloat16, "auto"),
-                                          (torch.bfloat16, "float32"), (torch.float16, "auto")])
-def test_master_weights_and_float32_are_sharded(dtype, master):
-    sharding.check_supported(precision_for(dtype, False, master))
 
 
 @pytest.mark.parametrize("dtype,lora,master,gathered", [
@@ -98,3 +90,47 @@ def test_a_sharded_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     with pytest.raises(ChatftError) as refused:
         sharding.load_sharded(other, torch.optim.AdamW(other.parameters()), tmp_path / "sharded", where="step_1")
     assert refused.value.id == "config_invalid" and "step_1 does not fit this model" in str(refused.value)
+
+
+# --------------------------------------------------------------------------- stochastic rounding of shards
+
+SHAPES = [(7, 5), (3,), (10, 4)]  # 7 rows over 3 processes: 3, 3 and 1; 3 over 2: 2 and 1
+
+
+def _round_shards(rank: int, world: int, port: int, out: str) -> None:
+    """Three AdamW steps with stochastic rounding over parameters split as FSDP2 splits them (`Shard(0)` DTensors,
+    gloo), the same gradients at every world size; rank 0 saves the gathered weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    start = [torch.randn(shape).to(torch.bfloat16) for shape in SHAPES]
+    gradients = [[torch.randn(shape).to(torch.bfloat16) for shape in SHAPES] for _ in range(3)]
+    params = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in start]
+    optimizer = StochasticRoundingAdamW([{"params": params[:2], "weight_decay": 0.1},
+                                         {"params": params[2:], "weight_decay": 0.0}], lr=1e-3, seed=3)
+    for step in gradients:
+        for param, gradient in zip(params, step):
+            param.grad = distribute_tensor(gradient.clone(), mesh, [Shard(0)])
+        optimizer.step()
+    weights = [param.full_tensor() for param in params]
+    if rank == 0:
+        torch.save(weights, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_stochastic_rounding_of_shards_equals_one_process(tmp_path):
+    results = {}
+    for world in (1, 2, 3):
+        mp.spawn(_round_shards, args=(world, _free_port(), str(tmp_path / f"{world}.pt")), nprocs=world)
+        results[world] = torch.load(tmp_path / f"{world}.pt")
+    for world in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(results[1], results[world])), world

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from chatft.train.step import train
 from chatft.train.precision import precision_for
-from chatft.train.stochastic_rounding import StochasticRoundingAdamW, round_stochastically
+from chatft.train.stochastic_rounding import StochasticRoundingAdamW, random_low_bits, round_stochastically, \
+    rounding_key
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 helpers = load_module_from_path("chatft_tests_train_rows", Path(__file__).parent / "fixtures" / "train_rows.py")
@@ -49,23 +50,44 @@ def test_float16_full_sft_refuses_to_drop_its_master_weights(tiny_model_dir, tmp
                             optimizer__master_weights="none")  # LoRA: no effect, not an error
 
 
+def _noise(count: int, key: int = 7) -> torch.Tensor:
+    return random_low_bits(key, 0, count, torch.device("cpu"))
+
+
 def test_stochastic_rounding_is_unbiased_and_exact_on_bfloat16_values():
-    generator = torch.Generator().manual_seed(0)
     exact = torch.randn(1000).to(BF16)
     out = torch.empty_like(exact)
-    round_stochastically(exact.float(), out, generator)
+    round_stochastically(exact.float(), out, _noise(1000))
     assert torch.equal(out, exact)  # a bfloat16 value is never moved
     # 1.0 + a quarter of bfloat16's step at 1.0 (2**-7): rounds up a quarter of the time, so the mean is kept
     values = torch.full((200_000,), 1.0 + 2.0**-9)
-    round_stochastically(values.clone(), out := torch.empty(200_000, dtype=BF16), generator)
+    round_stochastically(values.clone(), out := torch.empty(200_000, dtype=BF16), _noise(200_000))
     assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2.0**-7}
     assert out.float().mean().item() == pytest.approx(1.0 + 2.0**-9, abs=2e-5)
     negative = torch.full((200_000,), -(1.0 + 2.0**-9))
-    round_stochastically(negative, out, generator)
+    round_stochastically(negative, out, _noise(200_000, key=8))
     assert out.float().mean().item() == pytest.approx(-(1.0 + 2.0**-9), abs=2e-5)
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
-    round_stochastically(special.clone(), out := torch.empty(4, dtype=BF16), generator)
+    round_stochastically(special.clone(), out := torch.empty(4, dtype=BF16), _noise(4))
     assert out[0] == float("inf") and out[1] == float("-inf") and out[2].isnan() and out[3] == 0
+
+
+def test_the_random_bits_are_uniform_and_depend_only_on_the_key_and_the_element():
+    bits = _noise(1 << 20)
+    assert bits.dtype == torch.int32 and bits.min() >= 0 and bits.max() < 1 << 16
+    # every one of the 16 bits is set half the time, and neighbouring elements do not follow each other
+    for bit in range(16):
+        assert ((bits >> bit) & 1).float().mean().item() == pytest.approx(0.5, abs=3e-3), bit
+    centred = bits.double() - bits.double().mean()
+    assert (centred[1:] * centred[:-1]).mean().item() / centred.var().item() == pytest.approx(0.0, abs=5e-3)
+    # the bits of elements 1000.. are the same whether asked for alone (a process holding rows from there) or
+    # within the whole tensor: what makes a sharded update round as one process's does
+    assert torch.equal(random_low_bits(7, 1000, 500, torch.device("cpu")), bits[1000:1500])
+    # and differ with the step, the parameter and the seed
+    keys = {rounding_key(0, 1, 0), rounding_key(0, 2, 0), rounding_key(0, 1, 1), rounding_key(1, 1, 0)}
+    assert len(keys) == 4
+    assert not torch.equal(random_low_bits(rounding_key(0, 1, 0), 0, 64, torch.device("cpu")),
+                           random_low_bits(rounding_key(0, 2, 0), 0, 64, torch.device("cpu")))
 
 
 def test_stochastic_rounding_adamw_follows_float32_adamw():

@@ -152,7 +152,6 @@ class Trainer(Resumable, Finishing):
         if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
         if self.strategy == "fsdp2":  # after the probes too: they run the decoder outside the sharding root
-            sharding.check_supported(self.precision)
             self.sharded = sharding.Sharded(self.model, self.world, self.device, self.precision)
             self.notes.append(f"FSDP2: weights, gradients and optimizer states split over {self.world_size} "
                               f"processes in {self.sharded.units} units (each decoder layer, and the rest)")

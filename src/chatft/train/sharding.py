@@ -89,18 +89,6 @@ def gather_dtype(precision: Precision) -> torch.dtype | None:
     return precision.compute if precision.autocast and precision.weights != precision.compute else None
 
 
-def check_supported(precision: Precision) -> None:
-    """Refuse what the sharded path does not do yet (its optimizer sees DTensor shards)."""
-    if not precision.stochastic_rounding:
-        return
-    raise ChatftError(
-        "not_available_yet",
-        "distributed.strategy=fsdp2 with stochastic rounding of sharded bfloat16 weights is not implemented yet",
-        "use model.torch_dtype=bfloat16 with optimizer.master_weights=float32 (the default), "
-        "or distributed.strategy=ddp",
-    )
-
-
 def grad_scaler(sharded: Sharded | None, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     """float16's dynamic loss scaler. Sharded, each process sees only its shards of the gradients, so whether any
     of them overflowed is agreed across the processes (torch's `ShardedGradScaler` adds the overflow flags) before
