@@ -559,3 +559,22 @@ def test_cli_plans_and_writes_plan_md(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "plan.md").is_file() and (tmp_path / "out" / "2-peft.yaml").is_file()
     bad = chatft("plan", "--gpus", "1", "--model", SMOL, "--want", "everything", cwd=tmp_path)
     assert "--want everything" in error_block(bad, "config_invalid")
+
+
+def test_tool_call_data_is_counted_as_data_prep_keeps_it(tmp_path):
+    """The planner converts rows as prep does (tool-call shapes mapped, the text before a call merged with it), so
+    its clean rows are prep's rows and their lengths count the calls."""
+    call = {"from": "function_call", "value": json.dumps({"name": "water_needs", "arguments": {"plant": "fern"}})}
+    rows = [{"conversations": [{"from": "human", "value": "How often should I water a fern?"},
+                               {"from": "gpt", "value": "Let me check."}, call,
+                               {"from": "observation", "value": '{"days": 3}'},
+                               {"from": "gpt", "value": "Every three days."}]}] * 3
+    rows.append({"conversations": [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "{}"}]})
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepped = chatft("prep", str(raw), "-o", str(tmp_path / "out.jsonl"), cwd=tmp_path)
+    assert prepped.returncode == 0, prepped.stderr
+    report = json.loads((tmp_path / "prep_report.json").read_text())
+    data = plan(data=str(raw), out=str(tmp_path / "plan")).facts.data
+    assert data.rows_clean == report["rows_out"] == 3 and sum(data.dropped.values()) == 1
+    assert data.token_quantiles["max"] > 10 + len(call["value"]) // 4  # the call's arguments are counted

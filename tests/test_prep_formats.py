@@ -206,3 +206,84 @@ def test_messages_of_the_wrong_type_is_named_not_listed_as_missing():
     with pytest.raises(ChatftError) as caught:  # a list serialised as a JSON string: say how to decode it
         detect_format([{"messages": json.dumps([{"role": "user", "content": "hi"}])}], "chosen", "rows.jsonl")
     assert "JSON text" in caught.value.message and "fromjson" in caught.value.hint
+
+
+# --------------------------------------------------------------------------- ToolACE: Python-style calls
+
+TOOLACE_PROMPT = ("Here is a list of functions in JSON format that you can invoke:\n[]\nShould you decide to return the "
+                  "function call(s), Put it in the format of [func1(params_name=params_value, params_name2="
+                  "params_value2...), func2(params)]")
+BFCL_PROMPT = ("If you decide to invoke any of the function(s), you MUST put it in the format of "
+               "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]")
+
+
+def toolace_row(reply: str, system: str = TOOLACE_PROMPT) -> dict:
+    return {"system": system, "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": reply}]}
+
+
+def test_toolace_is_detected_by_its_call_format_prompt_and_is_ambiguous_beside_plain_sharegpt():
+    assert detect_format([toolace_row("[f(a=1)]"), toolace_row("[f(a=1)]", BFCL_PROMPT)], "chosen", "t") == "toolace"
+    as_messages = {"messages": [{"role": "system", "content": TOOLACE_PROMPT}, user("q"), assistant("[f(a=1)]")]}
+    assert detect_format([as_messages], "chosen", "t") == "toolace"
+    system_turn = {"conversations": [{"from": "system", "value": TOOLACE_PROMPT}, {"from": "human", "value": "q"}]}
+    assert detect_format([system_turn], "chosen", "t") == "toolace"
+    asked_by_user = {"conversations": [{"from": "human", "value": TOOLACE_PROMPT}, {"from": "gpt", "value": "ok"}]}
+    assert detect_format([asked_by_user], "chosen", "t") == "sharegpt"  # only a system prompt says how to call
+    plain = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "[f(a=1)]"}]}
+    assert detect_format([plain], "chosen", "t") == "sharegpt"
+    with pytest.raises(ChatftError) as ambiguous:
+        detect_format([toolace_row("[f(a=1)]"), plain], "chosen", "t")
+    assert "toolace (rows 1)" in ambiguous.value.message and "sharegpt (rows 2)" in ambiguous.value.message
+
+
+@pytest.mark.parametrize(("reply", "arguments"), [
+    ("[f()]", [{}]),
+    ("[f(a=1, b=-2.5, c=None, d=False)]", [{"a": 1, "b": -2.5, "c": None, "d": False}]),
+    ("[f(q='a, b(c)] d', xs=[1, (2, 3)], m={'k': {'n': 'v'}})]", [{"q": "a, b(c)] d", "xs": [1, [2, 3]],
+                                                                     "m": {"k": {"n": "v"}}}]),
+    ('[f(a="""x\ny"""),\n g(b=1),]', [{"a": "x\ny"}, {"b": 1}]),  # a trailing comma, as Python allows
+])
+def test_toolace_call_arguments_are_read_as_literals(reply, arguments):
+    calls = convert_row(toolace_row(reply), "toolace").messages[-1]["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == arguments
+
+
+@pytest.mark.parametrize(("reply", "detail"), [
+    ("[f(a=x)]", "argument a is not a literal"),
+    ("[f(a=__import__('os').getcwd())]", "argument a is not a literal"),  # a call is never made
+    ("[f(a={1, 2})]", "argument a is not a literal JSON can hold"),  # a set
+    ("[f(a=1e999)]", "argument a is not a literal JSON can hold"),  # inf
+    ("[f(1)]", "has an argument without a name"),
+    ("[f(**kw)]", "has an argument without a name"),
+    ("[f(a=1, a=2)]", "gives a twice"),
+    ("[f(a=1) g(b=2)]", "no comma between its calls"),
+    ("[f(a=1), 3]", "something other than calls"),
+    ("[f(a=1)] then text", "something other than calls"),
+    ("[f(a=1), [g(b=2)]]", "no call name"),
+    ("[f(a=1)(b=2)]", "no call name"),
+    ("[f(a='x)]", "is not a Python call list"),
+    ("[f(a=1]", "is not a Python call list"),
+    ("[f(a=1 +)]", "arguments that are not Python's"),
+])
+def test_a_call_list_that_cannot_be_read_drops_the_row(reply, detail):
+    with pytest.raises(RowDropped) as dropped:
+        convert_row(toolace_row(reply), "toolace")
+    assert dropped.value.reason == "malformed_tool_call" and detail in dropped.value.detail
+
+
+@pytest.mark.parametrize("reply", ["[Note (see above)] Yes.", "[1] A footnote.", "Sure: [f(a=1)]", "[waves]"])
+def test_text_that_is_not_a_call_list_stays_text(reply):
+    assert convert_row(toolace_row(reply), "toolace").messages[-1] == assistant(reply)
+
+
+def test_toolace_tools_come_from_the_system_prompts_json_list():
+    tools = [{"name": "f", "parameters": {"type": "dict", "properties": {}}}]
+    system = TOOLACE_PROMPT.replace("[]", json.dumps(tools) + ".")
+    converted = convert_row(toolace_row("[f()]", system), "toolace")
+    assert converted.tools == tools
+    assert converted.messages[0]["content"] == TOOLACE_PROMPT.replace("\n[]\n", "\n")
+    given = convert_row({**toolace_row("[f()]", system), "tools": [{"name": "g"}]}, "toolace")
+    assert given.tools == [{"name": "g"}] and given.messages[0]["content"] == system  # the row's own tools win
+    with pytest.raises(RowDropped) as dropped:
+        convert_row(toolace_row("[f()]", TOOLACE_PROMPT.replace("[]", '[{"name": "f", }]')), "toolace")
+    assert dropped.value.reason == "malformed_tools"

@@ -274,3 +274,164 @@ def test_a_prepped_hermes_file_trains_its_calls_through_qwen2_5(tmp_path, tiny_m
     assert '<tools>\n{"type": "function", "function": {"name": "water_needs"' in text  # the tools reached the prompt
     assert '<tool_response>\n{"days": 3}\n</tool_response>' in text  # the result is context, not trained
 
+
+
+# --------------------------------------------------------------------------- ToolACE: Python-style calls
+
+
+def toolace_system(tools_json: str) -> str:
+    """ToolACE's system prompt (Team-ACE/ToolACE data.json), with its JSON tool list."""
+    return ("You are an expert in composing functions. You are given a question and a set of possible functions. \n"
+            "Based on the question, you will need to make one or more function/tool calls to achieve the purpose. \n"
+            "If none of the function can be used, point it out. If the given question lacks the parameters required "
+            "by the function,\nalso point it out. You should only return the function call in tools call sections.\n"
+            f"Here is a list of functions in JSON format that you can invoke:\n{tools_json}.\n"
+            "Should you decide to return the function call(s), Put it in the format of [func1(params_name=params_value,"
+            " params_name2=params_value2...), func2(params)]\n\nNO other text MUST be included.")
+
+
+# The prompt as written after its tool list is cut out (the list's closing full stop goes with it).
+TOOLACE_PROMPT = toolace_system("[]").replace("invoke:\n[].\n", "invoke:\n")
+# ToolACE writes tools bare, parameters typed "dict" as Gorilla/BFCL do; names may hold spaces.
+TOOLACE_TOOLS = [{"name": "water_needs", "description": "How often a plant needs water.",
+                  "parameters": {"type": "dict", "properties": {"plant": {"type": "string"},
+                                                                 "indoor": {"type": "boolean"}},
+                                 "required": ["plant"]}},
+                 {"name": "Plant Facts API", "description": "Facts about a plant.",
+                  "parameters": {"type": "dict", "properties": {"plant": {"type": "string"}}, "required": []}}]
+TOOLACE_SYSTEM = toolace_system(json.dumps(TOOLACE_TOOLS))
+
+
+def test_toolace_python_calls_become_tool_calls_with_the_system_prompts_tools(tmp_path):
+    rows = [
+        {"system": TOOLACE_SYSTEM, "conversations": [  # two calls (a string holding `,` and `(`), one result list
+            {"from": "user", "value": "Fern and cactus?"},
+            {"from": "assistant", "value": "[water_needs(plant=\"fern (Boston)\"), water_needs(plant='cactus', "
+                                           "indoor=True)]"},
+            {"from": "tool", "value": json.dumps([{"name": "water_needs", "results": {"days": 3}},
+                                                  {"name": "water_needs", "results": {"days": 20}}])},
+            {"from": "assistant", "value": "Fern: every 3 days. Cactus: every 20."}]},
+        {"messages": [  # the OpenAI-messages variant: the prompt is the system message; a name with spaces
+            {"role": "system", "content": TOOLACE_SYSTEM}, user("Tell me about ferns."),
+            {"role": "assistant", "content": '[Plant Facts API(plant="fern")]'},
+            {"role": "tool", "content": '[{"name": "Plant Facts API", "results": {"family": "Polypodiaceae"}}]'},
+            assistant("Ferns belong to the Polypodiaceae.")]},
+        {"system": TOOLACE_SYSTEM, "conversations": [  # role/content turns, the result as `observation`; plain text
+            {"role": "user", "content": "Water needs?"}, {"role": "assistant", "content": "Of which plant?"},
+            {"role": "user", "content": "A fern."}, {"role": "assistant", "content": "[water_needs(plant='fern')]"},
+            {"role": "observation", "content": '{"days": 3}'}, {"role": "assistant", "content": "Every 3 days."}]},
+        {"system": TOOLACE_SYSTEM, "conversations": [  # a variable, not a literal: never evaluated, the row dropped
+            {"from": "user", "value": "Fern?"}, {"from": "assistant", "value": "[water_needs(plant=fern)]"},
+            {"from": "tool", "value": "3"}, {"from": "assistant", "value": "3 days."}]},
+        {"system": TOOLACE_SYSTEM, "conversations": [  # a positional argument: which parameter is it?
+            {"from": "user", "value": "Fern?"}, {"from": "assistant", "value": "[water_needs('fern')]"}]},
+        {"system": TOOLACE_SYSTEM, "conversations": [  # a string left open
+            {"from": "user", "value": "Fern?"}, {"from": "assistant", "value": "[water_needs(plant='fern)]"}]},
+        {"system": toolace_system('[{"name": "water_needs", "parameters": }]'), "conversations": [
+            {"from": "user", "value": "Fern?"}, {"from": "assistant", "value": "[water_needs(plant='fern')]"}]},
+    ]
+    written, report = prep(tmp_path, rows)
+    system = {"role": "system", "content": TOOLACE_PROMPT}
+    tools = [tool(t["name"], t["parameters"], t["description"]) for t in TOOLACE_TOOLS]
+    assert written == [
+        {"messages": [system, user("Fern and cactus?"),
+                      assistant("", call("call00001", "water_needs", {"plant": "fern (Boston)"}),
+                                call("call00002", "water_needs", {"plant": "cactus", "indoor": True})),
+                      result("call00001", '{"name": "water_needs", "results": {"days": 3}}'),
+                      result("call00002", '{"name": "water_needs", "results": {"days": 20}}'),
+                      assistant("Fern: every 3 days. Cactus: every 20.")],
+         "tools": tools},
+        {"messages": [system, user("Tell me about ferns."),
+                      assistant("", call("call00001", "Plant Facts API", {"plant": "fern"})),
+                      result("call00001", '[{"name": "Plant Facts API", "results": {"family": "Polypodiaceae"}}]'),
+                      assistant("Ferns belong to the Polypodiaceae.")],
+         "tools": tools},
+        {"messages": [system, user("Water needs?"), assistant("Of which plant?"), user("A fern."),
+                      assistant("", call("call00001", "water_needs", {"plant": "fern"})),
+                      result("call00001", '{"days": 3}'), assistant("Every 3 days.")],
+         "tools": tools},
+    ]
+    assert (report["format"], report["format_detected"]) == ("toolace", True)
+    assert report["dropped"] == {"malformed_tool_call": 3, "malformed_tools": 1}
+    assert report["dropped_first_rows"] == {"malformed_tool_call": [4, 5, 6], "malformed_tools": [7]}
+    assert report["changed"] == {"tool_call_ids_added": 3, "tool_results_split": 1, "tools_normalised": 3}
+
+
+def test_format_toolace_reads_python_calls_without_toolaces_prompt(tmp_path):
+    # Without ToolACE's prompt the rows are plain ShareGPT to detection, and a call would be trained as text;
+    # naming the format reads it. The row's own `tools` are kept and the system prompt left whole.
+    rows = [{"system": "Use the tools.", "tools": [PLANT_TOOL], "conversations": [
+        {"from": "human", "value": "Fern?"}, {"from": "gpt", "value": "[water_needs(plant='fern')]"},
+        {"from": "observation", "value": '{"days": 3}'}, {"from": "gpt", "value": "Every 3 days."}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "[waves] Hello!"}]}]
+    detected, report = prep(tmp_path, rows)
+    assert report["format"] == "sharegpt" and report["dropped"] == {"malformed_tool_call": 1}  # a result, no call
+    written, report = prep(tmp_path, rows, "--format", "toolace")
+    assert written == [{"messages": [{"role": "system", "content": "Use the tools."}, user("Fern?"),
+                                     assistant("", call("call00001", "water_needs", {"plant": "fern"})),
+                                     result("call00001", '{"days": 3}'), assistant("Every 3 days.")],
+                        "tools": [PLANT_TOOL]},
+                       {"messages": [user("Hi"), assistant("[waves] Hello!")]}]  # a bracket, not a call: text
+    assert (report["format"], report["format_detected"], report["dropped"]) == ("toolace", False, {})
+
+
+# --------------------------------------------------------------------------- text beside a call
+
+
+def test_an_assistant_text_turn_and_the_call_turn_after_it_become_one_message(tmp_path):
+    fern_call = {"name": "water_needs", "arguments": {"plant": "fern"}}
+    rows = [
+        {"conversations": [
+            {"from": "human", "value": "Fern?"}, {"from": "gpt", "value": "Let me check."},
+            {"from": "function_call", "value": json.dumps(fern_call)},
+            {"from": "observation", "value": '{"days": 3}'}, {"from": "gpt", "value": "Every 3 days."}]},
+        {"messages": [  # the same in OpenAI messages, the text's reasoning kept
+            user("Fern?"), assistant("Let me check.", reasoning_content="A lookup."),
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": fern_call}]},
+            {"role": "tool", "content": '{"days": 3}'}, assistant("Every 3 days.")]},
+        {"conversations": [  # two text turns before the call: still two assistant turns in a row
+            {"from": "human", "value": "Fern?"}, {"from": "gpt", "value": "Hmm."}, {"from": "gpt", "value": "Let me check."},
+            {"from": "function_call", "value": json.dumps(fern_call)},
+            {"from": "observation", "value": '{"days": 3}'}, {"from": "gpt", "value": "Every 3 days."}]},
+    ]
+    written, report = prep(tmp_path, rows, "--format", "sharegpt")
+    assert written == [{"messages": [user("Fern?"),
+                                     assistant("Let me check.", call("call00001", "water_needs", {"plant": "fern"})),
+                                     result("call00001", '{"days": 3}'), assistant("Every 3 days.")]}]
+    assert report["changed"] == {"assistant_text_merged_with_calls": 1, "tool_call_ids_added": 1}
+    assert report["dropped"] == {"missing_fields": 1, "roles_out_of_order": 1}  # the messages row is not ShareGPT
+    assert report["dropped_first_rows"]["roles_out_of_order"] == [3]
+
+    messages_row, report = prep(tmp_path, rows[1:2])
+    assert messages_row == [{"messages": [
+        user("Fern?"), assistant("Let me check.", call("call00001", "water_needs", {"plant": "fern"}),
+                                 reasoning_content="A lookup."),
+        result("call00001", '{"days": 3}'), assistant("Every 3 days.")]}]
+    assert report["changed"] == {"assistant_text_merged_with_calls": 1, "tool_call_ids_added": 1}
+
+
+def test_prepped_toolace_calls_and_text_beside_a_call_train_through_qwen2_5(tmp_path, tiny_model_dir):
+    rows = [{"system": TOOLACE_SYSTEM, "conversations": [
+        {"from": "user", "value": "Fern?"},
+        {"from": "assistant", "value": "Let me check."},  # ToolACE-style text turn, then the call turn
+        {"from": "assistant", "value": "[water_needs(plant='fern', indoor=True)]"},
+        {"from": "tool", "value": '[{"name": "water_needs", "results": {"days": 3}}]'},
+        {"from": "assistant", "value": "Every three days."}]}]
+    written, report = prep(tmp_path, rows)
+    assert report["changed"]["assistant_text_merged_with_calls"] == 1 and written[0]["messages"][2]["tool_calls"]
+    result = chatft("preview", "-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                    "dataset.path_or_dataset_id=out/train.jsonl", "dataset.chat_template=qwen2_5",
+                    "dataset.seq_length=2048", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    preview = json.loads(result.stdout)
+    assert (preview["stats"]["rows_used"], preview["stats"]["fields_dropped_by_template"]) == (1, {}), preview["stats"]
+    row = preview["rows"][0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # the text and the call are one trained turn, the call as Qwen writes it, not ToolACE's Python syntax
+    assert supervised_texts(tokenizer, row["input_ids"], row["labels_mask"]) == [
+        'Let me check.\n<tool_call>\n{"name": "water_needs", "arguments": {"plant": "fern", "indoor": true}}\n'
+        "</tool_call><|im_end|>",
+        "Every three days.<|im_end|>"]
+    text = tokenizer.decode(row["input_ids"])
+    assert '{"type": "function", "function": {"name": "Plant Facts API"' in text  # the tools reached the prompt
+    assert "water_needs(" not in text

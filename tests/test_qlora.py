@@ -59,10 +59,9 @@ def test_qlora_trains_and_records_the_quantization(qlora_run, tiny_model_dir):
     assert manifest["base_model"]["fingerprint"] == artifacts.weights_fingerprint(tiny_model_dir)
     assert (qlora_run / "final" / "adapter_model.safetensors").is_file()
     peak, estimate = manifest["metrics"]["peak_mem_mb"], manifest["metrics"]["memory_estimate_mb"]
-    # Never an over-estimate that would refuse a run that fits. The other side is not asserted here: a tiny model's
-    # peak is mostly the Python process itself, measured at 438-466 MB alone but up to 1,149 MB inside the full
-    # suite (against an estimate of 420 MB), which is not the model's memory.
-    assert estimate < 1.2 * peak, (estimate, peak)
+    # Within 20% either way (measured: 420 MB against 439 MB; SmolLM2-135M, 3 steps by hand: 1,912 against 2,034).
+    # The peak is the run's own (`memory.peak_rss`), not that of the pytest process that started it.
+    assert abs(estimate - peak) < 0.2 * peak, (estimate, peak)
 
 
 def test_a_resumed_qlora_run_equals_the_uninterrupted_one(qlora_run, tiny_model_dir, tmp_path):

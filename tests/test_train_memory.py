@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,14 @@ def test_the_plan_of_several_processes_covers_every_share_once(tiny_model_dir, t
     planned = memory.planned_micro_batches(two, memory.RowLengths(lengths, lengths[:5]))
     assert sorted(n for group in planned for n in group) == sorted(lengths + lengths[:5])
     assert max(len(group) for group in planned) <= 2
+
+
+def test_the_peak_is_this_programs_own_not_the_process_it_was_started_from():
+    """Python starts a subprocess by vfork + exec, and `ru_maxrss` keeps the peak from before the exec: a chatft
+    started from a process holding 600 MB read 600 MB as its own peak. `peak_rss` reads the program's own."""
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: resident, not just reserved
+    child = subprocess.run([sys.executable, "-c", "from chatft.train.memory import peak_rss; print(peak_rss())"],
+                           capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 300 * 2**20, int(child.stdout) / 2**20
+    assert memory.peak_rss() >= len(held)

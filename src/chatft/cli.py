@@ -128,7 +128,8 @@ def prep(
     input_path: str = typer.Argument(..., metavar="INPUT", help="JSONL/JSON/Parquet file or a Hub dataset id."),
     output: str = typer.Option(..., "-o", "--output", help="The messages JSONL to write."),
     data_format: str = typer.Option("auto", "--format",
-                                    help="auto | messages | sharegpt | alpaca | prompt_completion | hh | xlam | glaive"),
+                                    help="auto | messages | sharegpt | alpaca | prompt_completion | hh | xlam | glaive "
+                                         "| toolace"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Hold out this fraction for validation."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad row (error[bad_row]) instead of dropping it."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a Hub dataset id, e.g. train or train[:1000]."),

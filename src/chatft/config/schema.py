@@ -371,7 +371,8 @@ class DataPrepConfig(Section):
     name: str | None = Field(None, description="Hub dataset config name")
     output: str = Field(description="messages JSONL to write; prep_report.json goes beside it")
     validation_output: str | None = Field(None, description="None: <output stem>.val.jsonl beside output")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh", "xlam", "glaive"] = "auto"
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh", "xlam", "glaive",
+                    "toolace"] = "auto"
     val_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 42
     strict: bool = Field(False, description="stop at the first bad row with error[bad_row] instead of dropping it")

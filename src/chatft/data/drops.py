@@ -22,13 +22,14 @@ DROP_REASONS: dict[str, str] = {
     "non_text_content": "a content part that is not text (image, audio, ...)",
     "empty_content": "an empty or whitespace-only message (assistant tool calls may have empty content)",
     "malformed_tool_call": "a tool call without a name or with arguments that are not a JSON object (also a "
-                           "<tool_call> block or glaive <functioncall> that does not parse), or a tool result "
-                           "without a call",
+                           "<tool_call> block, glaive <functioncall> or ToolACE [func(a=1)] call list that does "
+                           "not parse, or whose arguments are not named literals), or a tool result without a "
+                           "call",
     "tool_results_unpaired": "the tool results after an assistant's tool calls do not pair up with the calls: "
                              "a call left without a result, more results than calls, or a tool_call_id that "
                              "names none of the calls (data prep only)",
     "malformed_tools": "the row's tools are not a list of tool objects (or a JSON string of one), or a <tools> "
-                       "block in the system message does not parse",
+                       "block or ToolACE tool list in the system message does not parse",
     "malformed_history": "alpaca history is not a list of [user, assistant] pairs",
     "unparsable_text": "hh or glaive text that is not made of its role-marked turns",
     "no_assistant": "no assistant message to learn from",
@@ -50,6 +51,9 @@ CHANGES: dict[str, str] = {
     "tool_results_from_tags": "a tool message of <tool_response> blocks became one tool message per block",
     "tools_from_system_prompt": "a <tools> block in the system message became the row's tools (the block was cut "
                                 "from the system text)",
+    "assistant_text_merged_with_calls": "an assistant text turn followed at once by an assistant tool-call turn "
+                                        "(ShareGPT gpt then function_call) became one assistant message with the "
+                                        "content and the tool_calls",
     "tool_results_split": "one tool result holding a JSON list of as many results as there were calls became "
                           "one result per call",
     "tool_call_ids_added": "a tool call without an id got one (call00001, call00002, ... in the row's order), and "

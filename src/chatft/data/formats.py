@@ -1,8 +1,8 @@
 """Source rows → checked OpenAI-style conversations.
 
 In: one decoded source row (a dict) and the shape it is in: `messages`, `sharegpt`, `alpaca`,
-`prompt_completion`, `hh`, or the tool-calling sets' own `xlam` and `glaive` (tool_formats.py) (`detect_format`
-names it from the first rows when the config says `auto`).
+`prompt_completion`, `hh`, or the tool-calling sets' own `xlam`, `glaive` and `toolace` (tool_formats.py)
+(`detect_format` names it from the first rows when the config says `auto`).
 Out: a `Conversation` (messages, the row's tools if any, and the changes made on the way), or
 `RowDropped(reason, detail)` when the row cannot become a training conversation. `DROP_REASONS` (drops.py) lists
 every reason; data prep counts each dropped row under exactly one of them.
@@ -18,7 +18,8 @@ Every format first becomes a list of messages, each `{"role", "content": str}` p
   - two user turns in a row are joined with a blank line (`consecutive_user: merge`) or drop the row (`drop`).
 Tool-call `arguments` are kept as given (a JSON string or an object); a string must decode to a JSON object.
 Data prep (`map_tools`) also maps the tool-call shapes of public datasets into OpenAI's, with paired ids and object
-arguments (tool_calls.py); training reads a `messages` file as it is.
+arguments, and joins an assistant's text turn with the tool-call turn right after it (tool_calls.py); training
+reads a `messages` file as it is.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from chatft.data import tool_calls
 from chatft.data.drops import CHANGES, DROP_REASONS, RowDropped
 from chatft.data.drops import short as _short
 from chatft.data.tool_calls import function_call_turn, json_or_none, parse_calls, parse_tools
-from chatft.data.tool_formats import from_glaive, from_xlam, is_glaive, is_xlam
+from chatft.data.tool_formats import from_glaive, from_xlam, is_glaive, is_toolace, is_xlam, toolace_calls
 from chatft.errors import ChatftError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh", "xlam", "glaive")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh", "xlam", "glaive", "toolace")
 __all__ = ["CHANGES", "DROP_REASONS", "FORMATS", "Conversation", "RowDropped", "convert_row", "detect_format"]
 
 # Where assistant reasoning arrives besides `reasoning_content`: other exports' field names, and inline in the
@@ -92,7 +93,8 @@ def convert_row(row: dict[str, Any], fmt: str, *, text_field: str = "chosen", co
     changes += reasoning_changes
     if map_tools:  # before the guards: a <tool_call> turn followed by its results is only in order once parsed
         messages, tools, tag_changes = tool_calls.from_tags(messages, tools)
-        changes += tag_changes
+        messages, merge_changes = tool_calls.merge_text_into_calls(messages)
+        changes += tag_changes + merge_changes
     messages, guard_changes = check_conversation(messages, consecutive_user)
     changes += guard_changes
     if map_tools:
@@ -155,6 +157,9 @@ def formats_of(row: dict[str, Any], text_field: str) -> set[str]:
         found.add("xlam")
     if is_glaive(row):
         found.add("glaive")
+    if is_toolace(row):  # ShareGPT or messages turns, but written for Python-style calls: read as ToolACE
+        found -= {"sharegpt", "messages"}
+        found.add("toolace")
     return found
 
 
@@ -182,7 +187,7 @@ def detect_format(rows: list[dict[str, Any]], text_field: str, input: str,
             "messages_missing",
             f"cannot tell the format of {input}: its first {len(rows)} rows have keys {shown}, and none of "
             f"messages, conversations, instruction+output, prompt+completion, hh text in `{text_field}`, "
-            "xLAM query+answers+tools or glaive system+chat",
+            "xLAM query+answers+tools, glaive system+chat or ToolACE turns with a [func1(...)] system prompt",
             f"name it with {choices}; for hh text in another field add text_field=FIELD; "
             'or reshape rows to {"messages": [{"role": ..., "content": ...}]}',
         )
@@ -403,6 +408,13 @@ def from_hh(row: dict[str, Any], text_field: str) -> Built:
     return messages, None
 
 
+def from_toolace(row: dict[str, Any], text_field: str) -> Built:
+    """ToolACE: ShareGPT turns (or `messages`) whose assistant turns write calls as `[f(a=1), g(b="x")]` and whose
+    system prompt holds the tools as JSON (tool_formats.toolace_calls)."""
+    sharegpt = "conversations" in row or "conversation" in row
+    return toolace_calls(*(from_sharegpt if sharegpt else from_messages)(row, text_field))
+
+
 BUILDERS: dict[str, Callable[[dict[str, Any], str], Built]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
@@ -411,6 +423,7 @@ BUILDERS: dict[str, Callable[[dict[str, Any], str], Built]] = {
     "hh": from_hh,
     "xlam": from_xlam,
     "glaive": from_glaive,
+    "toolace": from_toolace,
 }
 
 

@@ -14,6 +14,11 @@ Mapping (data prep only), from the shapes public tool-calling datasets come in:
     or Python dict literals as NousResearch's hermes-function-calling-v1 writes them), tool messages made of
     `<tool_response>` blocks (several results in one turn become several messages), and a `<tools>[...]</tools>`
     block in the system message, which becomes the row's tools when the row has none (before the row's guards);
+  - `python_calls`: a content that is a Python-style call list, `[get_weather(city="Paris")]`, parsed with `ast`
+    (keyword arguments with literal values only, never run); it is how format `toolace` reads its rows
+    (tool_formats.toolace_calls), so, like reading xlam or glaive rows, it is the format, not a counted change;
+  - `merge_text_into_calls`: an assistant text turn followed at once by an assistant tool-call turn becomes one
+    message with both (before the guards, which would see two assistant turns in a row);
   - `finish`: pairs every result with its call, splits a single result that holds a JSON list of one result
     per call, writes arguments as objects and tools in the OpenAI form (after the guards).
 Every mapping is a named change (drops.CHANGES); what cannot be mapped drops the row under a named reason.
@@ -30,8 +35,10 @@ model as a quoted string, `"{\\"city\\": ...}"`, not as the call.
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
+import tokenize
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +50,12 @@ TOOLS_BLOCK = re.compile(r"\s*<tools>\s*(.*?)\s*</tools>\s*", re.DOTALL)
 # LLaMA-Factory joins the results of parallel calls into one observation this way.
 JOINED_RESPONSES = "</tool_response>"
 ID_FORMAT = "call{:05d}"
+# A content that opens with `[name(` is a Python-style call list (and one that then does not parse is a malformed
+# call, not text). The name starts with a letter and has no space right before its `(`, so prose such as
+# "[Note (see above)]" stays text.
+CALL_LIST = re.compile(r"\A\[\s*[^\W\d](?:[^()\[\]\"'=,\n]*[^\s()\[\]\"'=,])?\(")
+CALL_NAME = re.compile(r"\A[^\W\d][\w.\- ]*\Z")
+OPENING, CLOSING = ("(", "[", "{"), (")", "]", "}")
 
 
 # --------------------------------------------------------------------------- reading what a row says
@@ -138,10 +151,15 @@ def literal_or_none(text: str) -> Any:
     if value is not None:
         return value
     try:
-        value = ast.literal_eval(text.strip())
-        return json.loads(json.dumps(value))
+        return as_json(ast.literal_eval(text.strip()))
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
+
+
+def as_json(value: Any) -> Any:
+    """A decoded Python literal as the JSON value it stands for (tuples become lists); ValueError or TypeError for
+    one JSON cannot hold (a set, a tuple key, a complex number, inf/nan)."""
+    return json.loads(json.dumps(value, allow_nan=False))
 
 
 # --------------------------------------------------------------------------- data prep: before the row is read
@@ -258,9 +276,14 @@ def _tools_from_system(content: str) -> tuple[str, list[dict[str, Any]] | None]:
                                                 f"{short(block.group(1))}")
         if not tools:
             return content, None
-        before, after = content[:block.start()].strip(), content[block.end():].strip()
-        return "\n".join(part for part in (before, after) if part), tools
+        return cut_out(content, block.start(), block.end()), tools
     return content, None
+
+
+def cut_out(text: str, start: int, end: int) -> str:
+    """`text` without `text[start:end]`: what stood before and after it, stripped, on two lines."""
+    before, after = text[:start].strip(), text[end:].strip()
+    return "\n".join(part for part in (before, after) if part)
 
 
 def _tool_list(text: str) -> list[dict[str, Any]] | None:
@@ -273,6 +296,129 @@ def _tool_list(text: str) -> list[dict[str, Any]] | None:
     if isinstance(value, list) and all(isinstance(tool, dict) for tool in value):
         return value
     return None
+
+
+# --------------------------------------------------------------------------- data prep: Python call syntax
+
+
+def python_calls(text: str, where: str) -> list[dict[str, Any]] | None:
+    """A content that is a list of Python-style calls, `[get_weather(city="Paris"), get_time(tz='UTC')]` (ToolACE,
+    Gorilla/BFCL) → its calls `{name, arguments}`; None when the content is not shaped like one (it is text).
+    Arguments must be keywords with literal values (strings, numbers, True/False/None, lists, dicts): they are
+    read with `ast.literal_eval`, never run, and anything else (a variable, an expression, a positional argument)
+    drops the row as `malformed_tool_call`. Names may hold spaces, dots and hyphens (`Market Trends API(...)`)."""
+    text = text.strip()
+    if not CALL_LIST.match(text):
+        return None
+    return [_python_call(name, arguments, f"{where} call {number}")
+            for number, (name, arguments) in enumerate(_call_pieces(text, where), start=1)]
+
+
+def _call_pieces(text: str, where: str) -> list[tuple[str, str]]:
+    """`[a(x=1), b c(y="z")]` → `[("a", "x=1"), ("b c", 'y="z"')]`, split where Python's tokenizer puts the
+    brackets and commas, so that one inside a string argument (`q="a, b(c)"`) does not split."""
+    pieces: list[tuple[str, str]] = []
+    depth, head, name, arguments_start, expecting_call = 0, None, "", 0, True
+    for token, start, end in _tokens(text, where):
+        if token.type == tokenize.OP and token.string in OPENING:
+            depth += 1
+            if depth == 2:  # the call's own parenthesis: what came before it is the function's name
+                name = text[head:start].strip() if head is not None else ""
+                if token.string != "(" or not CALL_NAME.match(name):
+                    raise RowDropped("malformed_tool_call", f"{where} has no call name before {short(text[start:])}")
+                arguments_start = end
+        elif token.type == tokenize.OP and token.string in CLOSING:
+            depth -= 1
+            if depth == 1:
+                pieces.append((name, text[arguments_start:start]))
+                head, expecting_call = None, False
+            elif depth == 0 and (head is not None or end != len(text)):
+                raise RowDropped("malformed_tool_call", f"{where} has something other than calls in its list: "
+                                                        f"{short(text)}")
+        elif depth == 1 and head is None:
+            if token.string == "," and not expecting_call:
+                expecting_call = True
+            elif expecting_call:
+                head = start  # the first token of a name, which may be several (`Market Trends API`)
+            else:
+                raise RowDropped("malformed_tool_call", f"{where} has no comma between its calls: "
+                                                        f"{short(text[start:])}")
+    if depth != 0:
+        raise RowDropped("malformed_tool_call", f"{where} leaves a bracket open: {short(text)}")
+    return pieces
+
+
+def _tokens(text: str, where: str) -> Iterator[tuple[tokenize.TokenInfo, int, int]]:
+    """Python's tokens of `text` with their start and end offsets; a string left open (an ERRORTOKEN before
+    Python 3.12, an error since) drops the row."""
+    line_starts = [0]
+    for line in text.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.ERRORTOKEN and token.string.strip():
+                raise SyntaxError(f"unexpected {token.string!r}")
+            if token.type in (tokenize.OP, tokenize.NAME, tokenize.NUMBER, tokenize.STRING):
+                yield (token, line_starts[token.start[0] - 1] + token.start[1],
+                       line_starts[token.end[0] - 1] + token.end[1])
+    except (tokenize.TokenError, SyntaxError) as error:
+        raise RowDropped("malformed_tool_call", f"{where} is not a Python call list ({error}): {short(text)}") from None
+
+
+def _python_call(name: str, arguments: str, where: str) -> dict[str, Any]:
+    """`name` and the text between its parentheses → `{name, arguments}` (see python_calls)."""
+    try:
+        call = ast.parse(f"f({arguments})", mode="eval").body
+    except SyntaxError:
+        raise RowDropped("malformed_tool_call", f"{where} ({name}) has arguments that are not Python's: "
+                                                f"{short(arguments)}") from None
+    if not isinstance(call, ast.Call) or call.args or any(keyword.arg is None for keyword in call.keywords):
+        raise RowDropped("malformed_tool_call", f"{where} ({name}) has an argument without a name: {short(arguments)}")
+    values: dict[str, Any] = {}
+    for keyword in call.keywords:
+        if keyword.arg in values:
+            raise RowDropped("malformed_tool_call", f"{where} ({name}) gives {keyword.arg} twice")
+        try:
+            values[keyword.arg] = as_json(ast.literal_eval(keyword.value))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise RowDropped("malformed_tool_call", f"{where} ({name}) argument {keyword.arg} is not a literal "
+                                                    f"JSON can hold: {short(ast.unparse(keyword.value))}") from None
+    return parse_call({"name": name, "arguments": values}, where)
+
+
+# --------------------------------------------------------------------------- data prep: text beside a call
+
+
+def merge_text_into_calls(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """An assistant text turn followed at once by an assistant turn of tool calls (ShareGPT `gpt: "Let me check."`
+    then `function_call`) → one assistant message with the content and the calls, the shape OpenAI rows carry
+    them in; left apart, the guards would drop the row for two assistant turns in a row. Out: the messages and
+    the change, if any."""
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        if merged and _text_then_calls(merged[-1], message):
+            merged[-1] = _text_with_calls(merged[-1], message)
+        else:
+            merged.append(message)
+    return merged, ["assistant_text_merged_with_calls"] if len(merged) < len(messages) else []
+
+
+def _text_then_calls(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    # A turn kept out of the loss (`train: false`) cannot share a message with a trained one.
+    return (first["role"] == second["role"] == "assistant" and not first.get("tool_calls")
+            and bool(second.get("tool_calls")) and first.get("train", True) == second.get("train", True))
+
+
+def _text_with_calls(text: dict[str, Any], calls: dict[str, Any]) -> dict[str, Any]:
+    message = {**text, **calls, "content": _joined(text["content"], calls["content"])}
+    reasoning = _joined(text.get("reasoning_content", ""), calls.get("reasoning_content", ""))
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+def _joined(*texts: str) -> str:
+    return "\n\n".join(text.strip() for text in texts if text.strip())
 
 
 # --------------------------------------------------------------------------- data prep: after the guards

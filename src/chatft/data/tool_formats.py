@@ -1,4 +1,4 @@
-"""Two tool-calling dataset shapes that are whole rows of their own, read into OpenAI-style messages.
+"""Tool-calling dataset shapes of their own, read into OpenAI-style messages.
 
 - `xlam` (Salesforce xLAM / APIGen function-calling sets): `{"query": str, "tools": [...], "answers": [{name,
   arguments}, ...]}`, tools and answers as JSON text or decoded. One user turn and one assistant turn that makes
@@ -10,6 +10,13 @@
   the tools (the prompt before them stays the system message); turns start at `USER:`, `ASSISTANT:` or
   `FUNCTION RESPONSE:` at the start of a line; `<|endoftext|>` closes an assistant turn and is dropped (the
   model's own template writes its end of turn); a call's arguments are JSON, often wrapped in single quotes.
+- `toolace` (Team-ACE/ToolACE, and Gorilla/BFCL-style rows): ShareGPT turns or OpenAI messages (read by
+  formats.py as those formats are) in which an assistant turn that is a Python-style call list,
+  `[get_weather(city="Paris"), get_time(tz='UTC')]`, is that turn's tool calls (tool_calls.python_calls), and the
+  system prompt holds the tools as a JSON list (`...you can invoke:\n[{"name": ..., "parameters": ...}].\n...`):
+  the first such list becomes the row's tools and is cut from the prompt, unless the row has `tools` already.
+  Results are the `tool`/`observation` turns after a call; ToolACE writes the results of several calls as one
+  JSON list, which data prep's tool mapping splits, one result per call.
 
 Out: `(messages, tools)` as formats.BUILDERS return them; the row's guards and data prep's tool mapping
 (ids, pairing, tool forms) run after, as for every format.
@@ -22,7 +29,7 @@ import re
 from typing import Any
 
 from chatft.data.drops import RowDropped, short
-from chatft.data.tool_calls import json_or_none, parse_call, parse_tools
+from chatft.data.tool_calls import cut_out, json_or_none, parse_call, parse_tools, python_calls
 
 Built = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]
 
@@ -34,6 +41,12 @@ GLAIVE_END = "<|endoftext|>"
 GLAIVE_QUOTED_CALL = re.compile(r"\A\{\s*\"name\"\s*:\s*\"(?P<name>[^\"]+)\"\s*,\s*\"arguments\"\s*:\s*'(?P<arguments>.*)'"
                                 r"\s*\}\Z", re.DOTALL)
 
+# The call-format instruction of ToolACE's system prompt ("Put it in the format of [func1(params_name=params_value,
+# ...") and of Gorilla/BFCL's ("[func_name1(params_name1=params_value1, ..."), which ask for Python-style calls.
+TOOLACE_INSTRUCTION = re.compile(r"\[func(?:_name)?1\(params_name1?=params_value1?")
+# Where a JSON list of objects may start in a system prompt (`[{"name": ...`).
+JSON_OBJECT_LIST = re.compile(r"\[\s*\{")
+
 
 def is_xlam(row: dict[str, Any]) -> bool:
     return "query" in row and "answers" in row and "tools" in row
@@ -42,6 +55,20 @@ def is_xlam(row: dict[str, Any]) -> bool:
 def is_glaive(row: dict[str, Any]) -> bool:
     chat = row.get("chat")
     return isinstance(chat, str) and "USER:" in chat and "ASSISTANT:" in chat
+
+
+def is_toolace(row: dict[str, Any]) -> bool:
+    """Turns (ShareGPT or messages) and a system prompt asking for Python-style calls."""
+    turns = next((row[key] for key in ("conversations", "conversation", "messages") if isinstance(row.get(key), list)),
+                 None)
+    if turns is None:
+        return False
+    system = row.get("system")
+    if not isinstance(system, str) and turns and isinstance(turns[0], dict):
+        first = turns[0]  # a null is absent: Arrow-backed datasets fill the keys a row lacks with None
+        if (first.get("from") or first.get("role")) == "system":
+            system = first.get("value") or first.get("content")
+    return isinstance(system, str) and TOOLACE_INSTRUCTION.search(system) is not None
 
 
 def from_xlam(row: dict[str, Any], text_field: str) -> Built:
@@ -122,3 +149,37 @@ def _glaive_call(text: str, where: str) -> dict[str, Any]:
     if not isinstance(call, dict):
         raise RowDropped("malformed_tool_call", f"{where} <functioncall> is not a call: {short(text)}")
     return parse_call(call, f"{where} <functioncall>")
+
+
+def toolace_calls(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Built:
+    """Messages read from a ToolACE row → its calls and tools (see the module docstring)."""
+    mapped = []
+    for number, message in enumerate(messages, start=1):
+        role, content = message["role"], message["content"]
+        if (role == "assistant" and not message.get("tool_calls")
+                and (calls := python_calls(content, f"message {number}")) is not None):
+            mapped.append({**message, "content": "", "tool_calls": calls})
+        elif role == "system" and number == 1 and not tools:
+            prompt, tools = _toolace_system(content)
+            if prompt:
+                mapped.append({**message, "content": prompt})
+        else:
+            mapped.append(message)
+    return mapped, tools
+
+
+def _toolace_system(text: str) -> tuple[str, list[dict[str, Any]] | None]:
+    """The system prompt without its JSON list of tools, and the tools (the prompt as it is and None when it
+    has no such list). A list of objects that is not JSON drops the row: its tools cannot be read."""
+    found = JSON_OBJECT_LIST.search(text)
+    if found is None:
+        return text, None
+    try:
+        tools, end = json.JSONDecoder().raw_decode(text, found.start())
+    except ValueError:
+        raise RowDropped("malformed_tools", f"the system prompt's tool list is not JSON: "
+                                            f"{short(text[found.start():])}") from None
+    tools = parse_tools(tools)
+    if text[end:end + 1] == ".":  # ToolACE closes the list with a full stop, which would be left on its own
+        end += 1
+    return cut_out(text, found.start(), end), tools

@@ -12,6 +12,7 @@ indexed datasets (`.bin` + `.idx`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def inspect_data(path: str | None) -> DataFacts:
     return _read(path)
 
 
+def _rendered_chars(message: dict) -> int:
+    """The characters a template writes for one message: its content, its reasoning and its tool calls."""
+    calls = message.get("tool_calls")
+    return (len(str(message.get("content") or "")) + len(str(message.get("reasoning_content") or ""))
+            + (len(json.dumps(calls)) if calls else 0))
+
+
 def _read(path: str) -> DataFacts:
     try:
         source = open_source(path)
@@ -117,11 +125,12 @@ def _read(path: str) -> DataFacts:
             facts.dropped[reason] = facts.dropped.get(reason, 0) + 1
             continue
         try:
-            conversation = convert_row(row.value, fmt)
+            # as data prep converts: tool-call shapes mapped, inline <think> blocks moved to reasoning_content
+            conversation = convert_row(row.value, fmt, inline_think=True, map_tools=True)
         except RowDropped as dropped:
             facts.dropped[dropped.reason] = facts.dropped.get(dropped.reason, 0) + 1
             continue
-        chars = sum(len(str(m.get("content") or "")) for m in conversation.messages)
+        chars = sum(_rendered_chars(m) for m in conversation.messages)
         lengths.append(chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(conversation.messages))
     lengths.sort()
     facts.rows_clean, facts.lengths = len(lengths), lengths
