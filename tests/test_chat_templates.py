@@ -39,6 +39,7 @@ CONTROL_TOKENS = [
     "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
 ]  # fmt: skip
 
 # The bos/eos each family's tokenizer supplies to its template.
@@ -53,6 +54,8 @@ SPECIAL = {
     "mistral": {"bos_token": "<s>", "eos_token": "</s>"},
     "phi3": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
     "phi3_5": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
+    "qwen3_instruct_2507": {"eos_token": "<|im_end|>"},
+    "deepseek_r1_distill": {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"},
 }
 
 
@@ -161,6 +164,7 @@ ORIGINAL_OF = {  # bundled name -> TRL original file stem
     "gemma": "gemma",
     "phi3": "phi3",
     "phi3_5": "phi3_5",
+    "qwen3_instruct_2507": "qwen3_instruct_2507",
 }
 
 
@@ -241,6 +245,78 @@ def _strip_none(messages):
 def test_qwen2_5_tool_calls_render_like_the_original(tok, case, with_tools):
     messages = _strip_none(QWEN_TOOL_CASES[case])
     assert_identical(tok, "qwen2_5", original("qwen2_5"), messages, tools=TOOLS if with_tools else None)
+
+
+REASONING_CASES = {  # reasoning, tool calls and tool results, as today's chat models' rows carry them
+    "reasoning_then_call_then_answer": [
+        S("Think, then answer."), U("Weather in Paris?"),
+        {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.", "tool_calls": [call()]},
+        tool_msg("21 degrees"), {"role": "assistant", "content": "21 degrees.", "reasoning_content": "Read it."},
+    ],
+    "reasoning_turns": [U("2+2?"), {"role": "assistant", "content": "4", "reasoning_content": "Add."}, U("3+3?"),
+                        {"role": "assistant", "content": "6", "reasoning_content": "Add again."}],
+    "string_arguments": [U("Weather?"), {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}, tool_msg("cold"),
+        A("Cold.")],
+}
+
+
+@needs_trl
+@pytest.mark.parametrize("case", sorted([*QWEN_TOOL_CASES, *REASONING_CASES]))
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_qwen3_instruct_2507_renders_like_the_original(tok, case, with_tools):
+    messages = {**QWEN_TOOL_CASES, **REASONING_CASES}[case]
+    assert_identical(tok, "qwen3_instruct_2507", original("qwen3_instruct_2507"), _strip_none(messages),
+                     tools=TOOLS if with_tools else None)
+
+
+R1_GENERATED = "<｜Assistant｜><think>\n{reasoning}\n</think>\n\n{answer}<｜end▁of▁sentence｜>"
+
+
+def r1_conversations():
+    yield from PLAIN.values()
+    yield from REASONING_CASES.values()
+    yield [S("first"), U("a"), S("second"), U("b"), {"role": "assistant", "content": "<think>\nx\n</think>\n\ny"}]
+    yield [U("a"), {"role": "assistant", "content": "b"}, tool_msg("out1"), tool_msg("out2"), A("c"), tool_msg("x")]
+
+
+@needs_trl
+def test_deepseek_r1_distill_prompts_and_history_render_like_the_original(tok):
+    # Prompts (add_generation_prompt) and every turn once it is history: the same bytes, or both refusing.
+    twin, reference = ct.bundled_template("deepseek_r1_distill"), original("deepseek_r1_distill")
+    rendered = 0
+    for messages in r1_conversations():
+        for history in (messages, [*messages, U("next")]):
+            expected = render(tok, reference, history, "deepseek_r1_distill", True, TOOLS)
+            assert render(tok, twin, history, "deepseek_r1_distill", True, TOOLS) == expected, history
+            rendered += expected[0] is not None
+        if messages[-1]["role"] != "assistant":
+            for gen in GEN:
+                assert render(tok, twin, messages, "deepseek_r1_distill", gen) == \
+                    render(tok, reference, messages, "deepseek_r1_distill", gen)
+    assert rendered >= 15
+
+
+@needs_trl
+def test_deepseek_r1_distill_renders_the_turn_being_generated_after_the_original_prompt(tok):
+    twin, reference = ct.bundled_template("deepseek_r1_distill"), original("deepseek_r1_distill")
+    cases = [  # the last turn, and what the model emits for it after the prompt's '<｜Assistant｜>'
+        (A("Paris."), R1_GENERATED.format(reasoning="", answer="Paris.")),
+        ({"role": "assistant", "content": "Paris.", "reasoning_content": "\nIt is Paris.\n"},
+         R1_GENERATED.format(reasoning="It is Paris.", answer="Paris.")),
+        (A("<think>\nInline.\n</think>\n\nParis."), R1_GENERATED.format(reasoning="Inline.", answer="Paris.")),
+    ]
+    for history in ([U("Capital of France?")], [S("Be brief."), U("Hi"), A("Hello"), U("Capital of France?")]):
+        prompt = render(tok, reference, history, "deepseek_r1_distill", True)[0]
+        assert prompt.endswith("<｜Assistant｜><think>\n")
+        for turn, generated in cases:
+            text = render(tok, twin, [*history, turn], "deepseek_r1_distill", False)[0]
+            assert text == prompt.removesuffix("<｜Assistant｜><think>\n") + generated
+    # After tool results the original opens no think block: the answer is written as it renders it.
+    history = REASONING_CASES["string_arguments"][:3]
+    for gen in GEN:
+        assert render(tok, twin, [*history, A("Cold.")], "deepseek_r1_distill", gen) == \
+            render(tok, reference, [*history, A("Cold.")], "deepseek_r1_distill", gen)
 
 
 @needs_trl
@@ -363,6 +439,8 @@ EXPECTED_SPANS = {
     "mistral": [" Hello! How can I help?</s>", " Paris.</s>"],
     "phi3": ["Hello! How can I help?<|end|>", "  Paris.\n<|end|>"],
     "phi3_5": ["Hello! How can I help?<|end|>", "  Paris.\n<|end|>"],
+    "qwen3_instruct_2507": ["Hello! How can I help?<|im_end|>", "  Paris.\n<|im_end|>"],
+    "deepseek_r1_distill": ["Hello! How can I help?<｜end▁of▁sentence｜>", "  Paris.\n<｜end▁of▁sentence｜>"],
 }
 TOOL_MASK_CONVERSATIONS = {
     "qwen2_5": (
@@ -373,6 +451,13 @@ TOOL_MASK_CONVERSATIONS = {
          '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>',
          '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
          "Paris 21, Oslo 5.<|im_end|>"],
+        {},
+    ),
+    "qwen3_instruct_2507": (
+        [U("Weather in Paris?"), {"role": "assistant", "content": "Checking.", "tool_calls": [call()]},
+         tool_msg("21"), A("Paris 21.")],
+        ['Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+         "Paris 21.<|im_end|>"],
         {},
     ),
     "llama3": (
@@ -534,6 +619,21 @@ def test_resolve_errors(tmp_path):
 
 
 @needs_trl
+def test_the_r1_distill_twin_is_recognised_by_its_prompts():
+    assert ct.PER_TURN == ("deepseek_r1_distill",)
+    assert ct.template_family(original("deepseek_r1_distill")) == "deepseek_r1_distill"
+    assert ct.training_template_for(original("deepseek_r1_distill")) == ct.bundled_template("deepseek_r1_distill")
+    assert ct.is_per_turn_twin(ct.bundled_template("deepseek_r1_distill"))
+    assert not ct.is_per_turn_twin(ct.bundled_template("qwen3_instruct_2507")) and not ct.is_per_turn_twin(None)
+    # A template with the same prompts but other turns is not a twin's family unless its prompts match too.
+    changed = original("deepseek_r1_distill").replace("<｜Assistant｜><think>\\n", "<｜Assistant｜>")
+    assert changed != original("deepseek_r1_distill") and ct.template_family(changed) is None
+    assert ct.template_family(original("deepseekv3")) is None  # same prompts on plain chats, other system prompts
+    assert ct.resolve_chat_template("deepseek-r1")[1] == "bundled:deepseek_r1_distill"
+    assert ct.resolve_chat_template("qwen3-2507")[1] == "bundled:qwen3_instruct_2507"
+
+
+@needs_trl
 @pytest.mark.parametrize("family", sorted(ORIGINAL_OF))
 def test_training_template_for_recognises_each_original(family):
     twin = ct.training_template_for(original(ORIGINAL_OF[family]))
@@ -554,7 +654,10 @@ def test_training_template_for_unknown_templates_is_none():
     assert ct.training_template_for("{% for m in messages %}") is None  # does not compile
     assert ct.training_template_for("{{ raise_exception('no') }}") is None  # refuses everything
     assert ct.training_template_for("") is None
-    # Close relatives of bundled families are not mistaken for them.
-    assert ct.training_template_for(original("qwen3")) is None
+    # Close relatives of bundled families are not mistaken for them; reasoning families whose originals render the
+    # turn being generated themselves have no twin (their rows are rendered per turn from the original).
+    for name in ("qwen3", "qwen3_5_think", "gptoss", "nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra",
+                 "glm4moe", "gemma4", "deepseekv3"):
+        assert ct.training_template_for(original(name)) is None, name
     assert ct.training_template_for(original("gemma3")) is None
     assert ct.training_template_for(SMOLLM2_ORIGINAL.replace("SmolLM", "TinyLM")) is None

@@ -12,10 +12,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatft.config.schema import DatasetSection
+from chatft.data.chat_templates import bundled_template, is_per_turn_twin, training_template_for
 from chatft.data.formats import convert_row
 from chatft.data.masks import MaskOptions, RowMaskError, conversation_rows, mask_conversation, render, \
     template_messages, trained_assistant_indices
-from chatft.data.pipeline import prepare_training_data
+from chatft.data.pipeline import expansion_summary, prepare_training_data
 from chatft.errors import ChatftError
 from original_templates import SKIP_REASON, TRL_DIR, original
 
@@ -46,20 +47,27 @@ def decode_row(tokenizer, row) -> tuple[str, str]:
     return tokenizer.decode(ids), tokenizer.decode([t for t, m in zip(ids, mask) if m])
 
 
-def assert_rows_are_inference_renders(tokenizer, template, messages, options=MaskOptions()) -> list[tuple[str, str]]:
-    """Each per-turn row is the template's own generation-time render of its prefix followed by the turn, and
-    only the turn is supervised."""
-    built = conversation_rows(tokenizer, template, messages, None, options)
+def assert_rows_are_inference_renders(tokenizer, template, messages, options=MaskOptions(),
+                                      thinking_off=()) -> list[tuple[str, str]]:
+    """Each per-turn row is the template's own generation-time render of its prefix (add_generation_prompt=True)
+    followed by the turn, only the turn is supervised, and the turn is how the template (for a per-turn family its
+    bundled twin) ends its render of the conversation when that turn is the last message. Turns numbered in
+    `thinking_off` (1-based) are expected rendered with enable_thinking=false, the others with the options'."""
+    twin = training_template_for(template)
+    built = conversation_rows(tokenizer, template, messages, None, options, twin)
     turns = trained_assistant_indices(messages, options)
-    assert built.per_turn and len(built.outcomes) == len(turns)
+    assert (built.per_turn or len(turns) == 1) and len(built.outcomes) == len(turns)  # one turn: one row either way
+    assert built.thinking_off_turns == len(thinking_off)
     shown = template_messages(messages)
     texts = []
     for index, row in zip(turns, built.outcomes):
+        kwargs = {**options.template_kwargs, **({"enable_thinking": False} if index + 1 in thinking_off else {})}
         text, supervised = decode_row(tokenizer, row)
-        prompt = render(tokenizer, template, shown[:index], None, True, options.template_kwargs)
-        through = render(tokenizer, template, shown[: index + 1], None, False, options.template_kwargs)
+        prompt = render(tokenizer, template, shown[:index], None, True, kwargs)
+        through = render(tokenizer, twin if is_per_turn_twin(twin) else template, shown[: index + 1], None, False,
+                         kwargs)
         assert text == prompt + supervised, index
-        assert through.startswith(text) and not through[len(text):].strip(), index
+        assert supervised and through.rstrip().endswith(supervised), index
         texts.append((text, supervised))
     return texts
 
@@ -112,36 +120,141 @@ def test_gpt_oss_rows(tokenizer):
                          "<|channel|>final<|message|>4<|return|>"
     assert "get_weather" in rows[1][1] and "21 degrees, sunny" in rows[2][0] and "21 degrees, sunny" not in rows[2][1]
     assert_rows_are_inference_renders(tokenizer, template, NO_REASONING)
-    # When the final answer has reasoning, gpt-oss renders the conversation without the reasoning of the tool
-    # call before it, which the model did see when it generated that answer: the turn cannot be cut from the
-    # template's render, so the row is refused by name rather than trained on another history.
-    outcomes = conversation_rows(tokenizer, template, REASONING, None, MaskOptions()).outcomes
+
+
+def test_gpt_oss_answer_after_a_tool_call_with_analysis(tokenizer):
+    # gpt-oss renders a tool call's analysis while the answer is still to come (the prompt the model answers from),
+    # and drops it from the conversation once an answer follows: the row is that prompt, then the answer as the
+    # template renders it at the end of the conversation.
+    template = original("gptoss")
+    rows = assert_rows_are_inference_renders(tokenizer, template, REASONING)
+    text, supervised = rows[2]
+    assert "<|channel|>analysis<|message|>I should call the tool.<|end|>" in text[: len(text) - len(supervised)]
+    assert supervised == "<|channel|>analysis<|message|>Read the result.<|end|><|start|>assistant" \
+                         "<|channel|>final<|message|>It is 21 degrees and sunny.<|return|>"
+    whole = render(tokenizer, template, template_messages(REASONING), None, False, {})
+    assert "I should call the tool." not in whole and whole.endswith(supervised)
+    # The turn is found after the message before it; a tool result with no text cannot be told apart: refused.
+    empty_result = [*REASONING[:4], {**REASONING[4], "content": ""}, REASONING[5]]
+    outcomes = conversation_rows(tokenizer, template, empty_result, None, MaskOptions()).outcomes
     assert [getattr(o, "reason", None) for o in outcomes] == [None, None, "generation_prompt_mismatch"]
 
 
-def test_nemotron_3_rows(tokenizer):
-    template = original("nemotron_3_nano")
+@pytest.mark.parametrize("name", ["nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra"])
+def test_nemotron_3_rows(tokenizer, name):
+    template = original(name)
     rows = assert_rows_are_inference_renders(tokenizer, template, REASONING)
-    assert rows[0][1] == "Two and two make four.\n</think>\n4<|im_end|>"  # the prompt opens the reasoning block
+    # The prompt opens the reasoning block (Ultra closes it without a newline).
+    assert rows[0][1].startswith("Two and two make four.") and "</think>" in rows[0][1]
     assert "get_weather" in rows[1][1] and "21 degrees, sunny" not in rows[2][1]
-    # Without reasoning, Nemotron's turns follow its thinking-off prompt only.
-    assert {o.reason for o in conversation_rows(tokenizer, template, NO_REASONING).outcomes} == \
+    # Thinking pinned on: Nemotron's turns without reasoning follow its thinking-off prompt only, and are refused.
+    on = MaskOptions(template_kwargs={"enable_thinking": True})
+    assert {o.reason for o in conversation_rows(tokenizer, template, NO_REASONING, None, on).outcomes} == \
         {"generation_prompt_mismatch"}
     off = MaskOptions(multi_turn="per_turn", template_kwargs={"enable_thinking": False})
     rows = assert_rows_are_inference_renders(tokenizer, template, NO_REASONING, off)
-    assert rows[0][0].endswith("<|im_start|>assistant\n<think></think>4<|im_end|>") and rows[0][1] == "4<|im_end|>"
+    assert rows[0][0].endswith("<think></think>4<|im_end|>") and rows[0][1] == "4<|im_end|>"
     # Thinking off, nothing is rewritten: auto keeps one row per conversation.
-    auto = conversation_rows(tokenizer, template, NO_REASONING, None, MaskOptions(template_kwargs=off.template_kwargs))
-    assert not auto.per_turn and len(auto.outcomes) == 1
+    pinned = conversation_rows(tokenizer, template, NO_REASONING, None, MaskOptions(template_kwargs=off.template_kwargs))
+    assert not pinned.per_turn and len(pinned.outcomes) == 1 and pinned.thinking_off_turns == 0
+    # Left to the template, a conversation without reasoning is that same row, counted as rendered thinking off.
+    auto = conversation_rows(tokenizer, template, NO_REASONING)
+    assert auto.outcomes == pinned.outcomes and auto.thinking_off_turns == 3
 
 
-def test_deepseek_r1_distill_cannot_render_the_turn_it_generates(tokenizer):
-    # Its generation prompt prefills '<｜Assistant｜><think>\n' while it renders every assistant turn without
-    # reasoning: no rendering of the generated turn exists, so chatft refuses instead of inventing one.
-    messages = [m for m in NO_REASONING if m["role"] in ("user", "assistant") and not m.get("tool_calls")][:2]
-    (outcome,) = conversation_rows(tokenizer, original("deepseek_r1_distill"), messages, None, MaskOptions()).outcomes
-    assert outcome.reason == "generation_prompt_mismatch"
-    assert "'<think>\\n'" in str(outcome)
+MIXED = [
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [WEATHER_CALL]},
+    {"role": "tool", "tool_call_id": "c1", "content": "21 degrees, sunny"},
+    {"role": "assistant", "content": "It is 21 degrees and sunny.", "reasoning_content": "Read the result."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You're welcome."},
+]
+
+
+@pytest.mark.parametrize("name", ["nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra"])
+def test_nemotron_3_mixes_turns_with_and_without_reasoning(tokenizer, name):
+    # The turns without reasoning (the tool call, the last answer) cannot follow the thinking-on prompt: each is
+    # rendered with thinking off, the prompt such a model is then served with; the others keep thinking on.
+    rows = assert_rows_are_inference_renders(tokenizer, original(name), MIXED, thinking_off=(4, 8))
+    assert rows[1][0].rstrip().endswith("<think></think>" + rows[1][1]) and "get_weather" in rows[1][1]
+    assert rows[3][1] == "You're welcome.<|im_end|>" and rows[2][1].startswith("Read the result.")
+    # Pinned either way, enable_thinking is kept for every row and what does not fit is refused by name.
+    for thinking, refused in ((True, [4, 8]), (False, [2, 6])):
+        options = MaskOptions(template_kwargs={"enable_thinking": thinking})
+        built = conversation_rows(tokenizer, original(name), MIXED, None, options)
+        assert built.thinking_off_turns == 0
+        assert [i + 1 for i, o in zip([1, 3, 5, 7], built.outcomes) if isinstance(o, RowMaskError)] == refused
+        assert {o.reason for o in built.outcomes if isinstance(o, RowMaskError)} == {"generation_prompt_mismatch"}
+
+
+def test_qwen3_mixes_turns_without_changing_the_prompt(tokenizer):
+    # Qwen3's thinking-on prompt is followed by an empty think block in a turn without reasoning: nothing to change.
+    rows = assert_rows_are_inference_renders(tokenizer, original("qwen3"), MIXED)
+    assert rows[1][1].startswith("<think>\n\n</think>\n\n<tool_call>") and rows[3][1] == \
+        "<think>\n\n</think>\n\nYou're welcome.<|im_end|>"
+    assert rows[0][1] == "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
+
+
+def test_deepseek_r1_distill_is_trained_through_its_twin(tokenizer):
+    template = original("deepseek_r1_distill")
+    assert training_template_for(template) == bundled_template("deepseek_r1_distill")
+    plain = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    rows = assert_rows_are_inference_renders(tokenizer, template, plain)
+    # The generated turn follows the prefilled '<think>\n': the reasoning, then the answer.
+    assert rows[0] == ("<｜User｜>2+2?<｜Assistant｜><think>\nAdd.\n</think>\n\n4<｜end▁of▁sentence｜>",
+                       "Add.\n</think>\n\n4<｜end▁of▁sentence｜>")
+    # Without reasoning, an empty think block (what R1 distills emit when they skip thinking); the history keeps
+    # the original's reasoning-free turns.
+    assert rows[1] == ("<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜><｜User｜>3+3?<｜Assistant｜><think>\n"
+                       "\n</think>\n\n6<｜end▁of▁sentence｜>", "\n</think>\n\n6<｜end▁of▁sentence｜>")
+    # as_rendered: the original rewrites history, refused as before.
+    with pytest.raises(ChatftError) as err:
+        conversation_rows(tokenizer, template, plain, None, MaskOptions(multi_turn="as_rendered"),
+                          training_template_for(template))
+    assert err.value.id == "template_not_prefix_stable"
+
+
+def test_deepseek_r1_distill_twin_spans_are_the_rows(tokenizer):
+    # The twin's generation span of the turn that ends a conversation is what its per-turn row supervises.
+    template, twin = original("deepseek_r1_distill"), bundled_template("deepseek_r1_distill")
+    for messages in (REASONING[:2], NO_REASONING[:2], [*REASONING[:2], {"role": "user", "content": "More?"},
+                                                       {"role": "assistant", "content": "5", "reasoning_content": "hm"}]):
+        (*_, row) = conversation_rows(tokenizer, template, messages, None, MaskOptions(), twin).outcomes
+        encoded = tokenizer.apply_chat_template(template_messages(messages), chat_template=twin, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        last = max(i for i, m in enumerate(mask) if m)
+        first = last
+        while first > 0 and mask[first - 1]:
+            first -= 1
+        assert decode_row(tokenizer, row)[1] == tokenizer.decode(ids[first:last + 1])
+
+
+def test_deepseek_r1_distill_refuses_what_its_template_cannot_render(tokenizer):
+    # The template drops tool calls (it renders them only without content, and then fails on object arguments)
+    # and writes an answer after tool results without a think block: counted by name, never trained otherwise.
+    outcomes = conversation_rows(tokenizer, original("deepseek_r1_distill"), REASONING, None, MaskOptions(),
+                                 bundled_template("deepseek_r1_distill")).outcomes
+    assert [getattr(o, "reason", None) for o in outcomes] == [None, "template_drops_field", "template_drops_field"]
+    assert [d.field for d in outcomes[1].dropped] == ["tool_calls"]
+    assert [d.field for d in outcomes[2].dropped] == ["reasoning_content"]
+    # Without reasoning the answer after tool results is trained as the template renders it there.
+    outcomes = conversation_rows(tokenizer, original("deepseek_r1_distill"), NO_REASONING, None, MaskOptions(),
+                                 bundled_template("deepseek_r1_distill")).outcomes
+    assert [getattr(o, "reason", None) for o in outcomes] == [None, "template_drops_field", None]
+    assert decode_row(tokenizer, outcomes[2])[1] == "It is 21 degrees and sunny.<｜end▁of▁sentence｜>"
+
+
+def test_reasoning_families_without_a_twin_take_the_per_turn_path(tokenizer):
+    # Their originals render the turn being generated themselves: no twin; rows come from the original.
+    for name in ("qwen3", "gptoss", "nemotron_3_nano", "nemotron_3_super", "nemotron_3_ultra", "glm4moe"):
+        assert training_template_for(original(name)) is None, name
+    rows = assert_rows_are_inference_renders(tokenizer, original("glm4moe"), REASONING)
+    assert rows[0][1] == "\n<think>Two and two make four.</think>\n4"
 
 
 def test_a_history_preserving_template_gives_one_row(tokenizer):
@@ -275,3 +388,48 @@ def test_eval_prompts_render_with_the_template_variables(tmp_path, tiny_model_di
         prompts[thinking] = tokenizer.decode(prompt.input_ids)
     assert prompts[True].endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
     assert prompts[False] == prompts[True] + "<think>\n\n</think>\n\n"
+
+
+# --------------------------------------------------------------------------- mixed rows and R1 through the pipeline
+
+
+def test_a_nemotron_dataset_mixing_reasoning_and_none_trains(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("CHATFT_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_rows(tmp_path / "train.jsonl", [{"messages": MIXED}, {"messages": NO_REASONING}])
+    template = tmp_path / "nemotron.jinja"
+    template.write_text(original("nemotron_3_nano"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    report = prepare_training_data(DatasetSection(path_or_dataset_id=str(data), chat_template=str(template)),
+                                   tokenizer, log=lambda line: None).report
+    # MIXED: one row per turn (its history is rewritten); NO_REASONING: one row, rendered with thinking off.
+    assert (report.rows_used, report.dropped_by_reason) == (5, {})
+    off = sum(1 for m in MIXED + NO_REASONING if m["role"] == "assistant" and not m.get("reasoning_content"))
+    assert report.expansion["thinking_off_turns"] == off
+    assert f"{off} turns without reasoning rendered with enable_thinking=false" in expansion_summary(report)
+    pinned = DatasetSection(path_or_dataset_id=str(data), chat_template=str(template),
+                            chat_template_kwargs={"enable_thinking": True})
+    with pytest.raises(ChatftError) as err:
+        prepare_training_data(pinned, tokenizer, log=lambda line: None)
+    assert err.value.id == "template_not_prefix_stable" and "in 5 training rows" in err.value.message
+
+
+def test_preview_of_r1_distill_rows_with_its_original_template(tmp_path, tiny_model_dir):
+    from clirun import run_chatft
+
+    plain = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    write_rows(tmp_path / "train.jsonl", [{"messages": plain}, {"messages": plain[:2]}])
+    (tmp_path / "r1.jinja").write_text(original("deepseek_r1_distill"))
+    result = run_chatft("preview", "-c", "tiny", f"model.pretrained_model_name_or_path={tiny_model_dir}",
+                        "dataset.path_or_dataset_id=train.jsonl", "dataset.chat_template=r1.jinja", "--json",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["stats"]["rows_used"] == 3 and payload["stats"]["dropped_by_reason"] == {}
+    rows = payload["rows"]
+    assert [(row["source_row"], row["message"]) for row in rows] == [(1, 2), (1, 4), (2, None)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    supervised = [tokenizer.decode([t for t, m in zip(row["input_ids"], row["labels_mask"]) if m]) for row in rows]
+    assert supervised == ["Add.\n</think>\n\n4<｜end▁of▁sentence｜>", "\n</think>\n\n6<｜end▁of▁sentence｜>",
+                          "Add.\n</think>\n\n4<｜end▁of▁sentence｜>"]
+    assert rows[1]["text"].startswith("<｜User｜>2+2?<｜Assistant｜>4<｜end▁of▁sentence｜><｜User｜>3+3?<｜Assistant｜><think>\n")

@@ -20,7 +20,7 @@ import numpy as np
 from chatft.data.types import DataReport, PreparedData, TokenizedRow
 from chatft import paths
 
-FORMAT_VERSION = 4  # bump when the tokenization, the stored layout or the report's fields change
+FORMAT_VERSION = 5  # bump when the tokenization, the stored layout or the report's fields change
 
 
 def cache_root() -> Path:

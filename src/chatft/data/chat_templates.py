@@ -10,6 +10,9 @@ family's original for any conversation the original renders, and wraps every ass
 output (content, tool calls and the end-of-turn token; never the assistant header) in
 `{% generation %}...{% endgeneration %}`, which is what
 `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True, return_dict=True)` reads.
+The exception is a per-turn twin (`PER_TURN`, DeepSeek-R1 distills): its original cannot render the turn it
+asks the model to generate, so the twin renders the original's prompts and history byte for byte and the
+assistant message that ends a conversation as the model emits it; masks use it one turn at a time.
 
 Import cost: standard library only; transformers' Jinja renderer is imported when a template is
 rendered (`template_family`, `training_template_for`).
@@ -30,8 +33,10 @@ __all__ = [
     "BUNDLED",
     "RENDERS_TOOLS",
     "TEMPLATES_DIR",
+    "PER_TURN",
     "bundled_template",
     "has_generation_tags",
+    "is_per_turn_twin",
     "resolve_chat_template",
     "strip_generation_tags",
     "template_family",
@@ -53,11 +58,20 @@ BUNDLED: dict[str, str] = {
     "mistral": "mistral.jinja",  # Mistral Instruct, v3 tokenizer ([INST], v0.3 tool format)
     "phi3": "phi3.jinja",  # Phi-3 Instruct
     "phi3_5": "phi3_5.jinja",  # Phi-3.5 Instruct
+    "qwen3_instruct_2507": "qwen3_instruct_2507.jinja",  # Qwen3 Instruct 2507: no reasoning, Hermes-style tools
+    # DeepSeek-R1 distills: the original's prompts and history, the turn being generated with its reasoning
+    "deepseek_r1_distill": "deepseek_r1_distill.jinja",
 }
 
+# Twins of templates that rewrite history and render a turn differently once it is history: they render every
+# prompt (add_generation_prompt=true) like the original, and the assistant message that ends a conversation as the
+# turn being generated. They are never used to mask a whole conversation at once: masks render each trained turn
+# with them (one row per turn, `masks.conversation_rows`), and they are recognised by their prompts only.
+PER_TURN: tuple[str, ...] = ("deepseek_r1_distill",)
+
 # The bundled templates that render assistant tool calls and the row's `tools` (the others render only `content`).
-# None renders `reasoning_content`.
-RENDERS_TOOLS: tuple[str, ...] = ("qwen2_5", "llama3", "llama3_2", "mistral")
+# Only deepseek_r1_distill renders `reasoning_content` (in the turn being generated).
+RENDERS_TOOLS: tuple[str, ...] = ("qwen2_5", "llama3", "llama3_2", "mistral", "qwen3_instruct_2507")
 
 # Other spellings users reach for; keys are compared after `_normalize_name`.
 ALIASES: dict[str, str] = {
@@ -74,6 +88,10 @@ ALIASES: dict[str, str] = {
     "mistral_v0_3": "mistral",
     "phi_3": "phi3",
     "phi_3_5": "phi3_5",
+    "qwen3_2507": "qwen3_instruct_2507",
+    "qwen3_instruct": "qwen3_instruct_2507",
+    "deepseek_r1": "deepseek_r1_distill",
+    "r1_distill": "deepseek_r1_distill",
 }
 
 _GENERATION_OPEN = re.compile(r"\{%[-+]?\s*generation\s*[-+]?%\}")
@@ -286,6 +304,17 @@ _PROBES: tuple[tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool], .
         [_PROBE_TOOL],
         True,
     ),
+    # Two system messages, and a call with its arguments as a JSON string and no content: DeepSeek-R1's template
+    # and DeepSeek-V3's render these differently (and every other probe alike).
+    (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Weather?"},
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+         {"role": "tool", "content": "cold"}],
+        None,
+        True,
+    ),
 )
 # Placeholders for the special tokens templates read from the tokenizer; both renders see the same.
 _PROBE_TOKENS = {"bos_token": "<probe-bos>", "eos_token": "<probe-eos>", "pad_token": "<probe-pad>", "unk_token": "<probe-unk>"}
@@ -308,35 +337,47 @@ def _render_probe(template: str, messages: list[dict[str, Any]], tools: Any, add
     return rendered[0]
 
 
-def _fingerprint(template: str) -> tuple[str | None, ...]:
-    return tuple(_render_probe(template, *probe) for probe in _PROBES)
+def _fingerprint(template: str, prompts_only: bool = False) -> tuple[str | None, ...]:
+    """The template's renders of the probes; `prompts_only`: every probe with the generation prompt (what the model
+    reads at inference), which is all a per-turn twin shares with its original."""
+    return tuple(_render_probe(template, messages, tools, prompts_only or generation_prompt)
+                 for messages, tools, generation_prompt in _PROBES)
 
 
-def _bundled_fingerprints() -> dict[str, tuple[str | None, ...]]:
+def _bundled_fingerprints(prompts_only: bool) -> dict[str, tuple[str | None, ...]]:
     # Not cached: Llama 3.2 renders today's date, so both sides must be rendered on the same day.
     # Sixty small renders of compiled (transformers caches compilation) templates: milliseconds.
-    return {name: _fingerprint(bundled_template(name)) for name in BUNDLED}
+    return {name: _fingerprint(bundled_template(name), prompts_only) for name in BUNDLED
+            if (name in PER_TURN) == prompts_only}
+
+
+def is_per_turn_twin(template: str | None) -> bool:
+    """Whether `template` is one of the bundled per-turn twins (`PER_TURN`)."""
+    return template is not None and any(template == bundled_template(name) for name in PER_TURN)
 
 
 def template_family(template: str) -> str | None:
-    """The bundled name whose template renders every probe conversation exactly like `template`
-    (same bytes, or both refusing); None when no bundled family does, or `template` renders none."""
+    """The bundled name whose template renders every probe conversation exactly like `template` (same bytes, or both
+    refusing), or, for a per-turn twin, every probe's prompt; None when no bundled family does, or `template`
+    renders none."""
     if not isinstance(template, str) or not template.strip():
         return None
     for name in BUNDLED:
         if template == bundled_template(name):
             return name
-    fingerprint = _fingerprint(template)
-    if all(render is None for render in fingerprint):
-        return None
-    for name, bundled in _bundled_fingerprints().items():
-        if fingerprint == bundled:
-            return name
+    for prompts_only in (False, True):
+        fingerprint = _fingerprint(template, prompts_only)
+        if all(render is None for render in fingerprint):
+            return None
+        for name, bundled in _bundled_fingerprints(prompts_only).items():
+            if fingerprint == bundled:
+                return name
     return None
 
 
 def training_template_for(template: str) -> str | None:
     """For a tokenizer's own template, the bundled generation-tagged twin of its family (the same
-    renders, plus `{% generation %}` spans around assistant output); None if not recognised."""
+    renders, plus `{% generation %}` spans around assistant output; for a `PER_TURN` family the same prompts and
+    the turn being generated as the model emits it); None if not recognised."""
     name = template_family(template)
     return None if name is None else bundled_template(name)

@@ -17,8 +17,12 @@ Supervised tokens are the assistant's content and its end-of-turn token; the ass
   the reasoning of earlier turns) and one row would train turns the model never sees at inference: such a
   conversation becomes one row per trained turn, row i being messages[:i] rendered with the generation
   prompt followed by turn i as the template renders it when it is the turn being generated
-  (`dataset.multi_turn`; `as_rendered` refuses instead: `template_not_prefix_stable`). A turn whose render
-  does not start with its generation prompt cannot be trained as generated (`generation_prompt_mismatch`).
+  (`dataset.multi_turn`; `as_rendered` refuses instead: `template_not_prefix_stable`). Where the history renders
+  differently once the turn follows it (gpt-oss), the turn is found in the template's own render
+  (`_turn_start`); where the template cannot render the turn at all (DeepSeek-R1 distills), its per-turn twin
+  (`chat_templates.PER_TURN`) renders it; a turn without reasoning that does not follow a thinking-on prompt is
+  rendered with thinking off unless `enable_thinking` is pinned (`_may_think_off`). A turn that still does not
+  follow its generation prompt cannot be trained as generated (`generation_prompt_mismatch`).
 
 Either way the rendered turns are then checked against the messages (`template_fields`): a template that
 drops an assistant's tool calls, reasoning or content, or the row's tools, fails the row with
@@ -32,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatft.data.chat_templates import is_per_turn_twin
 from chatft.data.template_fields import DroppedField, dropped_fields
 from chatft.errors import ChatftError
 
@@ -99,26 +104,54 @@ def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools:
     )
 
 
+@dataclass(frozen=True)
+class _Conversation:
+    """What every render of one conversation needs. `template` gives the prompts (the template the model is served
+    with); `turn_template` renders conversations that end with the turn being generated: `template` itself, or its
+    per-turn twin where the template cannot render that turn (`chat_templates.PER_TURN`: DeepSeek-R1 distills)."""
+
+    tokenizer: Any
+    template: str
+    turn_template: str
+    messages: list[dict[str, Any]]  # as the row has them (the field check and `train` flags read them)
+    tools: Any
+    options: MaskOptions
+    shown: list[dict[str, Any]] = field(default_factory=list)  # template_messages(messages)
+
+    def prompt(self, index: int, generation_prompt: bool, kwargs: Mapping[str, Any]) -> str:
+        """messages[:index] as the model reads them before generating message `index`."""
+        return render(self.tokenizer, self.template, self.shown[:index], self.tools, generation_prompt,
+                      kwargs) if index else ""
+
+    def through(self, messages: list[dict[str, Any]], kwargs: Mapping[str, Any]) -> str:
+        """A conversation that ends with the turn being generated (already `template_messages`)."""
+        return render(self.tokenizer, self.turn_template, messages, self.tools, False, kwargs)
+
+
+def _conversation(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions,
+                  tagged_template: str | None) -> _Conversation:
+    turn_template = tagged_template if is_per_turn_twin(tagged_template) else template
+    return _Conversation(tokenizer, template, turn_template or template, messages, tools, options,
+                         template_messages(messages))
+
+
 @dataclass
 class _TurnRenders:
     """The renders prefix masking reads, per trained assistant message `index`: `prompt[index]` is
     messages[:index] with the generation prompt (without it when the header is trained) and `through[index]`
-    is messages[:index + 1]; `full` is the whole conversation."""
+    is messages[:index + 1]; `full` is the whole conversation. `kwargs`: the template variables they used."""
 
     full: str
     prompt: dict[int, str]
     through: dict[int, str]
+    kwargs: Mapping[str, Any]
 
 
-def _turn_renders(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any,
-                  options: MaskOptions) -> _TurnRenders:
-    shown = template_messages(messages)
-    kwargs = options.template_kwargs
-    renders = _TurnRenders(render(tokenizer, template, shown, tools, False, kwargs), {}, {})
-    for index in trained_assistant_indices(messages, options):
-        renders.prompt[index] = (render(tokenizer, template, shown[:index], tools, options.mask_generation_prompt,
-                                        kwargs) if index else "")
-        renders.through[index] = render(tokenizer, template, shown[: index + 1], tools, False, kwargs)
+def _turn_renders(conv: _Conversation, kwargs: Mapping[str, Any]) -> _TurnRenders:
+    renders = _TurnRenders(conv.through(conv.shown, kwargs), {}, {}, kwargs)
+    for index in trained_assistant_indices(conv.messages, conv.options):
+        renders.prompt[index] = conv.prompt(index, conv.options.mask_generation_prompt, kwargs)
+        renders.through[index] = conv.through(conv.shown[: index + 1], kwargs)
     return renders
 
 
@@ -206,34 +239,124 @@ def _as_one_row(tokenizer: Any, renders: _TurnRenders) -> _Rendered:
     return _encode(tokenizer, renders.full, turns)
 
 
-def _turn_row(tokenizer: Any, renders: _TurnRenders, index: int) -> _Rendered:
-    """One per-turn row: messages[:index] rendered with the generation prompt, then assistant message `index`
-    as the template renders it when it is the turn being generated, through its end-of-turn token. Only that
-    turn is supervised. Raises `RowMaskError("generation_prompt_mismatch")` when the turn's render does not
-    start with the prompt (the template cannot render the turn it asks the model to generate)."""
+def _row(tokenizer: Any, index: int, prompt: str, output: str) -> _Rendered:
+    """A per-turn row: `prompt`, then the turn's `output` supervised (its trailing whitespace dropped)."""
+    output = output.rstrip()
+    return _encode(tokenizer, prompt + output, {index: (len(prompt), len(prompt) + len(output))})
+
+
+_THINKING_OFF = {"enable_thinking": False}
+
+
+def _turn_row(conv: _Conversation, renders: _TurnRenders, index: int) -> tuple[_Rendered, bool]:
+    """One per-turn row: messages[:index] rendered with the generation prompt (the prompt the model reads at
+    inference), then assistant message `index` as the template renders it when it is the turn being generated,
+    through its end-of-turn token. Only that turn is supervised (with the header where it is trained). Returns the
+    row and whether the turn was rendered with thinking off: a turn without reasoning that does not follow the
+    thinking-on prompt, when the config leaves `enable_thinking` to the template (`_may_think_off`).
+    Raises `RowMaskError("generation_prompt_mismatch")` when the template renders no such turn."""
     prompt, through = renders.prompt[index], renders.through[index]
-    if not through.startswith(prompt):
-        raise RowMaskError("generation_prompt_mismatch", str(_generation_prompt_error(index, prompt, through)))
-    end = max(len(through.rstrip()), len(prompt))
-    return _encode(tokenizer, through[:end], {index: (len(prompt), end)})
+    if through.startswith(prompt):
+        return _row(conv.tokenizer, index, prompt, through[len(prompt):]), False
+    if (found := _generated_turn(conv, index, renders.kwargs)) is not None:
+        return _row(conv.tokenizer, index, *found), False
+    if _may_think_off(conv, [index]):
+        if (found := _generated_turn(conv, index, {**renders.kwargs, **_THINKING_OFF})) is not None:
+            return _row(conv.tokenizer, index, *found), True
+    raise RowMaskError("generation_prompt_mismatch", str(_generation_prompt_error(index, prompt, through)))
 
 
-def _one_row(tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions,
-             tagged_template: str | None) -> _Rendered:
+def _generated_turn(conv: _Conversation, index: int, kwargs: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(prompt, output) for turn `index`: the prompt as the model reads it (without the generation prompt when the
+    header is trained, which then leads the output) and what the template renders after the generation prompt
+    when the turn is the one being generated. None when its render does not open with the generation prompt."""
+    history, opened = conv.prompt(index, False, kwargs), conv.prompt(index, True, kwargs)
+    if not index or not opened.startswith(history):
+        return None
+    opening = opened[len(history):]
+    through = conv.through(conv.shown[: index + 1], kwargs)
+    if through.startswith(opened):
+        output = through[len(opened):]
+    elif (start := _turn_start(conv, index, kwargs, through, opening)) is not None:
+        output = through[start + len(opening):]
+    else:
+        return None
+    return (opened, output) if conv.options.mask_generation_prompt else (history, opening + output)
+
+
+_MARK = "\u2042"  # appended to a message to find where it ends in a render (any non-space character would do)
+
+
+def _turn_start(conv: _Conversation, index: int, kwargs: Mapping[str, Any], through: str, opening: str) -> int | None:
+    """Where the turn being generated starts in `through` (messages[:index + 1]) when the history before it renders
+    differently there than in its prompt: gpt-oss keeps a tool call's analysis in the prompt of the answer that
+    follows, and drops it once that answer is rendered. Found from the template's own renders, whatever its
+    format: rendered again with the message before the turn lengthened at its end, the conversation differs from
+    `through` at that point and is the same after it; the turn is the first generation prompt (`opening`) there.
+    None when that message has no text to lengthen, the template does not show it, or no `opening` follows."""
+    before = conv.shown[index - 1]
+    content = before.get("content")
+    if not opening or not isinstance(content, str) or not content:
+        return None
+    changed = [*conv.shown[: index - 1], {**before, "content": content + _MARK}, conv.shown[index]]
+    shared = _shared_suffix(through, conv.through(changed, kwargs))
+    if shared == len(through):
+        return None
+    start = through.find(opening, len(through) - shared)
+    return start if start >= 0 else None
+
+
+def _shared_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def _has_reasoning(message: dict[str, Any]) -> bool:
+    reasoning, content = message.get("reasoning_content"), message.get("content")
+    return (isinstance(reasoning, str) and bool(reasoning.strip())) or (isinstance(content, str) and
+                                                                         "</think>" in content)
+
+
+def _may_think_off(conv: _Conversation, indices: list[int]) -> bool:
+    """Whether turns `indices` may be rendered with thinking off: they carry no reasoning and the config leaves
+    `enable_thinking` to the template. Hybrid reasoning models (Qwen3, Nemotron 3) are trained on answers without
+    reasoning that way: their thinking-on prompt opens a reasoning block such a turn cannot follow (Nemotron), and
+    thinking off is the prompt the model is then served with. A pinned `enable_thinking` is kept for every row."""
+    if "enable_thinking" in conv.options.template_kwargs:
+        return False
+    return not any(_has_reasoning(conv.messages[index]) for index in indices)
+
+
+def _thinking_off_renders(conv: _Conversation, renders: _TurnRenders) -> _TurnRenders | None:
+    """The conversation rendered with thinking off, when it then renders stably as one row and with thinking on
+    some turn does not follow its generation prompt; only for a conversation without reasoning (`_may_think_off`).
+    One row instead of one per turn: the same turns, trained without repeating the history."""
+    assistant = [i for i, m in enumerate(conv.messages) if m.get("role") == "assistant"]
+    if not _may_think_off(conv, assistant):
+        return None
+    if all(renders.through[i].startswith(renders.prompt[i]) for i in renders.through):
+        return None  # every turn follows the thinking-on prompt (Qwen3's empty think block): nothing to change
+    off = _turn_renders(conv, {**renders.kwargs, **_THINKING_OFF})
+    return off if _first_unstable(off) is None else None
+
+
+def _one_row(conv: _Conversation, tagged_template: str | None) -> _Rendered:
     """The whole conversation as one row; a template that rewrites history is refused."""
-    if _uses_tags(tagged_template, options):
-        return _generation_tags(tokenizer, tagged_template, messages, tools, options)
-    renders = _turn_renders(tokenizer, template, messages, tools, options)
+    if _uses_tags(tagged_template, conv.options):
+        return _generation_tags(conv.tokenizer, tagged_template, conv.messages, conv.tools, conv.options)
+    renders = _turn_renders(conv, conv.options.template_kwargs)
     if (unstable := _first_unstable(renders)) is not None:
         raise unstable
-    return _as_one_row(tokenizer, renders)
+    return _as_one_row(conv.tokenizer, renders)
 
 
 def mask_by_prefix_rendering(
     tokenizer: Any, template: str, messages: list[dict[str, Any]], tools: Any, options: MaskOptions
 ) -> tuple[list[int], list[bool]]:
     """One row for the whole conversation by prefix rendering; a template that rewrites history is refused."""
-    rendered = _one_row(tokenizer, template, messages, tools, options, None)
+    rendered = _one_row(_conversation(tokenizer, template, messages, tools, options, None), None)
     return rendered.input_ids, rendered.mask
 
 
@@ -323,8 +446,10 @@ def _check_fields(messages: list[dict[str, Any]], tools: Any, rendered: _Rendere
 
 def _uses_tags(tagged_template: str | None, options: MaskOptions) -> bool:
     """Generation tags mask the whole rendering at once; they are used unless the header must be trained
-    (generation spans never include it) or each turn is to be its own row."""
-    return tagged_template is not None and options.mask_generation_prompt and options.multi_turn != "per_turn"
+    (generation spans never include it), each turn is to be its own row, or the tagged template is a per-turn twin
+    (it renders the turns of a template that rewrites history: its tags never mask a whole conversation)."""
+    return (tagged_template is not None and options.mask_generation_prompt and options.multi_turn != "per_turn"
+            and not is_per_turn_twin(tagged_template))
 
 
 def mask_conversation(
@@ -336,7 +461,7 @@ def mask_conversation(
     (`template_not_prefix_stable`; `conversation_rows` trains such conversations one row per turn), and a
     rendering that lacks an assistant's tool calls, reasoning or content, or the row's tools, raises
     `TemplateDropsFields`."""
-    rendered = _one_row(tokenizer, template, messages, tools, options, tagged_template)
+    rendered = _one_row(_conversation(tokenizer, template, messages, tools, options, tagged_template), tagged_template)
     _check_fields(messages, tools, rendered)
     return rendered.input_ids, rendered.mask
 
@@ -350,11 +475,14 @@ RowOutcome = Any
 class ConversationRows:
     """What one conversation becomes: one row, or (per turn) one row per trained assistant turn, each built or
     failed on its own. `whole_tokens` is the conversation's length rendered as one row (what the expansion is
-    measured against)."""
+    measured against). `thinking_off_turns`: the trained turns of built rows that were rendered with thinking off
+    although the config leaves `enable_thinking` to the template (turns without reasoning on a hybrid reasoning
+    model whose thinking-on prompt they do not follow: `_may_think_off`)."""
 
     outcomes: list[RowOutcome]
     per_turn: bool
     whole_tokens: int
+    thinking_off_turns: int = 0
 
 
 def conversation_rows(
@@ -369,27 +497,36 @@ def conversation_rows(
       that turn, then the turn as generated;
     - `auto` (and `last_assistant`, which trains only the final turn): one row when the template renders the
       conversation stably (the row then equals its per-turn rows put together), per-turn rows when it rewrites
-      history.
-    Every row is checked for the fields its template drops (`TemplateDropsFields` as its outcome). Errors that
-    concern the template as a whole (`ChatftError`) and the template's own exceptions propagate."""
+      history. A conversation without reasoning whose turns do not follow the thinking-on prompt is one row
+      rendered with thinking off where that renders stably (`_thinking_off_renders`).
+    With a per-turn twin as `tagged_template` (`chat_templates.PER_TURN`), the turns being generated are rendered
+    with it and the prompts with `template`. Every row is checked for the fields its template drops
+    (`TemplateDropsFields` as its outcome). Errors that concern the template as a whole (`ChatftError`) and the
+    template's own exceptions propagate."""
+    conv = _conversation(tokenizer, template, messages, tools, options, tagged_template)
     if _uses_tags(tagged_template, options) or options.multi_turn == "as_rendered":
-        return ConversationRows(*_one_row_outcome(
-            messages, tools, lambda: _one_row(tokenizer, template, messages, tools, options, tagged_template)))
-    renders = _turn_renders(tokenizer, template, messages, tools, options)
-    unstable = _first_unstable(renders)
-    if options.multi_turn != "per_turn" and unstable is None:
-        return ConversationRows(*_one_row_outcome(messages, tools, lambda: _as_one_row(tokenizer, renders)))
+        return ConversationRows(*_one_row_outcome(messages, tools, lambda: _one_row(conv, tagged_template)))
+    renders = _turn_renders(conv, options.template_kwargs)
+    if options.multi_turn != "per_turn":
+        if _first_unstable(renders) is None:
+            return ConversationRows(*_one_row_outcome(messages, tools, lambda: _as_one_row(tokenizer, renders)))
+        if (off := _thinking_off_renders(conv, renders)) is not None:
+            built = ConversationRows(*_one_row_outcome(messages, tools, lambda: _as_one_row(tokenizer, off)))
+            built.thinking_off_turns = len(off.through) if not isinstance(built.outcomes[0], RowMaskError) else 0
+            return built
     outcomes: list[RowOutcome] = []
+    thinking_off = 0
     for index in renders.through:
         try:
-            rendered = _turn_row(tokenizer, renders, index)
+            rendered, off_turn = _turn_row(conv, renders, index)
             _check_fields(messages, tools, rendered)
         except RowMaskError as err:
             outcomes.append(err)
             continue
         outcomes.append((rendered.input_ids, rendered.mask, index + 1))
+        thinking_off += off_turn
     whole = tokenizer(renders.full, add_special_tokens=False, verbose=False)["input_ids"]
-    return ConversationRows(outcomes, True, len(whole))
+    return ConversationRows(outcomes, True, len(whole), thinking_off)
 
 
 def _one_row_outcome(messages: list[dict[str, Any]], tools: Any, build: Any) -> tuple[list[RowOutcome], bool, int]:

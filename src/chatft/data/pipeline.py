@@ -23,7 +23,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from chatft import artifacts, console
 from chatft.data import cache
@@ -97,7 +97,14 @@ class RowResult:
     message: int | None = None  # per-turn rows: the 1-based number of the assistant message trained
 
 
-Result = tuple[int, list[RowResult], bool, int]  # row number, its rows, whether per turn, tokens as one row
+class Result(NamedTuple):
+    """What one source row became (plain data, returned by worker processes)."""
+
+    row_number: int
+    rows: list[RowResult]
+    per_turn: bool
+    whole_tokens: int  # the conversation rendered as one row
+    thinking_off_turns: int = 0  # turns without reasoning rendered with thinking off (masks.ConversationRows)
 
 
 def _row_result(outcome: Any) -> RowResult:
@@ -120,9 +127,10 @@ def _tokenize_chunk(chunk: list[tuple[int, dict[str, Any]]]) -> list[Result]:
         except ChatftError:
             raise
         except Exception:  # the template itself refused the row (e.g. raise_exception on role order)
-            results.append((row_number, [RowResult(reason="template_error")], False, 0))
+            results.append(Result(row_number, [RowResult(reason="template_error")], False, 0))
             continue
-        results.append((row_number, [_row_result(o) for o in built.outcomes], built.per_turn, built.whole_tokens))
+        results.append(Result(row_number, [_row_result(o) for o in built.outcomes], built.per_turn,
+                              built.whole_tokens, built.thinking_off_turns))
     return results
 
 
@@ -195,8 +203,8 @@ def template_drops_error(report: DataReport, key: str) -> ChatftError:
                      f"where that renders them ({', '.join(RENDERS_TOOLS)})")
     if "reasoning_content" in fields:
         hints.append("for reasoning_content, set dataset.chat_template to a template that renders it (the reasoning "
-                     "model's own; no bundled template does), or remove reasoning_content from the rows if the "
-                     "reasoning is not to be trained")
+                     "model's own, or the bundled deepseek_r1_distill for R1 distills), or remove reasoning_content "
+                     "from the rows if the reasoning is not to be trained")
     if "content" in fields:
         hints.append("for content, give a template that writes the assistant's content as the rows have it (this "
                      "one rewrites it, e.g. strips <think> blocks)")
@@ -221,8 +229,8 @@ def generation_prompt_error(report: DataReport, section: Any, key: str) -> Chatf
                 "dataset.chat_template_kwargs.enable_thinking; " + hint)
     else:
         hint = ("where the generation prompt opens a reasoning block, a turn without reasoning_content cannot follow "
-                "it: give those turns their reasoning, or train them with "
-                "dataset.chat_template_kwargs='{enable_thinking: false}'; " + hint)
+                "it: with dataset.chat_template_kwargs.enable_thinking unset, such turns are rendered with thinking "
+                "off where the template has that switch; pinned to true, give those turns their reasoning; " + hint)
     return ChatftError(
         "template_not_prefix_stable",
         f"in {count} training rows of {key} ({report.path}) the chat template renders the assistant turn "
@@ -244,13 +252,21 @@ def expansion_summary(report: DataReport) -> str:
     """One line: how conversations became training rows (`dataset.multi_turn`)."""
     expansion = report.expansion
     setting = f"dataset.multi_turn={report.multi_turn}"
+    thinking_off = expansion.get("thinking_off_turns") or 0
+    off = (f"; {thinking_off} turns without reasoning rendered with enable_thinking=false (the template's "
+           "thinking-on prompt opens a reasoning block they do not have)") if thinking_off else ""
     if not expansion.get("per_turn_conversations"):
-        return f"multi-turn: one row per conversation ({setting})"
+        return f"multi-turn: one row per conversation ({setting}){off}"
     why = ("" if report.multi_turn == "per_turn" else
            f", chosen where the chat template rewrites earlier turns, first at row {expansion['first_per_turn_row']}")
     return (f"multi-turn: {expansion['per_turn_conversations']} of {expansion['rows_before']} conversations trained "
             f"one row per assistant turn ({setting}{why}): {expansion['rows_before']} -> {expansion['rows_after']} "
-            f"rows, {expansion['tokens_before']:,} -> {expansion['tokens_after']:,} tokens")
+            f"rows, {expansion['tokens_before']:,} -> {expansion['tokens_after']:,} tokens{off}")
+
+
+def _expansion_worth_a_line(expansion: dict[str, Any]) -> bool:
+    """Log the expansion when it changed anything: rows per turn, or turns rendered with thinking off."""
+    return bool(expansion.get("per_turn_conversations") or expansion.get("thinking_off_turns"))
 
 
 def _count_template_drops(counts: Counter[str], examples: dict[str, str], row_number: int,
@@ -264,11 +280,12 @@ def _count_template_drops(counts: Counter[str], examples: dict[str, str], row_nu
 def _expansion(results: list[Result]) -> dict[str, int | None]:
     """Conversations → training rows, for `DataReport.expansion`. Rows that could not be built add no tokens."""
     return {
-        "per_turn_conversations": sum(per_turn for _, _, per_turn, _ in results),
-        "first_per_turn_row": next((number for number, _, per_turn, _ in results if per_turn), None),
-        "rows_before": len(results), "rows_after": sum(len(items) for _, items, _, _ in results),
-        "tokens_before": sum(whole for _, _, _, whole in results),
-        "tokens_after": sum(len(item.ids) for _, items, _, _ in results for item in items if item.ids is not None),
+        "per_turn_conversations": sum(result.per_turn for result in results),
+        "first_per_turn_row": next((result.row_number for result in results if result.per_turn), None),
+        "rows_before": len(results), "rows_after": sum(len(result.rows) for result in results),
+        "tokens_before": sum(result.whole_tokens for result in results),
+        "tokens_after": sum(len(item.ids) for result in results for item in result.rows if item.ids is not None),
+        "thinking_off_turns": sum(result.thinking_off_turns for result in results),
     }
 
 
@@ -308,7 +325,7 @@ def prepare_training_data(
         if refuse_template_drops:
             _refuse_unrenderable(cached.report, section, key)
         log(f"{key}: {cached.report.rows_used} rows from the tokenization cache ({entry[:12]})")
-        if cached.report.expansion.get("per_turn_conversations"):
+        if _expansion_worth_a_line(cached.report.expansion):
             log(f"{key}: {expansion_summary(cached.report)}")
         return cached
 
@@ -320,11 +337,11 @@ def prepare_training_data(
     rows: list[TokenizedRow] = []
     truncated = 0
     results = _tokenize_all(source.rows, state, f"tokenizing {key}")
-    lengths = [len(item.ids) for _, items, _, _ in results for item in items if item.ids is not None]
+    lengths = [len(item.ids) for result in results for item in result.rows if item.ids is not None]
     expansion = _expansion(results)
     field_drops: Counter[str] = Counter()
     field_examples: dict[str, str] = {}
-    for row_number, items, _, _ in results:
+    for row_number, items, *_ in results:
         for item in items:
             reason = item.reason
             _count_template_drops(field_drops, field_examples, row_number, item.dropped)
@@ -371,7 +388,7 @@ def prepare_training_data(
     elapsed = time.perf_counter() - started
     log(f"{key}: tokenized {source.rows_in} rows in {elapsed:.1f}s ({source.rows_in / max(elapsed, 1e-9):.0f} rows/s), "
         f"{report.rows_used} used, masks by {choice.method}")
-    if expansion["per_turn_conversations"]:
+    if _expansion_worth_a_line(expansion):
         log(f"{key}: {expansion_summary(report)}")
     _warn_about(report, rows, tokenizer, key, log, dict(section.chat_template_kwargs or {}))
     _warn_about_source(source, section.path_or_dataset_id, key, log)
