@@ -8,7 +8,10 @@ Per conversation of L tokens (its own length, never a padded width):
     full SFT:  6·N·L                + 3 · 2·layers·d_attn·L²
     LoRA:      (4·N + 6·N_lora)·L   + 3 · 2·layers·d_attn·L²
 - N: parameters that take part in matmuls: every weight except the input embedding table (with tied
-  embeddings the shared matrix is counted once, as the output head).
+  embeddings the shared matrix is counted once, as the output head). In a mixture-of-experts model a token runs
+  only its top-k of the n experts of each MoE layer, so of the stacked expert weights only k/n count (the active
+  parameters); the memory estimate, by contrast, counts every expert. N_lora likewise counts k/n of the adapters
+  on expert weights (PEFT adapts each expert with its own low-rank pair).
 - 6·N: forward 2·N, backward 4·N (activation and weight gradients). LoRA keeps the backward through the
   activations (2·N) but computes no weight gradient for frozen weights; the adapters cost 6·N_lora.
 - Attention scores: per layer and token at causal length ~L/2, forward QKᵀ and A·V are 2·(L/2)·d_attn each,
@@ -35,6 +38,7 @@ class ModelCounts:
     layers: int
     attn_width: int  # heads · head_dim
     embedding_excluded: int
+    idle_experts_excluded: int = 0  # MoE: weights of the experts a token does not run (total minus active)
 
     def per_token(self, lora: bool) -> float:
         return 4 * self.params + 6 * self.lora_params if lora else 6 * self.params
@@ -47,7 +51,9 @@ class ModelCounts:
         tokens = ("(4·N + 6·N_lora)" if lora else "6·N")
         return (f"FLOPs per conversation of L tokens = {tokens}·L + 3·2·layers·d_attn·L², with N={self.params:,} "
                 f"(matmul weights: all parameters minus the input embedding table, {self.embedding_excluded:,} "
-                f"excluded; a tied table is counted once as the head)"
+                f"excluded; a tied table is counted once as the head"
+                + (f"; mixture of experts: only the top-k experts a token runs, {self.idle_experts_excluded:,} "
+                   "weights of the other experts excluded" if self.idle_experts_excluded else "") + ")"
                 + (f", N_lora={self.lora_params:,}" if lora else "")
                 + f", layers={self.layers}, d_attn={self.attn_width} (heads x head_dim); L is each conversation's "
                 "own length. Per token that is 6·N (full) or 4·N + 6·N_lora (LoRA) plus 6·layers·d_attn·L, "
@@ -58,14 +64,19 @@ class ModelCounts:
 
 
 def count_model(model_dir: Path, lora: bool, lora_r: int, lora_targets: list[str]) -> ModelCounts:
-    """Counted on a meta-device copy built from the config: no weights are loaded, even for 8B."""
+    """Counted on a meta-device copy built from the config: no weights are loaded, even for 8B. `lora_targets`
+    are short names: of linear layers (`q_proj`) or of stacked expert weights (`gate_up_proj`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from chatft.train.memory import active_parameter_count, moe_shape
+    from chatft.train.model import expert_parameter_names
 
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params = sum(p.numel() for p in model.parameters())  # a tied table appears once
+    idle_experts = params - active_parameter_count(model)
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding
@@ -75,10 +86,17 @@ def count_model(model_dir: Path, lora: bool, lora_r: int, lora_targets: list[str
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets:
                 lora_params += lora_r * (module.in_features + module.out_features)
+        moe = moe_shape(config)
+        stacked = dict(model.named_parameters())
+        for name in expert_parameter_names(model):
+            if name.rsplit(".", 1)[-1] in lora_targets and moe is not None:
+                experts, a, b = stacked[name].shape  # a rank-r pair per expert; a token runs k of them
+                lora_params += lora_r * (a + b) * min(moe.experts_per_token, experts)
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return ModelCounts(params=params - excluded, lora_params=lora_params, layers=text.num_hidden_layers,
-                       attn_width=text.num_attention_heads * head_dim, embedding_excluded=excluded)
+    return ModelCounts(params=params - excluded - idle_experts, lora_params=lora_params,
+                       layers=text.num_hidden_layers, attn_width=text.num_attention_heads * head_dim,
+                       embedding_excluded=excluded, idle_experts_excluded=idle_experts)
 
 
 # --------------------------------------------------------------------------- device peak

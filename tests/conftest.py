@@ -66,6 +66,17 @@ def tiny_model_other_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Pa
     return tiny_models.build_tiny_variant(tmp_path_factory.mktemp("tiny-other-weights"), "other_weights")
 
 
+# Mixture-of-experts models with the same tokenizer and template (read-only, like the others).
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.build_tiny_variant(tmp_path_factory.mktemp("tiny-qwen3-moe"), "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.build_tiny_variant(tmp_path_factory.mktemp("tiny-mixtral"), "mixtral")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """Real SmolLM2-135M-Instruct as a plain HF dir (converted once, cached outside the repo)."""

@@ -14,10 +14,12 @@ from clirun import run_chatft as chatft
 from conftest import load_module_from_path
 
 from chatft import artifacts
+from chatft import merge as merge_module
 from chatft.config.compile import compile_config
 from chatft.config.schema import MergeConfig
 from chatft.errors import ChatftError
-from chatft.merge import check_adapter_fits, merge, plan_merge
+from chatft.adapter_fit import check_adapter_fits
+from chatft.merge import merge, plan_merge
 from chatft.steps.registry import resolve_step
 from chatft.train.step import train
 from chatft.train.model import load_tokenizer
@@ -186,8 +188,6 @@ def test_bfloat16_output_and_auto_dtype(lora_run, tmp_path):
 
 
 def test_a_merge_that_does_not_reproduce_the_logits_is_refused(lora_run, tmp_path, monkeypatch):
-    from chatft import merge as merge_module
-
     monkeypatch.setattr(merge_module, "TOLERANCE", {"float32": -1.0, "float16": -1.0, "bfloat16": -1.0})
     out = tmp_path / "merged"
     err = refusal("merge_not_equivalent", lora_checkpoint=lora_run, output_hf_path=out)
@@ -344,3 +344,29 @@ def test_cli_merges_and_refuses(lora_run, tiny_model_dir, tiny_model_other_weigh
                               f"output_hf_path={lora_run.parent}", cwd=tmp_path), "output_path_overlaps_inputs")
     assert_error_block(chatft("run", "convert/merge_lora", f"lora_checkpoint={lora_run}", "output_hf_path=o",
                               "backend=megatron_bridge", cwd=tmp_path), "route_not_supported")
+
+
+def test_merge_progress_over_its_check_in_json_lines_plain_lines_and_quiet(lora_run, tmp_path):
+    def run(name: str, *flags: str):
+        result = chatft(*flags, "run", "convert/merge_lora", f"lora_checkpoint={lora_run}",
+                        f"output_hf_path={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    result = run("json", "--log-format", "json")
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    [json.loads(line) for line in result.stderr.splitlines()]  # transformers' own bars stay off: only JSON lines
+    progress = {e["task"]: e for e in out if e["event"] == "progress"}
+    rows = len(merge_module.PROBE_CONVERSATIONS)
+    assert {task: (e["done"], e["total"], e["unit"]) for task, e in progress.items() if "check" in task} == {
+        "merge check (base + adapter)": (2 * rows, 2 * rows, "rows"),  # the reference, and the base alone
+        "merge check (merged model)": (rows, rows, "rows")}
+    layers = progress["merging LoRA layers"]
+    assert layers["done"] == layers["total"] > 0 and layers["unit"] == "layers"
+    assert not [e for e in json_lines_of(run("quiet", "--quiet", "--log-format", "json")) if e["event"] == "progress"]
+    plain = run("plain")  # not a terminal: lines only, no bar redrawn in place (transformers' included)
+    assert "\r" not in plain.stdout + plain.stderr and "done: merged model" in plain.stdout
+
+
+def json_lines_of(result) -> list[dict]:
+    return [json.loads(line) for line in (result.stdout + result.stderr).splitlines()]

@@ -37,7 +37,12 @@ def test_mode_for_each_setting(setting, lora, device, compiled, expected):
     (aten.mm.default, CheckpointPolicy.MUST_SAVE),
     (aten.addmm.default, CheckpointPolicy.MUST_SAVE),
     (aten._scaled_dot_product_flash_attention_for_cpu.default, CheckpointPolicy.MUST_SAVE),
-    (aten._softmax.default, CheckpointPolicy.MUST_SAVE),  # not known to be cheap: kept
+    (aten._grouped_mm.default, CheckpointPolicy.MUST_SAVE),  # the experts' matmuls
+    (aten._softmax.default, CheckpointPolicy.MUST_SAVE),  # eager attention's probabilities
+    # routing: outputs that mixture-of-experts blocks then change in place, so they must not be kept
+    (aten.topk.default, CheckpointPolicy.PREFER_RECOMPUTE),
+    (aten.index_put_.default, CheckpointPolicy.PREFER_RECOMPUTE),
+    (aten.empty_like.default, CheckpointPolicy.PREFER_RECOMPUTE),
     (aten.mul.Tensor, CheckpointPolicy.PREFER_RECOMPUTE),
     (aten.silu.default, CheckpointPolicy.PREFER_RECOMPUTE),
     (aten.rsqrt.default, CheckpointPolicy.PREFER_RECOMPUTE),

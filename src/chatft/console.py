@@ -3,12 +3,15 @@
 - text (the default): information and results on stdout, warnings on stderr; work that takes time (preparing and
   tokenizing rows, training, validation, eval, merge) shows a progress bar with its rate and ETA on a terminal
   (rich), and a plain line at every tenth of the work (at most one a second) when stdout is not a terminal, so CI
-  logs stay readable;
+  logs stay readable: for work of many items, or once work of a few slow items (validation batches, model
+  forwards) has run a second;
 - `--quiet`: warnings, errors and results only (where the artifact is, the final numbers), no progress;
 - `--log-format json`: one JSON object per line, `{"event": ..., ...}`, on the stream the text would take:
   `info`, `result` (stdout) and `warning` (stderr), each with its `message`; `progress` (`task`, `done`,
-  `total`, `unit`, `rate`, `eta_s`); `step` (a metrics.jsonl row) and `validation` (a validation.jsonl row) on
-  stdout; an error is one `{"event": "error", "id", "message", "hint"}` line on stderr, exit status 2 as always.
+  `total`, `unit`, `rate`, `eta_s`) at the plain lines' cadence, and one at the end of every piece of work
+  whatever its size, so a script sees each stage with its size and rate; `step` (a metrics.jsonl row) and
+  `validation` (a validation.jsonl row) on stdout; an error is one `{"event": "error", "id", "message", "hint"}`
+  line on stderr, exit status 2 as always.
 
 The CLI chooses once (`configure`); the choice travels in the environment (`CHATFT_LOG_FORMAT`, `CHATFT_QUIET`),
 so the training processes torchrun starts answer in the same form. Torch-free.
@@ -21,15 +24,17 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 FORMAT_ENV = "CHATFT_LOG_FORMAT"
 QUIET_ENV = "CHATFT_QUIET"
 FORMATS = ("text", "json")
 PLAIN_EVERY_S = 1.0  # plain progress lines: at most one a second, at each tenth of the work
-PLAIN_MIN_ITEMS = 200  # below this, work is done before a line would say anything: no plain lines
+PLAIN_MIN_ITEMS = 200  # below this, plain lines only once the work has run PLAIN_EVERY_S (its items are slow)
 PLAIN_UNKNOWN_EVERY_S = 5.0  # work of unknown size (rows streamed from a file): a line every 5 seconds
+T = TypeVar("T")
 
 
 def configure(log_format: str = "text", quiet: bool = False) -> None:
@@ -43,6 +48,12 @@ def json_lines() -> bool:
 
 def quiet() -> bool:
     return os.environ.get(QUIET_ENV) == "1"
+
+
+def shows_bars(stream: Any = None) -> bool:
+    """Whether progress is drawn as bars that redraw in place (rich, or a library's own): on a terminal only, and
+    neither with --quiet nor in JSON lines. Elsewhere a redrawn bar is a run of carriage returns in a log."""
+    return (stream or sys.stdout).isatty() and not quiet() and not json_lines()
 
 
 def _emit(event: str, fields: dict[str, Any], stream: Any = None) -> None:
@@ -94,22 +105,34 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """A unit of work of `total` items (`unit`): `advance(n)` as items are done. Used as a context manager.
-    `stream`: where its lines go (stderr where stdout carries a command's output, e.g. `preview --json`)."""
+    """A unit of work of `total` items (`unit`): `advance(n)` as items are done, or `each(items)`. Used as a
+    context manager. `stream`: where its lines go (stderr where stdout carries a command's output, e.g.
+    `preview --json`). `show=False`: count, show nothing (a step's own `show_progress=false`). `pausing`: a rich
+    live display already drawn on this terminal (the training bar), stopped while this bar is drawn and drawn again
+    at `close`: rich draws one live display at a time (older versions raise LiveError for a second one)."""
 
-    def __init__(self, task: str, total: int | None, unit: str = "rows", *, stream: Any = None) -> None:
+    def __init__(self, task: str, total: int | None, unit: str = "rows", *, stream: Any = None, show: bool = True,
+                 pausing: Any = None) -> None:
         self.task, self.total, self.unit = task, total, unit
-        self.stream = stream or sys.stdout
         self.done, self.began = 0, time.monotonic()
         self._next_tenth, self._last_line = 1, 0.0
+        self._lines = show and not quiet()  # plain lines or JSON events, where no bar is drawn
         self.bar: Any = None
-        if not quiet() and not json_lines() and self.stream.isatty():
+        self._paused: Any = None
+        drawn = show and shows_bars(stream)
+        if drawn and pausing is not None and pausing.live.is_started:
+            pausing.stop()  # first: a live display stands in for sys.stdout until it stops
+            self._paused = pausing
+        self.stream = stream or sys.stdout
+        if drawn:
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                        TimeRemainingColumn)
 
+            # On its own stream: rich's default console is stdout, which may be a pipe (`preview --json | jq`).
             self.bar = RichProgress(TextColumn(task), MofNCompleteColumn(), BarColumn(), TextColumn(unit),
                                     TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(),
-                                    transient=True)
+                                    transient=True, console=Console(file=self.stream))
             self._bar_task = self.bar.add_task(task, total=total, rate="")
             self.bar.start()
 
@@ -131,12 +154,18 @@ class Progress:
             return None
         return (self.total - self.done) / self.rate if self.rate > 0 else None
 
+    def each(self, items: Iterable[T]) -> Iterator[T]:
+        """The items, each counted once the caller is done with it (asks for the next one, or stops)."""
+        for item in items:
+            yield item
+            self.advance()
+
     def advance(self, count: int = 1) -> None:
         self.done += count
         if self.bar is not None:
             self.bar.update(self._bar_task, completed=self.done, rate=f"{self.rate:,.0f}/s")
             return
-        if quiet():
+        if not self._lines:
             return
         now = time.monotonic()
         if self.total is None:
@@ -144,12 +173,17 @@ class Progress:
                 self._last_line = now
                 self._line()
             return
-        if self.total < PLAIN_MIN_ITEMS:
+        if not self._worth_lines(now):
             return
         tenth = math.floor(10 * self.done / self.total)
         if tenth >= self._next_tenth and (now - self._last_line >= PLAIN_EVERY_S or self.done >= self.total):
             self._next_tenth, self._last_line = tenth + 1, now
             self._line()
+
+    def _worth_lines(self, now: float) -> bool:
+        """Many items, or items slow enough that the work has run a second: a few validation batches of a large
+        model take minutes. Small fast work is done before a line would say anything."""
+        return self.total is not None and (self.total >= PLAIN_MIN_ITEMS or now - self.began >= PLAIN_EVERY_S)
 
     def _line(self) -> None:
         eta = self.eta_s
@@ -167,6 +201,9 @@ class Progress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-        elif (finished and not quiet() and self.total and self.total >= PLAIN_MIN_ITEMS and self._next_tenth <= 10
-              and self.done):
-            self._line()  # the last line, when the tenths above did not reach it (a fast finish)
+            if self._paused is not None:
+                self._paused.start()
+                self._paused = None
+        elif (finished and self._lines and self.done and self._next_tenth <= 10
+              and (json_lines() or self._worth_lines(time.monotonic()))):
+            self._line()  # the last line, when the tenths above did not reach it (a fast finish); in JSON always

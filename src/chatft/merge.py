@@ -19,6 +19,9 @@ dtype or `torch_dtype`, config and generation config, the base's tokenizer and c
    reference: the largest absolute difference must stay within a tolerance set by the output dtype's
    rounding. Only then does the temporary dir become `output_hf_path`.
 
+Progress (`chatft.console`, off with `show_progress=false`): over the check's forward passes and over the LoRA
+layers as they are merged; transformers' own loading and saving bars only on a terminal.
+
 A QLoRA adapter (its manifest records a 4-bit base) is merged the same way, into the full-precision base, never
 into 4-bit weights. The merged model is also compared with the 4-bit base + adapter it was trained as; that
 difference is reported (and warned about beyond `QUANTIZED_TOLERANCE_FACTOR` times what quantizing moves the base
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +49,7 @@ from typing import Any
 
 from chatft import artifacts, console, quantization
 from chatft.adapter_base import read_adapter_config, resolve_adapter_base
+from chatft.adapter_fit import check_adapter_fits
 from chatft.config.compile import CompiledConfig
 from chatft.config.schema import MergeConfig, ModelSection
 from chatft.config.secrets import redact
@@ -184,10 +189,12 @@ class MergeResult:
 
 
 @contextlib.contextmanager
-def _progress(show: bool) -> Iterator[None]:
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' own loading and saving bars: tqdm's, which redraw with carriage returns on stderr, so only where
+    a bar can be drawn in place (`console.shows_bars`), never in a log, in JSON lines or with --quiet."""
     from chatft.train.model import quiet_hub_progress  # keeps torch out of the fast CLI path (preflight)
 
-    with contextlib.nullcontext() if show else quiet_hub_progress():
+    with contextlib.nullcontext() if show and console.shows_bars(sys.stderr) else quiet_hub_progress():
         yield
 
 
@@ -204,84 +211,6 @@ def output_dtype(cfg: MergeConfig, base: str, revision: str | None) -> str:
     directory = artifacts.local_model_dir(base, revision)
     stored = artifacts.checkpoint_dtype(directory) if directory is not None else None
     return stored if stored in TOLERANCE else "float32"
-
-
-def _adapter_tensors(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / artifacts.ADAPTER_WEIGHTS), framework="pt") as handle:
-        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-
-
-# Where a saved adapter key names its module, and which LoRA factor it is (None: only the module is checked,
-# e.g. DoRA's magnitude vector or trainable-token deltas).
-_LORA_PARTS = {".lora_A.": "A", ".lora_B.": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-               ".lora_magnitude_vector": None, ".token_adapter.": None}
-
-
-def check_adapter_fits(model, adapter_dir: Path, strict: bool) -> list[str]:
-    """Every LoRA weight of the adapter must sit on a module of the base with matching sizes.
-
-    A size mismatch means another model (`base_model_mismatch`); a weight with no module to land on is an
-    error with `strict` (the default), else a warning (returned)."""
-    from torch import nn
-
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
-    mismatched, homeless = [], []
-    for key, shape in _adapter_tensors(adapter_dir).items():
-        name = key.removeprefix("base_model.model.")
-        part = next(((marker, side) for marker, side in _LORA_PARTS.items() if marker in name), None)
-        if part is None:  # a fully saved module (modules_to_save): same shape as the base's parameter
-            target = params.get(name)
-            if target is None:
-                homeless.append(key)
-            elif tuple(target.shape) != shape:
-                mismatched.append(f"{name} {list(shape)} vs base {list(target.shape)}")
-            continue
-        module_name = name[:name.index(part[0])]
-        module = modules.get(module_name)
-        if module is None:
-            homeless.append(key)
-            continue
-        if part[1] is None:
-            continue
-        if isinstance(module, nn.Embedding):
-            sizes = {"A": module.num_embeddings, "B": module.embedding_dim}
-            got = {"A": shape[1], "B": shape[0]}
-        else:
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.dim() != 2:
-                homeless.append(key)
-                continue
-            if isinstance(module, nn.Linear):
-                in_features, out_features = module.in_features, module.out_features
-            elif hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): weight is [in, out]
-                in_features, out_features = weight.shape
-            else:
-                out_features, in_features = weight.shape
-            sizes = {"A": in_features, "B": out_features}
-            got = {"A": shape[-1], "B": shape[0]}
-        if got[part[1]] != sizes[part[1]]:
-            mismatched.append(f"{module_name} lora_{part[1]} {list(shape)} vs base size {sizes[part[1]]}")
-    if mismatched:
-        raise ChatftError(
-            "base_model_mismatch",
-            f"the adapter {adapter_dir} does not fit this base: {len(mismatched)} weight(s) differ in size, "
-            f"e.g. {'; '.join(mismatched[:3])}",
-            "give the base model the adapter was trained on (base_model_name_or_path in its adapter_config.json)",
-        )
-    if homeless and strict:
-        raise ChatftError(
-            "base_model_mismatch",
-            f"{len(homeless)} adapter weight(s) of {adapter_dir} match no module of this base, e.g. "
-            f"{', '.join(homeless[:3])}",
-            "give the base model the adapter was trained on, or strict=false to merge the weights that do match",
-        )
-    if homeless:
-        return [f"strict=false: {len(homeless)} adapter weight(s) match no module of the base and are left out, "
-                f"e.g. {', '.join(homeless[:3])}"]
-    return []
 
 
 def probe_rows(tokenizer, template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
@@ -302,12 +231,31 @@ def probe_rows(tokenizer, template_kwargs: dict[str, Any] | None = None) -> list
     return rows
 
 
-def _logits(model, rows: list[list[int]]) -> list:
+def _logits(model, rows: list[list[int]], progress: console.Progress) -> list:
+    """The logits of each row, counted on `progress` (each is read back to the CPU, so the count is what is done)."""
     import torch
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in rows]
+        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+                for ids in progress.each(rows)]
+
+
+def _merge_layers(model, show: bool):
+    """`merge_and_unload`, with progress over the LoRA layers (PEFT's own bar is tqdm's: carriage returns, no JSON).
+    Each outermost LoRA layer is merged by PEFT's own `merge`, loaded first where offloaded, as merge_and_unload
+    does; merge_and_unload then finds every layer merged and only unloads them and updates the config."""
+    from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
+
+    tuners = {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    layers = [module for name, module in tuners.items() if not any(name.startswith(f"{o}.") for o in tuners)]
+    with console.Progress("merging LoRA layers", len(layers), "layers", show=show) as progress:
+        for layer in progress.each(layers):
+            with onload_layer(layer):
+                layer.merge(safe_merge=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All adapters are already merged", category=UserWarning)
+        return model.merge_and_unload(safe_merge=True, progressbar=False)
 
 
 def _max_abs_diff(a: list, b: list) -> float:
@@ -342,7 +290,8 @@ def _lora_record(adapter_config: dict[str, Any], manifest: dict[str, Any] | None
             "target_modules": sorted(targets) if isinstance(targets, list) else targets}
 
 
-def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code: bool) -> tuple[list, list] | None:
+def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code: bool,
+                       show: bool) -> tuple[list, list] | None:
     """QLoRA: the logits of the 4-bit base + adapter, as training ran them, and of the 4-bit base alone; None for
     an adapter trained on an unquantized base."""
     record = (plan.adapter_manifest or {}).get("quantization")
@@ -360,9 +309,10 @@ def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base, plan.adapter_dir).eval()
-    trained = _logits(model, rows)
-    with model.disable_adapter():
-        quantized_base = _logits(model, rows)
+    with console.Progress("merge check (4-bit base + adapter)", 2 * len(rows), "rows", show=show) as progress:
+        trained = _logits(model, rows, progress)
+        with model.disable_adapter():
+            quantized_base = _logits(model, rows, progress)
     del model, base
     gc.collect()
     return trained, quantized_base
@@ -396,7 +346,7 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     model_args = {"dtype": torch.float32, **({"device_map": cfg.device_map} if cfg.device_map else {})}
 
     console.info(f"merging {plan.adapter_dir}\n   into {plan.base}\n   -> {plan.output} ({dtype}, safetensors)")
-    with _progress(cfg.show_progress), no_hub_kernels(), load_errors("base_hf_path", plan.base):
+    with _loading_bars(cfg.show_progress), no_hub_kernels(), load_errors("base_hf_path", plan.base):
         tokenizer = AutoTokenizer.from_pretrained(plan.base, **load_args)
         base_model = AutoModelForCausalLM.from_pretrained(plan.base, **load_args, **model_args)
     base_model.eval()
@@ -412,29 +362,33 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     model.eval()
     template_kwargs = artifacts.recorded_template_kwargs(plan.adapter_manifest)  # e.g. {enable_thinking: false}
     rows = probe_rows(tokenizer, template_kwargs)
-    reference = _logits(model, rows)
-    with model.disable_adapter():
-        base_logits = _logits(model, rows)
+    # The check's reference: base + adapter, and the base alone (how far the adapter moves the logits).
+    with console.Progress("merge check (base + adapter)", 2 * len(rows), "rows", show=cfg.show_progress) as progress:
+        reference = _logits(model, rows, progress)
+        with model.disable_adapter():
+            base_logits = _logits(model, rows, progress)
     adapter_effect = _max_abs_diff(reference, base_logits)
-    as_trained = _as_trained_logits(plan, rows, cfg.trust_remote_code)  # QLoRA: never merged into 4-bit weights
-    merged = model.merge_and_unload(safe_merge=True, progressbar=False)
+    as_trained = _as_trained_logits(plan, rows, cfg.trust_remote_code,  # QLoRA: never merged into 4-bit weights
+                                    cfg.show_progress)
+    merged = _merge_layers(model, cfg.show_progress)
     merged.to(_torch_dtype(dtype))
     artifacts.stop_at_end_of_turn(merged, tokenizer, template_kwargs=template_kwargs)
 
     tmp = plan.output.with_name(f".{plan.output.name}{TMP_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _progress(cfg.show_progress):
+        with _loading_bars(cfg.show_progress):
             merged.save_pretrained(tmp)
         if cfg.save_tokenizer:
             tokenizer.save_pretrained(tmp)
         del model, merged, base_model
         gc.collect()
 
-        with _progress(cfg.show_progress), no_hub_kernels(), load_errors("output_hf_path", str(tmp)):
+        with _loading_bars(cfg.show_progress), no_hub_kernels(), load_errors("output_hf_path", str(tmp)):
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, trust_remote_code=cfg.trust_remote_code,
                                                             **model_args).eval()
-        merged_logits = _logits(reloaded, rows)
+        with console.Progress("merge check (merged model)", len(rows), "rows", show=cfg.show_progress) as progress:
+            merged_logits = _logits(reloaded, rows, progress)
         diff = _max_abs_diff(merged_logits, reference)
         del reloaded
         gc.collect()

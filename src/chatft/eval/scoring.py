@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,13 +139,6 @@ def _answer(model: Any, prompts: list[Prompt], batch: list[int], tokenizer: Any,
 # --------------------------------------------------------------------------- one target
 
 
-def _counted(batches: list[dict[str, Any]], progress: console.Progress) -> Iterator[dict[str, Any]]:
-    """The batches, each counted once scored."""
-    for batch in batches:
-        yield batch
-        progress.advance()
-
-
 def score_target(cfg: EvalConfig, target: Target, data: PreparedData, prompts: list[Prompt], tokenizer: Any,
                  device: Any, dtype: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Load, score, free. Returns the metrics and the answers to `prompts`."""
@@ -165,7 +157,7 @@ def score_target(cfg: EvalConfig, target: Target, data: PreparedData, prompts: l
         head = losses.head_for(model, vocab, device)
         batches = batching.micro_batches(rows, cfg.local_batch_size, pad, padding_free=packed)
         with console.Progress(f"scoring ({target.name})", len(batches), "batches", stream=sys.stderr) as progress:
-            score = losses.score_batches(model, _counted(batches, progress), device, head)
+            score = losses.score_batches(model, progress.each(batches), device, head)
         model.set_attn_implementation(attn)  # generation runs on the attention the model was loaded with
         answers = generate_answers(model, prompts, tokenizer, cfg, device, target.name)
     except (torch.OutOfMemoryError, MemoryError):

@@ -12,6 +12,10 @@ Sources, best first:
 Sources 3 and 4 build a Llama-shaped stand-in with the table's shapes; its parameter count is corrected to
 the published one (hybrid Mamba and MoE models are dense stand-ins, so their estimate is rougher). Every
 assumption is recorded in `ModelFacts.assumptions` and printed with the plan.
+
+Mixture-of-experts models have two sizes: `params`, every expert's weights, which memory holds (weights,
+gradients and optimizer states of full SFT), and `active_params`, what one token runs through (top-k of the
+experts of each MoE layer), which sets the compute per token. The plan prints both.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class KnownModel:
     nemotron: bool = False
     moe: bool = False
     note: str = ""
+    active_params: float = 0  # MoE: parameters a token runs through (model card); 0 for dense models
 
 
 B, M = 1e9, 1e6
@@ -81,11 +86,20 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
                4480, 56, 15680, 131072, 40, 8, False, 131072, nemotron=True,
                note="hybrid Mamba-2/attention layers, estimated as a dense stand-in"),
     KnownModel(("nvidia-nemotron-3-nano-30b-a3b", "nemotron-3-nano-30b-a3b"), "nemotron_h", 31.6 * B,
-               2688, 52, 11136, 131072, 32, 2, False, 262144, nemotron=True, moe=True,
-               note="hybrid Mamba-2/MoE (about 3B active), estimated as a dense stand-in with the active FFN width"),
+               2688, 52, 11136, 131072, 32, 2, False, 262144, nemotron=True, moe=True, active_params=3.6 * B,
+               note="hybrid Mamba-2/MoE (about 3.6B active with embeddings), estimated as a dense stand-in with the "
+                    "active FFN width"),
     KnownModel(("llama-3_3-nemotron-super-49b-v1", "llama-3_3-nemotron-super-49b-v1_5"), "nemotron-nas", 49.9 * B,
                8192, 80, 28672, 128256, 64, 8, False, 131072, nemotron=True,
                note="heterogeneous pruned Llama-3.3-70B blocks (custom code), estimated as a dense stand-in"),
+    # Mixture-of-experts models: `intermediate` is the active FFN width (top-k x expert width), which is what the
+    # dense stand-in's activations need; its weights are scaled to the total, every expert included.
+    KnownModel(("qwen3-30b-a3b",), "qwen3_moe", 30.5 * B, 2048, 48, 8 * 768, 151936, 32, 4, False, 40960,
+               moe=True, active_params=3.3 * B, note="128 experts, 8 per token, estimated as a dense stand-in with "
+               "the active FFN width"),
+    KnownModel(("mixtral-8x7b-v0.1", "mixtral-8x7b"), "mixtral", 46.7 * B, 4096, 32, 2 * 14336, 32000, 32, 8,
+               False, 32768, moe=True, active_params=12.9 * B,
+               note="8 experts, 2 per token, estimated as a dense stand-in with the active FFN width"),
 )
 
 # Families NVIDIA's Megatron-Bridge ships recipes for (beside Nemotron): the alternative route exists.
@@ -108,6 +122,7 @@ class ModelFacts:
     max_positions: int | None
     nemotron: bool
     moe: bool = False
+    active_params: int | None = None  # MoE: parameters one token runs through (None: all of them, a dense model)
     custom_code: bool = False
     assumptions: list[str] = field(default_factory=list)
     config_dir: str | None = None  # a dir with config.json to build the skeleton from (sources 1-2)
@@ -126,7 +141,11 @@ class ModelFacts:
         return self.model_type in MEGATRON_BRIDGE_RECIPES or self.nemotron
 
     def shape_line(self) -> str:
-        return (f"{self.billions:,.2f}B parameters (hidden {self.hidden}, {self.layers} layers, intermediate "
+        active = ""
+        if self.active_params is not None and self.active_params != self.params:
+            active = (f" of which {self.active_params / 1e9:,.2f}B active per token (mixture of experts: memory "
+                      "holds every expert, compute runs the top-k)")
+        return (f"{self.billions:,.2f}B parameters{active} (hidden {self.hidden}, {self.layers} layers, intermediate "
                 f"{self.intermediate}, vocab {self.vocab}, {self.heads} heads / {self.kv_heads} kv)")
 
     def skeleton(self) -> tuple[Any, float]:
@@ -190,7 +209,7 @@ def resolve_model(given: str) -> ModelFacts:
     hint = SIZE_HINT.search(given.rsplit("/", 1)[-1])
     if hint is not None:
         params = float(hint.group(1)) * (B if hint.group(2).lower() == "b" else M)
-        nearest = min((k for k in KNOWN_MODELS if not k.nemotron),
+        nearest = min((k for k in KNOWN_MODELS if not k.nemotron and not k.moe),  # a dense size: dense shapes
                       key=lambda k: abs(math.log(k.params) - math.log(params)))
         facts = _from_known(given, nearest, "size_hint", [
             f"{given} is not local, not cached and not in chatft's table: assumed {params / B:,.2f}B parameters "
@@ -297,6 +316,10 @@ def _from_config_dir(given: str, location: str, config_dir: Path, source: str) -
             "fix or re-download config.json; `AutoModelForCausalLM.from_pretrained` must load the model",
         ) from None
     facts.params = sum(p.numel() for p in model.parameters())
+    if facts.moe and not custom:  # the skeleton is the model itself: its stacked expert weights are counted
+        from chatft.train.memory import active_parameter_count
+
+        facts.active_params = active_parameter_count(model)
     return facts
 
 
@@ -314,5 +337,6 @@ def _from_known(given: str, known: KnownModel, source: str, assumptions: list[st
         hidden=known.hidden, layers=known.layers, intermediate=known.intermediate, vocab=known.vocab,
         heads=known.heads, kv_heads=known.kv_heads, max_positions=known.max_positions,
         nemotron=known.nemotron, moe=known.moe, custom_code=known.family == "nemotron-nas",
+        active_params=int(known.active_params) if known.moe and known.active_params else None,
         assumptions=list(assumptions),
     )

@@ -64,6 +64,9 @@ def _lora(run: RunRecord) -> str | None:
     else:
         return None
     names = ", ".join(map(str, targets)) if isinstance(targets, list) else targets
+    experts = lora.get("target_parameters") if isinstance(lora, dict) else None  # stacked expert weights (MoE)
+    if experts:
+        names = f"{names or '-'}; expert weights {', '.join(map(str, experts))}"
     return f"rank {num(r)}, alpha {num(alpha, 2)}, dropout {num(dropout, 2)}; targets {esc(names or '-')}"
 
 

@@ -52,10 +52,15 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer: Any, manifest: dict[s
 
 
 def lora_record(model: nn.Module, section: LoraSection) -> dict[str, Any]:
-    """The manifest's `lora`: rank, alpha, dropout and the modules PEFT really wrapped."""
-    targets = model.peft_config["default"].target_modules
-    return {"r": section.dim, "alpha": section.alpha, "dropout": section.dropout,
-            "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+    """The manifest's `lora`: rank, alpha, dropout, the modules PEFT really wrapped and the parameters it adapted
+    without a module of their own (a mixture of experts' stacked expert weights: `target_parameters`)."""
+    config = model.peft_config["default"]
+    targets = config.target_modules
+    record = {"r": section.dim, "alpha": section.alpha, "dropout": section.dropout,
+              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+    if getattr(config, "target_parameters", None):
+        record["target_parameters"] = sorted(config.target_parameters)
+    return record
 
 
 def run_manifest(cfg: TrainingConfig, model: nn.Module, tokenizer: Any, metrics: dict[str, Any],

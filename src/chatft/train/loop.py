@@ -25,7 +25,7 @@ from chatft.train import attention, batching, checkpoints, layer_compile, losses
 from chatft.train import sharding
 from chatft.train.distributed import World, strategy_for
 from chatft.train.metrics import JsonlLog, ProgressDisplay
-from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model,
+from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model, lora_targets,
                                 model_location, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
 from chatft.train.optimizer import build_optimizer
@@ -134,6 +134,8 @@ class Trainer(Resumable, Finishing):
             enable_activation_checkpointing(model, self.recompute)
             self.notes.append(f"activation checkpointing: {recompute.DESCRIPTIONS[self.recompute]}")
         if self.lora:
+            # on a mixture-of-experts model: which weights are adapted and which stay frozen
+            self.notes.append(lora_targets(model, cfg.peft).describe() or "")
             model = apply_lora(model, cfg.peft, cfg.seed)
             if self.precision.autocast:
                 for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
@@ -269,7 +271,7 @@ class Trainer(Resumable, Finishing):
                     validate = bool(self._due(cfg.step_scheduler.val_every_steps) and self.val_batches)
                     pending.hold(step, read_now=validate or self.step >= self.total_steps)
                     if validate:
-                        self._guard_oom(self._validate, note)
+                        self._guard_oom(self._validate, display)
                     stopping = self._agree_on_stop(stop)
                     if self._due(cfg.step_scheduler.ckpt_every_steps) or stopping:
                         pending.flush()
@@ -289,7 +291,7 @@ class Trainer(Resumable, Finishing):
         if stop.signum is not None:
             return self._stopped(stop, elapsed)
         if self.val_batches and (self.last_val is None or self.last_val["step"] != self.step):
-            self._guard_oom(self._validate, console.info)
+            self._guard_oom(self._validate, None)
         # ranks: every process takes part in gathering FSDP2's shards; rank 0 writes
         weights = sharding.full_weights(self.model, trainable_only=self.lora) if self.sharded else None
         final = self._save_final(elapsed, weights) if self.is_main else None
@@ -371,10 +373,16 @@ class Trainer(Resumable, Finishing):
             return sharding.run(self.sharded, lambda: losses.loss_sum(self.model, batch, self.device, self.loss_head))
 
     @torch.no_grad()
-    def _validate(self, note) -> dict[str, Any]:
+    def _validate(self, display: ProgressDisplay | None) -> dict[str, Any]:
+        """Score the validation batches, with progress on rank 0 (over its own share of the batches): a bar in
+        place of the training bar (`display`, while training), which comes back once they are scored."""
         self.model.eval()
-        with self._compute_precision():  # ranks: under FSDP2 every batch gathers weights, all in one root pass
-            score = sharding.run(self.sharded, lambda: losses.score_batches(self.model, self.val_batches, self.device,
+        shown = console.Progress(f"validation (step {self.step})", len(self.val_batches), "batches",
+                                 pausing=display and display.bar) if self.is_main else contextlib.nullcontext()
+        # ranks: under FSDP2 every batch gathers weights, all in one root pass
+        with shown as progress, self._compute_precision():
+            batches = progress.each(self.val_batches) if progress else self.val_batches
+            score = sharding.run(self.sharded, lambda: losses.score_batches(self.model, batches, self.device,
                                                                             self.loss_head))
         self.model.train()
         loss_sum, correct, tokens = self.world.sum_([score.loss_sum, score.correct, score.tokens])  # ranks
@@ -386,7 +394,8 @@ class Trainer(Resumable, Finishing):
             if self.trackers:
                 self.trackers.log("validation", row)
             console.event("validation", **row)
-            note(f"validation at step {self.step}: loss {row['loss']:.4f}, token accuracy {row['token_accuracy']:.3f}")
+            line = f"validation at step {self.step}: loss {row['loss']:.4f}, token accuracy {row['token_accuracy']:.3f}"
+            (display.note if display else console.info)(line)
         return row
 
     def _next_micro_batches(self) -> list[dict[str, torch.Tensor]]:

@@ -7,7 +7,9 @@ the largest micro-batch, logits) that the start-up summary prints and `chatft pr
 
 The activation term is a rule of thumb for decoder-only transformers (per token and layer about
 10*hidden + 4*intermediate values, plus the inputs LoRA dropout copies, plus S^2 attention scores for
-eager attention and CPU SDPA). Measured peaks are recorded next to it in every run (metrics.jsonl
+eager attention and CPU SDPA). A mixture-of-experts model stores every expert's weights (they count in full
+towards weights, gradients and optimizer states) but runs only top-k of them per token: its activations use the
+active FFN width (`MoeShape`). Measured peaks are recorded next to it in every run (metrics.jsonl
 `peak_mem_mb`, the manifest's `metrics`), so the rule can be recalibrated from real runs.
 """
 
@@ -30,8 +32,8 @@ from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
 from chatft.train import batching, recompute
 from chatft.train.distributed import strategy_for
-from chatft.train.model import (linear_module_names, model_load_errors, model_location, output_head_name, pick_device,
-                                resolve_dtype, resolve_lora_targets)
+from chatft.train.model import (expert_parameter_names, linear_module_names, lora_targets, model_load_errors,
+                                model_location, output_head_name, pick_device, resolve_dtype)
 from chatft.train.sharding import gather_dtype
 from chatft.train.chunked_head import rows_per_chunk
 from chatft.train.precision import precision_for
@@ -223,6 +225,59 @@ def _text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
+# Config keys for the same facts across MoE families (Mixtral, Qwen2/3-MoE, DeepSeek, GPT-OSS, ...).
+_EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+_EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size")
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """How much of a mixture-of-experts FFN runs per token: `experts_per_token` of `experts` routed experts of
+    `expert_width` each, plus an always-on shared expert of `shared_width` (0 where there is none)."""
+
+    experts: int
+    experts_per_token: int
+    expert_width: int
+    shared_width: int
+
+    @property
+    def active_width(self) -> int:
+        return self.experts_per_token * self.expert_width + self.shared_width
+
+
+def moe_shape(config: Any) -> MoeShape | None:
+    """The routed-expert shape from a model config, or None for a dense model."""
+    text = _text_config(config)
+    experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(text, k, None)), None)
+    per_token = next((getattr(text, k) for k in _EXPERTS_PER_TOKEN_KEYS if getattr(text, k, None)), None)
+    if not experts or not per_token:
+        return None
+    # Mixtral names each expert's width `intermediate_size`; the Qwen and DeepSeek MoEs keep that name for their
+    # dense layers and give the experts `moe_intermediate_size`.
+    width = next((getattr(text, k) for k in _EXPERT_WIDTH_KEYS if getattr(text, k, None)), None) or \
+        getattr(text, "intermediate_size", 0)
+    shared = getattr(text, "shared_expert_intermediate_size", None) or \
+        (getattr(text, "n_shared_experts", None) or 0) * width
+    return MoeShape(experts=int(experts), experts_per_token=int(per_token), expert_width=int(width),
+                    shared_width=int(shared))
+
+
+def active_parameter_count(model: nn.Module) -> int:
+    """Parameters one token runs through: all of them, except that of each MoE layer's stacked expert weights
+    only `experts_per_token` of the experts count (every expert is stored, top-k of them compute)."""
+    total = sum(p.numel() for p in model.parameters())
+    shape = moe_shape(model.config)
+    if shape is None:
+        return total
+    params = dict(model.named_parameters())
+    idle = 0
+    for name in expert_parameter_names(model):
+        stacked = params[name]  # experts x out x in
+        idle += stacked.numel() - stacked.numel() * shape.experts_per_token // stacked.shape[0]
+    return total - idle
+
+
 def meta_model(cfg: TrainingConfig) -> nn.Module:
     """The model's module tree on the `meta` device: shapes without weights, built in about a second."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -285,15 +340,29 @@ def estimate_memory(
     hidden = getattr(text, "hidden_size", None) or base.get_input_embeddings().embedding_dim
     layers = getattr(text, "num_hidden_layers", None) or 1
     ffn = getattr(text, "intermediate_size", None) or 4 * hidden
+    moe = moe_shape(text)
+    moe_routing = 0
+    if moe is not None:
+        # The FFN a token runs is its top-k experts (and a shared one); a model mixing dense and MoE layers is
+        # estimated at the wider of the two. Routing keeps, per token and layer, the router's logits and, per chosen
+        # expert, the gathered input and the weighted output (a rule of thumb read off the transformers 5 expert
+        # loop, not yet measured on a real MoE model).
+        moe_layers = len({name.rsplit(".", 2)[0] for name in expert_parameter_names(base)})
+        ffn = moe.active_width if moe_layers >= layers else max(moe.active_width, ffn)
+        moe_routing = moe.experts + 2 * moe.experts_per_token * hidden
     heads = getattr(text, "num_attention_heads", None) or 1
     vocab = getattr(text, "vocab_size", None) or base.get_input_embeddings().num_embeddings
 
     dropout_inputs = 0  # LoRA with dropout: each wrapped layer keeps its dropped-out input for backward
     targets: list[str] = []
     if lora:
-        targets = resolve_lora_targets(base, cfg.peft)
-        modules = dict(base.named_modules())
+        chosen = lora_targets(base, cfg.peft)
+        targets = chosen.modules
+        modules, params = dict(base.named_modules()), dict(base.named_parameters())
         trainable = sum(cfg.peft.dim * (modules[t].in_features + modules[t].out_features) for t in targets)
+        # PEFT adapts a stacked expert weight (experts x a x b) with a rank-r pair per expert: r*experts*(a + b)
+        trainable += sum(cfg.peft.dim * params[t].shape[0] * (params[t].shape[1] + params[t].shape[2])
+                         for t in chosen.expert_parameters)
         trainable_bytes = _bytes(precision.trainable)  # float32 adapters
         weights = total_params * _bytes(precision.weights) + trainable * trainable_bytes
         if cfg.peft.dropout > 0:
@@ -315,7 +384,7 @@ def estimate_memory(
     shape = largest_micro_batch(cfg, lengths)
     tokens, rows, width = shape.tokens, shape.rows, shape.width
     # what a layer keeps for backward, per token
-    per_layer = 4 * hidden * weights_bytes + (6 * hidden + 4 * ffn + dropout_inputs) * compute_bytes
+    per_layer = 4 * hidden * weights_bytes + (6 * hidden + 4 * ffn + dropout_inputs + moe_routing) * compute_bytes
     checkpointing = recompute.mode_for(cfg.distributed.activation_checkpointing, lora, device, cfg.compile.enabled)
     if checkpointing == "full":  # layer inputs kept, one layer recomputed at a time
         activations = tokens * (layers * hidden * weights_bytes + per_layer)

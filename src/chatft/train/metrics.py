@@ -80,7 +80,7 @@ class ProgressDisplay:
         self.began = time.monotonic()
         self.every = max(1, total_steps // 20)
         self.bar = None
-        if self.stream.isatty() and not console.quiet() and not console.json_lines():
+        if console.shows_bars(self.stream):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),

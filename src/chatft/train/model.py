@@ -8,6 +8,7 @@ parameter counts the start-up summary prints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import os
 import re
@@ -219,36 +220,168 @@ def _matches(name: str, pattern: str) -> bool:
         return False
 
 
-def resolve_lora_targets(model: nn.Module, section: LoraSection) -> list[str]:
-    """The full names of the linear layers LoRA wraps, after `exclude_modules`.
+# Names a mixture-of-experts block gives the linear layer that scores experts for each token (Mixtral/Qwen-MoE
+# `gate`, others `router`; Qwen2-MoE's `shared_expert_gate` scales its shared expert). In transformers 5 most
+# routers are their own module with a bare weight, which LoRA never wraps; where one is an `nn.Linear`, "all
+# linear layers" still leaves it alone: a low-rank change to the router moves tokens between experts, which
+# fine-tuning recipes avoid (AutoModel and PEFT's own `all-linear` do not adapt routers either).
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
-    `match_all_linear` takes every linear layer except the output head (vLLM cannot serve adapters on it);
-    `target_modules` takes what it names, the head included if named.
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Full names of a mixture-of-experts model's stacked expert weights.
+
+    transformers 5 stores each MoE layer's experts as 3-D parameters (experts x out x in) of one `...Experts`
+    module (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), not one `nn.Linear` per expert, so
+    `linear_module_names` does not see them: LoRA reaches them only through PEFT's `target_parameters`."""
+    names = []
+    for module_name, module in model.named_modules():
+        if not (module_name.rsplit(".", 1)[-1] == "experts" or type(module).__name__.endswith("Experts")):
+            continue
+        names += [f"{module_name}.{name}" for name, param in module.named_parameters(recurse=False)
+                  if param.ndim == 3]
+    return names
+
+
+def peft_expert_aliases(model: nn.Module) -> set[str]:
+    """Linear-layer names PEFT takes to mean a mixture of experts' weights on this model type.
+
+    So that adapters trained on transformers 4 (one `nn.Linear` per expert) still load, PEFT 0.21 rewrites a LoRA
+    config for the MoE families transformers 5 converts (Mixtral: `w1`, `w2`, `w3`, `gate`; Qwen3-MoE, DeepSeek-V2/3,
+    GLM-4-MoE, OLMoE, ...: `gate_proj`, `up_proj`, `down_proj`, `gate`) whenever it injects or loads one: those
+    names become the stacked expert weights and the router. A linear layer with one of these names (a dense MLP
+    layer, a shared expert) therefore cannot carry LoRA in an adapter that plain PEFT loads back as trained.
+    PEFT is asked itself, with a throwaway config of every linear layer's name; where its (private) rewrite is
+    missing, nothing is reserved, and the check after wrapping (`apply_lora`) still catches a difference."""
+    if not expert_parameter_names(model):
+        return set()
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return set()
+    names = sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(model)} | set(ROUTER_NAMES))
+    probe = LoraConfig(target_modules=list(names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    return set(names) - set(probe.target_modules or [])
+
+
+def router_module_names(model: nn.Module) -> list[str]:
+    """The linear layers beside an experts module that route tokens to it (`ROUTER_NAMES`)."""
+    blocks = {name.rsplit(".", 2)[0] for name in expert_parameter_names(model)}  # the module holding `experts`
+    return [name for name in linear_module_names(model)
+            if name.rsplit(".", 1)[0] in blocks and name.rsplit(".", 1)[-1] in ROUTER_NAMES]
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What LoRA adapts: `modules` (full names of `nn.Linear` layers, PEFT's `target_modules`) and
+    `expert_parameters` (full names of stacked expert weights, PEFT's `target_parameters`); `frozen_experts`
+    lists the expert weights a mixture-of-experts model keeps frozen, `routers` its linear routers, `left_out` the
+    linear layers chosen but left out because PEFT reads their names as the experts (`peft_expert_aliases`)."""
+
+    modules: list[str]
+    expert_parameters: list[str]
+    frozen_experts: list[str]
+    routers: list[str]
+    left_out: list[str] = dataclasses.field(default_factory=list)
+
+    def describe(self) -> str | None:
+        """One line for a mixture-of-experts model saying what is adapted and what stays frozen (None for a
+        dense model, where the start-up summary says enough)."""
+        if not self.expert_parameters and not self.frozen_experts:
+            return None
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in self.modules})
+        adapted = f"linear layers {', '.join(kinds)}" if kinds else "no linear layer"
+        experts = sorted({".".join(name.rsplit(".", 2)[-2:]) for name in self.expert_parameters})
+        if experts:
+            adapted += f" and the expert weights {', '.join(experts)} (every expert, PEFT target_parameters)"
+        frozen = sorted({".".join(name.rsplit(".", 2)[-2:]) for name in self.frozen_experts})
+        line = f"LoRA on a mixture-of-experts model: adapts {adapted}"
+        if frozen:
+            line += (f"; the expert weights {', '.join(frozen)} stay frozen (they are not linear layers: name them "
+                     "in peft.target_modules, with peft.dropout=0, to train them)")
+        line += "; the router stays frozen" if not any(r in self.modules for r in self.routers) else \
+            "; the router is adapted (named in peft.target_modules)"
+        if self.left_out:
+            names = sorted({name.rsplit(".", 1)[-1] for name in self.left_out})
+            line += (f"; the linear layers {', '.join(names)} ({len(self.left_out)}, e.g. {self.left_out[0]}) are left "
+                     "out: PEFT reads these names as the experts of this model type when it loads an adapter")
+        return line
+
+
+def lora_targets(model: nn.Module, section: LoraSection) -> LoraTargets:
+    """The layers and expert weights LoRA adapts, after `exclude_modules`.
+
+    `match_all_linear` takes every linear layer except the output head (vLLM cannot serve adapters on it) and
+    the routers of mixture-of-experts blocks (`ROUTER_NAMES`); a mixture of experts' stacked expert weights are
+    not linear layers and stay frozen, as with PEFT's `all-linear`. `target_modules` takes what it names: linear
+    layers (the head and routers included if named) and, by the same patterns, expert weights
+    (`experts.gate_up_proj`, `down_proj`, `experts`, ...), which PEFT adapts per expert without dropout.
     """
     linears = linear_module_names(model)
+    experts = expert_parameter_names(model)
     head = output_head_name(model)
+    routers = router_module_names(model)
     if section.match_all_linear:
-        chosen = [n for n in linears if n != head]
+        chosen = [n for n in linears if n != head and n not in routers]
+        chosen_experts: list[str] = []
     else:
         patterns = section.target_modules or []
         chosen = [n for n in linears if any(_matches(n, p) for p in patterns)]
-        unmatched = [p for p in patterns if not any(_matches(n, p) for n in linears)]
+        # An expert weight matches its own name or its experts module's name (`experts` takes both of a layer's).
+        chosen_experts = [n for n in experts if any(_matches(n, p) or _matches(n.rsplit(".", 1)[0], p)
+                                                    for p in patterns)]
+        unmatched = [p for p in patterns if p not in _matched_patterns(patterns, linears, experts)]
         if unmatched:
             kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            expert_kinds = sorted({".".join(n.rsplit(".", 2)[-2:]) for n in experts})
+            also = f"; its expert weights: {', '.join(expert_kinds)}" if expert_kinds else ""
             raise ChatftError(
                 "config_invalid",
                 f"peft.target_modules {unmatched} match no linear layer of this model",
-                f"its linear layers are named: {', '.join(kinds)} (or set peft.match_all_linear=true)",
+                f"its linear layers are named: {', '.join(kinds)}{also} (or set peft.match_all_linear=true)",
             )
     excluded = [n for n in chosen if any(_matches(n, p) for p in section.exclude_modules or [])]
     chosen = [n for n in chosen if n not in excluded]
-    if not chosen:
+    aliases = peft_expert_aliases(model)
+    left_out = [n for n in chosen if n.rsplit(".", 1)[-1] in aliases]
+    chosen = [n for n in chosen if n not in left_out]
+    chosen_experts = [n for n in chosen_experts if not any(
+        _matches(n, p) or _matches(n.rsplit(".", 1)[0], p) for p in section.exclude_modules or [])]
+    if not chosen and not chosen_experts:
+        why = (f" (PEFT reads {', '.join(sorted(aliases))} as the experts of this model type: name them with "
+               "peft.dropout=0 to adapt the experts)") if left_out else ""
         raise ChatftError(
             "config_invalid",
-            "peft.target_modules / peft.exclude_modules leave no layer for LoRA",
+            f"peft.target_modules / peft.exclude_modules leave no layer for LoRA{why}",
             "exclude fewer modules, or set peft.match_all_linear=true",
         )
-    return chosen
+    if chosen_experts and section.dropout > 0:
+        # PEFT adds the low-rank update to the stacked weight itself (a parametrization), so there is no input
+        # of the adapter alone to drop out: its ParamWrapper refuses any lora_dropout.
+        kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in chosen_experts}))
+        raise ChatftError(
+            "config_invalid",
+            f"peft.target_modules names expert weights ({kinds}) and peft.dropout={section.dropout}: PEFT adapts "
+            "stacked expert weights without dropout",
+            "set peft.dropout=0, or leave the experts out of peft.target_modules (attention-only LoRA)",
+        )
+    return LoraTargets(modules=chosen, expert_parameters=chosen_experts,
+                       frozen_experts=[n for n in experts if n not in chosen_experts], routers=routers,
+                       left_out=left_out)
+
+
+def _matched_patterns(patterns: list[str], linears: list[str], experts: list[str]) -> set[str]:
+    return {p for p in patterns if any(_matches(n, p) for n in linears)
+            or any(_matches(n, p) or _matches(n.rsplit(".", 1)[0], p) for n in experts)}
+
+
+def resolve_lora_targets(model: nn.Module, section: LoraSection) -> list[str]:
+    """The full names of the linear layers LoRA wraps (`lora_targets(...).modules`)."""
+    return lora_targets(model, section).modules
 
 
 def peft_target_modules(model: nn.Module, chosen: list[str]) -> list[str] | str:
@@ -261,24 +394,63 @@ def peft_target_modules(model: nn.Module, chosen: list[str]) -> list[str] | str:
     return "^(?:" + "|".join(re.escape(n) for n in chosen) + ")$"
 
 
+def peft_target_parameters(model: nn.Module, chosen: list[str]) -> list[str]:
+    """What goes into `LoraConfig.target_parameters` (matched by PEFT as a full name or its dotted suffix; it
+    takes no regex): `experts.gate_up_proj`-style names when they select exactly `chosen`, else the full names."""
+    short = sorted({".".join(n.rsplit(".", 2)[-2:]) for n in chosen})
+    selected = [n for n in expert_parameter_names(model) if any(n.endswith("." + s) for s in short)]
+    return short if selected == chosen else sorted(chosen)
+
+
 def apply_lora(model: nn.Module, section: LoraSection, seed: int) -> nn.Module:
     """Wrap `model` with LoRA adapters. Adapter weights are float32 whatever the base dtype
-    (PEFT's `autocast_adapter_dtype`); the base is frozen."""
+    (PEFT's `autocast_adapter_dtype`); the base is frozen. What it adapts is `lora_targets(model, section)`,
+    checked against what PEFT wrapped."""
     from peft import LoraConfig, get_peft_model
 
-    targets = peft_target_modules(model, resolve_lora_targets(model, section))
+    targets = lora_targets(model, section)
     config = LoraConfig(
         r=section.dim,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
-        target_modules=targets,
+        target_modules=peft_target_modules(model, targets.modules),
+        target_parameters=peft_target_parameters(model, targets.expert_parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # PEFT 0.21 fills rank/alpha patterns for expert weights itself and then warns that they matched nothing
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match any targeted module.*")
         torch.manual_seed(seed)  # adapter initialisation depends on the seed only
-        return get_peft_model(model, config, autocast_adapter_dtype=True)
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
+    _check_wrapped_as_resolved(wrapped, targets)
+    return wrapped
+
+
+def _check_wrapped_as_resolved(wrapped: nn.Module, targets: LoraTargets) -> None:
+    """PEFT may rewrite a LoRA config on the way in (`peft_expert_aliases`); what it adapted must be what chatft
+    resolved, printed and records, or the run would train (and the manifest describe) other weights."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    linear, stacked = set(), set()
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if isinstance(module, ParamWrapper):
+            stacked.add(f"{plain}.{module.parameter_name}")
+        else:
+            linear.add(plain)
+    if linear != set(targets.modules) or stacked != set(targets.expert_parameters):
+        differences = sorted(linear ^ set(targets.modules)) + sorted(stacked ^ set(targets.expert_parameters))
+        raise ChatftError(
+            "config_invalid",
+            f"PEFT adapted other weights than chatft resolved from peft.target_modules: {', '.join(differences[:4])}",
+            "name the layers to adapt in peft.target_modules (`chatft preview` lists them); please report this "
+            "model type, since chatft should have resolved it as PEFT does",
+        )
 
 
 # --------------------------------------------------------------------------- counts

@@ -3,9 +3,9 @@
 `distributed.activation_checkpointing`:
 - `false`: every activation autograd needs is kept (fastest, most memory);
 - `true` (AutoModel's `full`): each decoder layer keeps only its input and is run again in the backward;
-- `selective`: each decoder layer keeps the outputs of its costly ops (matmuls, attention) and recomputes the
-  cheap ones (pointwise ops, views, the norms' reductions, concatenations, casts) in the backward, one layer at a
-  time (torch's selective checkpointing with a per-op policy);
+- `selective`: each decoder layer keeps the outputs of its costly ops (matmuls, attention, softmax) and
+  recomputes the rest (pointwise ops, views, the norms' reductions, concatenations, casts, routing) in the
+  backward, one layer at a time (torch's selective checkpointing with a per-op policy);
 - `auto` (the steps' default): `selective` for full SFT on CPU without `compile`, off otherwise.
 
 Why `auto` stops there (bench/README.md has the figures): on CPU, full SFT of SmolLM2-135M kept about 10% less
@@ -27,8 +27,17 @@ DESCRIPTIONS = {"full": "full (each decoder layer runs again in the backward)",
                              "pointwise ops, norms and casts in the backward)"}
 
 _aten = torch.ops.aten
-# Cheap ops that are neither pointwise nor views: the norms' mean, rotary embeddings' cat, dtype casts, copies.
-_CHEAP = {_aten.mean.dim, _aten.sum.dim_IntList, _aten.cat.default, _aten._to_copy.default, _aten.clone.default}
+# What a layer keeps: the outputs of its costly ops. Everything else is recomputed, which is cheap (pointwise ops,
+# views, the norms' reductions, casts) and also safe: a kept output must never change afterwards, and
+# mixture-of-experts blocks write in place into tensors made by other ops (a top-k's weights divided by their sum,
+# an accumulator of expert outputs filled by `index_put_`/`index_add_`), which torch refuses to recompute around.
+_COSTLY = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+           _aten._grouped_mm.default,  # the experts' matmuls, all experts at once
+           _aten._softmax.default,  # eager attention's probabilities: as large as the scores, and not cheap
+           _aten._scaled_dot_product_flash_attention_for_cpu.default,
+           _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+           _aten._scaled_dot_product_cudnn_attention.default, _aten._flash_attention_forward.default,
+           _aten._efficient_attention_forward.default}
 
 
 def mode_for(setting: bool | str, lora: bool, device: torch.device, compiled: bool = False) -> Mode | None:
@@ -42,9 +51,7 @@ def mode_for(setting: bool | str, lora: bool, device: torch.device, compiled: bo
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if getattr(op, "is_view", False) or torch.Tag.pointwise in getattr(op, "tags", ()) or op in _CHEAP:
-        return CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.MUST_SAVE  # matmuls, attention kernels, and anything not known to be cheap
+    return CheckpointPolicy.MUST_SAVE if op in _COSTLY else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def selective_context():
