@@ -66,9 +66,11 @@ def measure(name: str, command: list[str], threads: int, run_dir: Path, warmup: 
         raise SystemExit(f"{name} failed (rc {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     timed = rows[warmup:]
+    manifest = json.loads((run_dir / "final" / "chatft_manifest.json").read_text())["metrics"]
+    by_rank = manifest.get("peak_mem_mb_by_rank") or [max(row["peak_mem_mb"] for row in rows)]
     return {"command": " ".join(command[1:]), "omp_num_threads": threads, "steps": len(rows),
             "timed_steps": len(timed), "tokens_per_s": statistics.median(row["tokens_per_s"] for row in timed),
-            "peak_mem_mb": max(row["peak_mem_mb"] for row in rows), "wall_s": round(wall, 1)}
+            "peak_mem_mb": max(by_rank), "peak_mem_mb_by_rank": by_rank, "wall_s": round(wall, 1)}
 
 
 def main() -> None:
@@ -98,10 +100,11 @@ def main() -> None:
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "cpu-distributed.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Several processes on CPU ({cores} cores), {report['workload']}", "",
-             "| way | threads/process | tokens/s | x one process | peak MB/process | wall s |",
+             "| way | threads/process | tokens/s | x one process | peak MB per process (rank 0, 1, ...) | wall s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['omp_num_threads']} | {r['tokens_per_s']:.0f} | {r['ratio_to_one_process']:.2f} | "
-              f"{r['peak_mem_mb']:.0f} | {r['wall_s']} |" for name, r in results.items()]
+              f"{' / '.join(f'{peak:,.0f}' for peak in r['peak_mem_mb_by_rank'])} | {r['wall_s']} |"
+              for name, r in results.items()]
     (options.out / "cpu-distributed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -97,10 +97,16 @@ def test_two_processes_train_what_one_trains(work, tiny_model_dir, kind, layout,
         strategy == "fsdp2")
     manifest = json.loads((work / f"{name}-2" / "final" / "chatft_manifest.json").read_text())
     assert manifest["metrics"]["world_size"] == 2 and manifest["metrics"]["launcher"] == "torchrun"
+    by_rank = manifest["metrics"]["peak_mem_mb_by_rank"]
+    assert len(by_rank) == 2 and by_rank[1] > 0 and abs(by_rank[0] - manifest["metrics"]["peak_mem_mb"]) < 5
     assert manifest["metrics"]["strategy"] == strategy
     assert manifest["metrics"]["tokens"] == json.loads((work / f"{name}-1" / "final" / "chatft_manifest.json")
                                                        .read_text())["metrics"]["tokens"]  # empty passes count none
     assert {p.name for p in (work / f"{name}-2" / "logs").iterdir()} >= {"rank_0.log", "rank_1.log"}
+    # FSDP2: rank 0 alone reads the weights; the other process builds the model empty and receives its shards
+    assert ("sent to each process as its shards" in result.stdout) == (strategy == "fsdp2")
+    assert ("shards received from rank 0" in (work / f"{name}-2" / "logs" / "rank_1.log").read_text()) == (
+        strategy == "fsdp2")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -257,6 +257,24 @@ def test_reasoning_families_without_a_twin_take_the_per_turn_path(tokenizer):
     assert rows[0][1] == "\n<think>Two and two make four.</think>\n4"
 
 
+def test_gemma_4_rows(tokenizer):
+    # The later Gemma 4 template renders the reasoning of the turn being generated only (a thought channel) and
+    # writes tool results into the model's turn, named by the call their tool_call_id points to (so the call here
+    # carries that id, as data prep writes it): per-turn rows, each the inference render plus the turn.
+    paired = [{**m, "tool_calls": [{**WEATHER_CALL, "id": "c1"}]} if m.get("tool_calls") else m for m in REASONING]
+    rows = assert_rows_are_inference_renders(tokenizer, original("gemma4_v5"), paired)
+    assert rows[0][1] == "<|channel>thought\nTwo and two make four.\n<channel|>4<turn|>"
+    assert "get_weather" in rows[1][1] and "21 degrees, sunny" in rows[2][0] and "21 degrees, sunny" not in rows[2][1]
+    # Without reasoning nothing is rewritten: one row, the tool result inside it but not supervised.
+    without = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in paired]
+    (row,) = conversation_rows(tokenizer, original("gemma4_v5"), without).outcomes
+    text, supervised = decode_row(tokenizer, row)
+    assert "21 degrees, sunny" in text and "21 degrees, sunny" not in supervised and "get_weather" in supervised
+    # The first Gemma 4 template renders no reasoning at all: such turns are refused by field, never trained empty.
+    (refused,) = conversation_rows(tokenizer, original("gemma4"), paired).outcomes
+    assert refused.reason == "template_drops_field" and {d.field for d in refused.dropped} == {"reasoning_content"}
+
+
 def test_a_history_preserving_template_gives_one_row(tokenizer):
     template = tokenizer.chat_template  # the tiny model's ChatML: every turn renders the same whatever follows
     messages = NO_REASONING[:3] + [{"role": "assistant", "content": "Sunny."}]

@@ -134,3 +134,50 @@ def test_stochastic_rounding_of_shards_equals_one_process(tmp_path):
         results[world] = torch.load(tmp_path / f"{world}.pt")
     for world in (2, 3):
         assert all(torch.equal(a, b) for a, b in zip(results[1], results[world])), world
+
+
+# --------------------------------------------------------------------------- loading once
+
+
+def _load_once(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 builds a small Llama with tied embeddings; rank 1 builds it on the meta device. After FSDP2 splits
+    both and `fill_from_rank0`, each process's logits are the ones rank 0's whole model gives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    ids = (torch.arange(8) * 7 % 128).unsqueeze(0)
+    torch.manual_seed(0)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            whole = model(input_ids=ids).logits
+        full_state = model.state_dict()
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        full_state = None
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharding.fill_from_rank0(model, full_state, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # rotary frequencies are buffers no state dict holds
+    gathered = [torch.zeros_like(logits) for _ in range(world)]
+    dist.all_gather(gathered, logits)
+    if rank == 0:
+        torch.save({"whole": whole, "sharded": gathered,
+                    "tied": model.lm_head.weight is model.model.embed_tokens.weight}, out)
+    dist.destroy_process_group()
+
+
+def test_the_other_processes_receive_rank_zeros_weights_as_shards(tmp_path):
+    mp.spawn(_load_once, args=(2, _free_port(), str(tmp_path / "out.pt")), nprocs=2)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["tied"]
+    for logits in result["sharded"]:
+        assert torch.allclose(logits, result["whole"], atol=1e-6)

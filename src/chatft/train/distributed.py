@@ -88,6 +88,15 @@ class World:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor.item())
 
+    def gather_int(self, value: int) -> list[int]:
+        """`value` of every process, in rank order, on every process."""
+        if not self.distributed:
+            return [value]
+        device = self._collective_device()
+        parts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.size)]
+        dist.all_gather(parts, torch.tensor([value], dtype=torch.int64, device=device))
+        return [int(part.item()) for part in parts]
+
     def broadcast_trainable(self, model: torch.nn.Module) -> None:
         """Give every process rank 0's trainable weights (they load the same files, but a LoRA initialisation or
         a model's own random init must not be trusted to agree). Weights on the CPU under NCCL (FSDP2 loads there)

@@ -83,6 +83,8 @@ class Finishing:
             "activation_checkpointing": self.recompute or "off",
             **self.world.record(self.strategy),
         }
+        if self.world.distributed:  # the peak above is rank 0's; under FSDP2 rank 0 alone held the whole model
+            metrics["peak_mem_mb_by_rank"] = [round(peak / MB, 1) for peak in self.peaks_by_rank]
         if self.scaler.is_enabled():
             metrics.update(loss_scaling=True, skipped_steps=self.skipped_steps)
         if self.resumes:

@@ -22,11 +22,12 @@ from chatft.config.schema import TrainingConfig
 from chatft.data.types import PreparedData, TokenizedRow
 from chatft.run_layout import METRICS_FILE, VALIDATION_FILE
 from chatft.train import attention, batching, checkpoints, layer_compile, losses, memory, padding_free, recompute
-from chatft.train import sharding
+from chatft.train import chunked_head, sharding
+from chatft.train.chunked_head import ChunkedHead
 from chatft.train.distributed import World, strategy_for
 from chatft.train.metrics import JsonlLog, ProgressDisplay
 from chatft.train.model import (apply_lora, count_parameters, enable_activation_checkpointing, load_model, lora_targets,
-                                model_location, pick_device, probe_vocab_size, resolve_dtype)
+                                model_location, model_skeleton, pick_device, probe_vocab_size, resolve_dtype)
 from chatft.train.precision import master_weights_note, precision_for
 from chatft.train.optimizer import build_optimizer
 from chatft.train.finishing import Finishing, TrainResult
@@ -127,9 +128,14 @@ class Trainer(Resumable, Finishing):
                                                    lengths=memory.row_lengths(self.train_data, self.val_data))
             self.notes.append(memory.check_fits(self.estimate, self.device, cfg.force) or "")
         # FSDP2 loads on the CPU; splitting the model moves each process's shards to its device, so a model that
-        # fits only sharded is never whole on one GPU. The probes below run where the model is.
+        # fits only sharded is never whole on one GPU. The probes below run where the model is. Only rank 0 reads
+        # the weights: the other processes build the model on the meta device and receive their shards from it.
         self.load_device = torch.device("cpu") if self.strategy == "fsdp2" else self.device
-        model = load_model(cfg.model, self.load_device, self.precision.weights)
+        self.loads_once = self.strategy == "fsdp2" and self.world_size > 1
+        if self.loads_once and not self.is_main:
+            model = model_skeleton(cfg.model, self.precision.weights)
+        else:
+            model = load_model(cfg.model, self.load_device, self.precision.weights)
         if self.recompute:
             enable_activation_checkpointing(model, self.recompute)
             self.notes.append(f"activation checkpointing: {recompute.DESCRIPTIONS[self.recompute]}")
@@ -141,22 +147,29 @@ class Trainer(Resumable, Finishing):
                 for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
                     if isinstance(module, BaseTunerLayer):
                         module.cast_input_dtype_enabled = False
-        self.world.broadcast_trainable(model)  # ranks: every process starts from rank 0's weights
+        if not self.loads_once:  # (loaded once, rank 0's weights reach the others as their shards, below)
+            self.world.broadcast_trainable(model)  # ranks: every process starts from rank 0's weights
         self.model = model
         self.params = count_parameters(model)
-        self.padding_free = self._check_padding_free()
-        with self._compute_precision():
-            self.loss_head = losses.head_for(self.model, probe_vocab_size(self.tokenizer, self.model),
-                                             self.load_device)
+        self.padding_free, self.loss_head = self._probe()
         if self.loss_head is None:
             self.notes.append("note: loss head: the model's own logits at supervised positions (its forward does "
                               "more than decoder + linear head, so the chunked head is not used)")
         if cfg.compile.enabled:  # after the probes: they run rows of other shapes than training's
             self.notes.append(layer_compile.compile_layers(self.model, cfg.compile))
         if self.strategy == "fsdp2":  # after the probes too: they run the decoder outside the sharding root
+            full_state = self.model.state_dict() if self.loads_once and self.is_main else None  # before sharding
             self.sharded = sharding.Sharded(self.model, self.world, self.device, self.precision)
+            if self.loads_once:
+                sharding.fill_from_rank0(self.model, full_state, self.device)
+                del full_state
+                if not self.is_main:  # into this process's own log (logs/rank_N.log)
+                    console.info(f"weights: this process's shards received from rank 0 (rank {self.world.rank} "
+                                 "read no weight file)")
+            loaded = ("; the weights read by rank 0 alone and sent to each process as its shards"
+                      if self.loads_once else "")
             self.notes.append(f"FSDP2: weights, gradients and optimizer states split over {self.world_size} "
-                              f"processes in {self.sharded.units} units (each decoder layer, and the rest)")
+                              f"processes in {self.sharded.units} units (each decoder layer, and the rest){loaded}")
         # float16 gradients underflow without loss scaling (`precision`: the trained parameters are float32 then, so
         # their gradients can be unscaled). Disabled, the scaler passes everything through.
         self.scaler = sharding.grad_scaler(self.sharded, self.device, enabled=self.precision.loss_scaling)
@@ -166,6 +179,29 @@ class Trainer(Resumable, Finishing):
             master = "" if self.lora else "float32 master weights computed in float16 under autocast, "
             self.notes.append(f"float16: {master}dynamic loss scaling; a step whose gradients overflow is skipped "
                               "and counted")
+
+    def _probe(self) -> tuple[bool, ChunkedHead | None]:
+        """Run the start-up probes on the loaded model: padding-free rows (and the attention they use) and the
+        chunked loss head. Loaded once (FSDP2), rank 0 alone has weights to probe: it decides, and the others
+        take the same attention and head."""
+        if not self.loads_once:
+            return self._check_padding_free(), self._find_loss_head()
+
+        def decide() -> tuple[bool, str | None, bool]:
+            padding_free = self._check_padding_free()
+            return padding_free, attention.implementation(self.model), self._find_loss_head() is not None
+
+        padding_free, implementation, uses_head = self.world.on_main(decide)
+        if not self.is_main:
+            if implementation == attention.SEGMENT_SDPA:
+                attention.use_segment_sdpa(self.model)
+            elif implementation is not None and attention.implementation(self.model) != implementation:
+                self.model.set_attn_implementation(implementation)
+        return padding_free, chunked_head.find_head(self.model) if uses_head else None
+
+    def _find_loss_head(self) -> ChunkedHead | None:
+        with self._compute_precision():
+            return losses.head_for(self.model, probe_vocab_size(self.tokenizer, self.model), self.load_device)
 
     def _check_padding_free(self) -> bool:
         """Padding-free micro-batches where asked for and the loaded model keeps them apart (`padding_free`);
@@ -294,6 +330,7 @@ class Trainer(Resumable, Finishing):
             self._guard_oom(self._validate, None)
         # ranks: every process takes part in gathering FSDP2's shards; rank 0 writes
         weights = sharding.full_weights(self.model, trainable_only=self.lora) if self.sharded else None
+        self.peaks_by_rank = self.world.gather_int(self._peak_memory())  # ranks: for the manifest
         final = self._save_final(elapsed, weights) if self.is_main else None
         self.world.barrier()  # ranks: the run ends when final/ is written
         result = TrainResult(self.run_dir, final, self.step, self.last_train_loss,

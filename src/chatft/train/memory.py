@@ -32,8 +32,8 @@ from chatft.data.types import PreparedData
 from chatft.errors import ChatftError
 from chatft.train import batching, recompute
 from chatft.train.distributed import strategy_for
-from chatft.train.model import (expert_parameter_names, linear_module_names, lora_targets, model_load_errors,
-                                model_location, output_head_name, pick_device, resolve_dtype)
+from chatft.train.model import (expert_parameter_names, linear_module_names, lora_targets, model_skeleton,
+                                output_head_name, pick_device, resolve_dtype)
 from chatft.train.sharding import gather_dtype
 from chatft.train.chunked_head import rows_per_chunk
 from chatft.train.precision import precision_for
@@ -280,13 +280,7 @@ def active_parameter_count(model: nn.Module) -> int:
 
 def meta_model(cfg: TrainingConfig) -> nn.Module:
     """The model's module tree on the `meta` device: shapes without weights, built in about a second."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with model_load_errors(cfg.model):
-        config = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return model_skeleton(cfg.model)
 
 
 def current_rss() -> int:

@@ -178,6 +178,23 @@ def load_model(section: ModelSection, device: torch.device, dtype: torch.dtype, 
     return quantization.prepare_for_training(model) if training else model  # placed by device_map already
 
 
+def model_skeleton(section: ModelSection, dtype: torch.dtype | None = None, key: str = MODEL_KEY) -> nn.Module:
+    """The causal LM's module tree on the `meta` device, as `load_model` would build it (config, dtype, attention)
+    but with no weights read: shapes only, in about a second. The memory estimate reads it; under FSDP2 every
+    process but rank 0 builds its model this way and receives its shards from rank 0 (`sharding.fill_from_rank0`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with model_load_errors(section, key):
+        config = AutoConfig.from_pretrained(model_location(section), revision=section.revision,
+                                            trust_remote_code=section.trust_remote_code)
+    settings: dict[str, Any] = {} if dtype is None else {"dtype": dtype,
+                                                         "attn_implementation": section.attn_implementation}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code, **settings)
+    model.config.use_cache = False
+    return model
+
+
 def probe_vocab_size(tokenizer: Any, model: nn.Module) -> int:
     """Token ids both the tokenizer and the model's embedding know: the range the start-up probes draw from."""
     return min(len(tokenizer), model.config.get_text_config().vocab_size)

@@ -6,6 +6,8 @@ and backward passes gather each decoder layer's weights just in time and reduce-
 few operations the trainer needs around it: run a loss computation under the sharding root (`run`), bring every
 process to the same number of passes per step (`pad_to_common_count`), gather the full weights for the final
 artifact (`full_weights`), and write and read resumable state shard by shard (`save_sharded`, `load_sharded`).
+Only rank 0 reads the weights from disk: the others build the model on the meta device and receive their shards
+(`fill_from_rank0`), so one process holds the whole model in memory, not every process.
 
 How the model is cut: each decoder layer is one unit, and a root unit holds the rest (embeddings, final norm,
 output head; a tied head and embedding stay one tensor there). The root is not the model itself but `StepRoot`, a
@@ -124,6 +126,23 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     norm = gradient_norm(params)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Give every process its shards of rank 0's weights, after `Sharded`: rank 0 loaded the model (`full_state`,
+    its state dict taken before sharding), the others built it on the meta device (None) and get storage for their
+    shards here. torch's `set_model_state_dict` broadcasts one tensor at a time and keeps each process's rows of it,
+    so no process but rank 0 ever holds the whole model, and rank 0 no more than it loaded. Buffers that no state
+    dict holds (rotary frequencies) are broadcast too: `to_empty` leaves them unset."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if full_state is None:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def full_weights(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
