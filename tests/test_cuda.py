@@ -348,6 +348,43 @@ def test_cli_training_run(tiny_model_dir, tmp_path, kind):
     assert logits.device.type == DEVICE.type and bool(torch.isfinite(logits).all())
 
 
+def test_stochastic_rounding_draws_the_same_bits_on_the_gpu():
+    """The bits that round a weight are a hash of its place (`stochastic_rounding`): the same on the GPU as on the
+    CPU, so a run rounds alike on either, and FSDP2 shards on GPUs round as one process does."""
+    from chatft.train.stochastic_rounding import StochasticRoundingAdamW, random_low_bits, rounding_key
+
+    key = rounding_key(3, 7, 2)
+    assert torch.equal(random_low_bits(key, 1000, 1 << 20, DEVICE).cpu(),
+                       random_low_bits(key, 1000, 1 << 20, torch.device("cpu")))
+    torch.manual_seed(0)
+    start, gradients = torch.randn(4096).to(torch.bfloat16), [torch.randn(4096).to(torch.bfloat16) for _ in range(3)]
+    updated = {}
+    for device in (torch.device("cpu"), DEVICE):
+        param = torch.nn.Parameter(start.clone().to(device))
+        optimizer = StochasticRoundingAdamW([param], lr=1e-3, seed=5)
+        for gradient in gradients:
+            param.grad = gradient.to(device)
+            optimizer.step()
+        updated[device.type] = param.detach().cpu()
+    # the float32 update itself may differ by a rounding between the two devices' kernels: almost every weight
+    # lands on the same bfloat16 value
+    assert (updated["cpu"] != updated["cuda"]).float().mean().item() < 0.01
+
+
+def test_a_mixture_of_experts_model_trains_on_the_gpu(tiny_mixtral_dir, tmp_path):
+    """Full SFT of the tiny Mixtral in bfloat16: the experts run as grouped matmuls on the GPU."""
+    write_chats(tmp_path / "train.jsonl", 16)
+    result = chatft_cli("run", "sft/automodel", "-c", "tiny", f"model.pretrained_model_name_or_path={tiny_mixtral_dir}",
+                        "dataset.path_or_dataset_id=train.jsonl", "step_scheduler.max_steps=4",
+                        "step_scheduler.global_batch_size=4", "step_scheduler.local_batch_size=2",
+                        "step_scheduler.val_every_steps=null", "step_scheduler.ckpt_every_steps=null",
+                        "optimizer.lr=3e-3", "lr_scheduler.lr_warmup_steps=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "tiny-sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
+
+
 # --------------------------------------------------------------------------- a real out-of-memory (last)
 
 
