@@ -204,6 +204,19 @@ def base_model_record(name_or_path: str, revision: str | None) -> dict[str, Any]
     return record
 
 
+def lora_record(lora_config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `lora` from a LoRA config (adapter_config.json, or PEFT's `LoraConfig.to_dict()`): rank,
+    alpha, dropout, the modules it wraps, and the parameters it adapts without a module of their own (a mixture of
+    experts' stacked expert weights, `target_parameters`) where there are any."""
+    targets = lora_config.get("target_modules")
+    record = {"r": lora_config.get("r"), "alpha": lora_config.get("lora_alpha"),
+              "dropout": lora_config.get("lora_dropout"),
+              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
+    if lora_config.get("target_parameters"):
+        record["target_parameters"] = sorted(lora_config["target_parameters"])
+    return record
+
+
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(directory) / MANIFEST_FILE
     tmp = path.with_name(path.name + ".tmp")

@@ -241,6 +241,14 @@ def _logits(model, rows: list[list[int]], progress: console.Progress) -> list:
                 for ids in progress.each(rows)]
 
 
+def _logits_with_and_without_adapter(model, rows: list[list[int]], task: str, show: bool) -> tuple[list, list]:
+    """The logits of base + adapter and of the base alone (the adapter disabled), with progress over both."""
+    with console.Progress(task, 2 * len(rows), "rows", show=show) as progress:
+        adapted = _logits(model, rows, progress)
+        with model.disable_adapter():
+            return adapted, _logits(model, rows, progress)
+
+
 def _merge_layers(model, show: bool):
     """`merge_and_unload`, with progress over the LoRA layers (PEFT's own bar is tqdm's: carriage returns, no JSON).
     Each outermost LoRA layer is merged by PEFT's own `merge`, loaded first where offloaded, as merge_and_unload
@@ -284,10 +292,7 @@ def _template_warning(tokenizer, adapter_dir: Path, manifest: dict[str, Any] | N
 def _lora_record(adapter_config: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
     if manifest and manifest.get("lora"):
         return manifest["lora"]
-    targets = adapter_config.get("target_modules")
-    return {"r": adapter_config.get("r"), "alpha": adapter_config.get("lora_alpha"),
-            "dropout": adapter_config.get("lora_dropout"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets}
+    return artifacts.lora_record(adapter_config)
 
 
 def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code: bool,
@@ -309,10 +314,7 @@ def _as_trained_logits(plan: MergePlan, rows: list[list[int]], trust_remote_code
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base, plan.adapter_dir).eval()
-    with console.Progress("merge check (4-bit base + adapter)", 2 * len(rows), "rows", show=show) as progress:
-        trained = _logits(model, rows, progress)
-        with model.disable_adapter():
-            quantized_base = _logits(model, rows, progress)
+    trained, quantized_base = _logits_with_and_without_adapter(model, rows, "merge check (4-bit base + adapter)", show)
     del model, base
     gc.collect()
     return trained, quantized_base
@@ -363,10 +365,8 @@ def merge(cfg: MergeConfig, resolved_config: dict[str, Any] | None = None) -> Me
     template_kwargs = artifacts.recorded_template_kwargs(plan.adapter_manifest)  # e.g. {enable_thinking: false}
     rows = probe_rows(tokenizer, template_kwargs)
     # The check's reference: base + adapter, and the base alone (how far the adapter moves the logits).
-    with console.Progress("merge check (base + adapter)", 2 * len(rows), "rows", show=cfg.show_progress) as progress:
-        reference = _logits(model, rows, progress)
-        with model.disable_adapter():
-            base_logits = _logits(model, rows, progress)
+    reference, base_logits = _logits_with_and_without_adapter(model, rows, "merge check (base + adapter)",
+                                                              cfg.show_progress)
     adapter_effect = _max_abs_diff(reference, base_logits)
     as_trained = _as_trained_logits(plan, rows, cfg.trust_remote_code,  # QLoRA: never merged into 4-bit weights
                                     cfg.show_progress)

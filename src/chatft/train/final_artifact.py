@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from chatft import artifacts, quantization
-from chatft.config.schema import LoraSection, TrainingConfig
+from chatft.config.schema import TrainingConfig
 from chatft.config.secrets import redact
 from chatft.data.types import PreparedData
 from chatft.run_layout import FINAL, final_dir
@@ -51,18 +51,6 @@ def save_final(run_dir: Path, model: nn.Module, tokenizer: Any, manifest: dict[s
     return final
 
 
-def lora_record(model: nn.Module, section: LoraSection) -> dict[str, Any]:
-    """The manifest's `lora`: rank, alpha, dropout, the modules PEFT really wrapped and the parameters it adapted
-    without a module of their own (a mixture of experts' stacked expert weights: `target_parameters`)."""
-    config = model.peft_config["default"]
-    targets = config.target_modules
-    record = {"r": section.dim, "alpha": section.alpha, "dropout": section.dropout,
-              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
-    if getattr(config, "target_parameters", None):
-        record["target_parameters"] = sorted(config.target_parameters)
-    return record
-
-
 def run_manifest(cfg: TrainingConfig, model: nn.Module, tokenizer: Any, metrics: dict[str, Any],
                  train_data: PreparedData, val_data: PreparedData | None,
                  resolved_config: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +61,9 @@ def run_manifest(cfg: TrainingConfig, model: nn.Module, tokenizer: Any, metrics:
         kind="lora" if cfg.peft is not None else "full",
         base_model=artifacts.base_model_record(model_location(cfg.model), cfg.model.revision),
         tokenizer=tokenizer, data=data, config=redact(resolved_config), metrics=metrics,
-        versions=artifacts.package_versions(), lora=lora_record(model, cfg.peft) if cfg.peft is not None else None,
+        versions=artifacts.package_versions(),
+        # the adapter's settings as PEFT holds them: the modules it really wrapped, the expert weights it adapted
+        lora=artifacts.lora_record(model.peft_config["default"].to_dict()) if cfg.peft is not None else None,
     )
     # QLoRA: how the base was quantized (its fingerprint above stays the one of the unquantized weight files)
     quant = quantization.record(causal_lm(model))

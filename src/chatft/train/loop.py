@@ -140,9 +140,9 @@ class Trainer(Resumable, Finishing):
             enable_activation_checkpointing(model, self.recompute)
             self.notes.append(f"activation checkpointing: {recompute.DESCRIPTIONS[self.recompute]}")
         if self.lora:
-            # on a mixture-of-experts model: which weights are adapted and which stay frozen
-            self.notes.append(lora_targets(model, cfg.peft).describe() or "")
-            model = apply_lora(model, cfg.peft, cfg.seed)
+            targets = lora_targets(model, cfg.peft)
+            self.notes.append(targets.describe() or "")  # a mixture of experts: what is adapted, what stays frozen
+            model = apply_lora(model, cfg.peft, cfg.seed, targets)
             if self.precision.autocast:
                 for module in model.modules():  # autocast matches the dtypes; PEFT's own casts would undo it
                     if isinstance(module, BaseTunerLayer):

@@ -419,13 +419,15 @@ def peft_target_parameters(model: nn.Module, chosen: list[str]) -> list[str]:
     return short if selected == chosen else sorted(chosen)
 
 
-def apply_lora(model: nn.Module, section: LoraSection, seed: int) -> nn.Module:
+def apply_lora(model: nn.Module, section: LoraSection, seed: int, targets: LoraTargets | None = None) -> nn.Module:
     """Wrap `model` with LoRA adapters. Adapter weights are float32 whatever the base dtype
-    (PEFT's `autocast_adapter_dtype`); the base is frozen. What it adapts is `lora_targets(model, section)`,
-    checked against what PEFT wrapped."""
+    (PEFT's `autocast_adapter_dtype`); the base is frozen. What it adapts is `targets` (by default
+    `lora_targets(model, section)`, which a caller that has resolved them already passes in), checked against what
+    PEFT wrapped."""
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_targets(model, section)
+    if targets is None:
+        targets = lora_targets(model, section)
     config = LoraConfig(
         r=section.dim,
         lora_alpha=section.alpha,
